@@ -1,0 +1,1762 @@
+"""cgmd_ref: a readable, runnable reference for learned coarse-grained MD and MD interpolation.
+
+One module that teaches, and reproduces at laptop scale, two published ideas for cheaper
+molecular dynamics (MD):
+
+  [A] Fu, Xie, Rebello, Olsen, Jaakkola. "Simulate Time-integrated Coarse-grained Molecular
+      Dynamics with Multi-scale Graph Networks". TMLR 2023, arXiv:2204.10348.
+  [B] Winkler, Mueller, Sauceda. "High-fidelity molecular dynamics trajectory reconstruction with
+      bi-directional neural networks". Mach. Learn.: Sci. Technol. 3 (2022) 025011,
+      arXiv:2201.01195.
+
+and the work they build on:
+
+  [1] Leimkuhler, Matthews. "Rational construction of stochastic numerical methods for molecular
+      sampling". AMRX 2013 (the BAOAB Langevin splitting).
+  [2] Sanchez-Gonzalez et al. "Learning to Simulate Complex Physics with Graph Networks". ICML 2020.
+  [3] Flyvbjerg, Petersen. "Error estimates on averages of correlated data". J. Chem. Phys. 91,
+      461 (1989) (block averaging).
+  [4] Calandrini et al. "nMoldyn". Collection SFN 12, 201 (2011) (FFT mean-squared displacement).
+
+Sections, in the order data flows:
+  1. MD engine: System, pair lists, forces, BAOAB Langevin integrator, simulate(), Trajectory
+  2. The three toy worlds: LJ fluid, single-chain polymers (class I / II), a polymer
+     electrolyte, a small stiff molecule
+  3. Property estimators: R_g^2, autocorrelation, MSD / diffusion, g(r), collisions, free energy
+     surfaces, block-averaging errors
+  4. Files: atomic .npz / JSON writing, loading without pickle
+  5. Benchmark and command line (`python cgmd_ref.py bench`)
+
+Conventions. Reduced Lennard-Jones units everywhere (sigma = epsilon = m = k_B = 1; time unit tau).
+Arrays handed to users are numpy, shaped [n_frames, (n_replicas,) n_atoms, 3]; positions are
+*unwrapped* (continuous in time, never folded back into the box) so that displacements and
+molecules stay whole. Inside the engine, coordinates are torch tensors stored "structure of
+arrays" as [3, n_replicas * n_atoms]: gathers and scatters over pairs are then contiguous, which
+is about twice as fast on a CPU as [n, 3].
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from numbers import Integral, Real
+from typing import Optional
+
+import numpy as np
+import scipy.fft
+import torch
+from scipy.spatial import cKDTree
+from scipy.spatial.distance import cdist, pdist
+
+# -------------------------------------------------------------------------------------------------
+# 0. Small helpers: argument checking and device / dtype choice
+# -------------------------------------------------------------------------------------------------
+
+
+def _as_array(x, name, *, ndim=None, min_ndim=None, last=None,
+              expected="", finite=True, dtype=float):
+    """Convert ``x`` to a float array and check its shape and values.
+
+    Args:
+        x: Array-like input.
+        name: Argument name used in error messages.
+        ndim: Required number of dimensions (int or tuple of allowed ints).
+        min_ndim: Minimum number of dimensions.
+        last: Required size of the last axis (e.g. 3 for xyz).
+        expected: Human-readable expected shape, e.g. ``"[T, n, 3]"``.
+        finite: If True, reject NaN and +-inf.
+        dtype: numpy dtype to convert to (float by default; np.int64 for indices).
+
+    Returns:
+        The input as a float ``np.ndarray``.
+
+    Raises:
+        ValueError: If ``x`` is not numeric, has the wrong shape, or
+            contains non-finite values.
+    """
+    try:
+        arr = np.asarray(x, dtype=dtype)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} could not be converted to a {np.dtype(dtype).name} array "
+                         f"({exc}); expected {expected}") from exc
+    allowed = (ndim,) if isinstance(ndim, int) else ndim
+    bad = ((allowed is not None and arr.ndim not in allowed)
+           or (min_ndim is not None and arr.ndim < min_ndim)
+           or (last is not None and (arr.ndim == 0 or arr.shape[-1] != last)))
+    if bad:
+        raise ValueError(f"{name} has shape {arr.shape}; expected {expected}")
+    if finite and arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} contains NaN or inf; expected finite values")
+    return arr
+
+
+def _positive(x, name):
+    """Return ``x`` as a float after checking it is a finite number > 0."""
+    if isinstance(x, bool) or not isinstance(x, (Real, np.number)):
+        raise ValueError(f"{name} = {x!r}; expected a positive real number")
+    x = float(x)
+    if not (np.isfinite(x) and x > 0):
+        raise ValueError(f"{name} = {x}; expected a finite number > 0")
+    return x
+
+
+def _positive_int(x, name, minimum=1):
+    """Return ``x`` as an int after checking it is an integer >= minimum."""
+    if isinstance(x, bool) or not isinstance(x, (Integral, np.integer)):
+        raise ValueError(f"{name} = {x!r}; expected an integer >= {minimum}")
+    if x < minimum:
+        raise ValueError(f"{name} = {x}; expected an integer >= {minimum}")
+    return int(x)
+
+
+def _as_frames(positions, name):
+    """Validate a trajectory ``[T, n, 3]`` or a frame ``[n, 3]``.
+
+    Returns:
+        Float array of shape ``[T, n, 3]`` (a single frame gets T = 1).
+    """
+    pos = _as_array(positions, name, ndim=(2, 3), last=3,
+                    expected="[T, n, 3] or [n, 3]")
+    return pos[None] if pos.ndim == 2 else pos
+
+
+def _wrap(frame, box):
+    """Wrap coordinates into ``[0, box)`` as periodic cKDTree requires.
+
+    ``np.mod`` of a tiny negative number can round to exactly ``box``, which
+    cKDTree rejects, so such values are mapped to 0 (the same periodic image).
+    """
+    wrapped = np.mod(frame, box)
+    wrapped[wrapped >= box] = 0.0
+    return wrapped
+
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _torch_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def resolve_device(device: str = "cpu") -> torch.device:
+    """'cpu', 'cuda', 'cuda:N' or 'auto' (a GPU if one is present, else the CPU)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} asked for, but torch sees no CUDA GPU; use 'cpu'")
+    return dev
+
+
+# -------------------------------------------------------------------------------------------------
+# 1. MD engine
+# -------------------------------------------------------------------------------------------------
+# Energy model (METHOD.md section 1):
+#   U = sum_bonds k/2 (r - r0)^2  +  sum_{non-bonded pairs, r < r_cut} [ U_LJ(r) - U_LJ(r_cut) ],
+#   U_LJ(r) = 4 eps_ab [ (sig_ab / r)^12 - (sig_ab / r)^6 ]   (a, b: the two atoms' types).
+# Pairs joined by a bond (including the extra 1-3 "angle" springs) feel only their spring.
+
+
+@dataclass
+class System:
+    """Everything the force field needs about a set of particles (reduced LJ units).
+
+    Fields:
+        types: [n] int, index of each atom's type into `epsilon` / `sigma`.
+        masses: [n] float > 0.
+        bonds: [n_bonds, 2] int, pairs of atom indices joined by a harmonic spring.
+        bond_k: spring constant k, a scalar or [n_bonds] (energy k/2 (r - r0)^2).
+        bond_r0: rest length r0, a scalar or [n_bonds].
+        epsilon: [n_types, n_types] symmetric LJ well depths.
+        sigma: [n_types, n_types] symmetric LJ diameters (> 0).
+        r_cut: LJ cut-off; the potential is shifted to zero there. 2**(1/6) sigma gives purely
+            repulsive WCA beads, 2.5 sigma gives attraction.
+        box: edge of the cubic periodic box, or None for open boundaries (implicit solvent).
+        molecule: [n] int, molecule id of each atom (default: all 0).
+        isolated_molecules: if True (open boundaries only) atoms of different molecules do not
+            interact at all: each molecule sits alone in its own implicit solvent. This is how
+            many different small polymers are simulated in one vectorised call.
+    """
+
+    types: np.ndarray
+    masses: np.ndarray
+    bonds: np.ndarray
+    bond_k: object
+    bond_r0: object
+    epsilon: np.ndarray
+    sigma: np.ndarray
+    r_cut: float = 2.5
+    box: Optional[float] = None
+    molecule: Optional[np.ndarray] = None
+    isolated_molecules: bool = False
+
+    def __post_init__(self):
+        self.types = _as_array(self.types, "types", ndim=1, dtype=np.int64)
+        n = len(self.types)
+        if n == 0:
+            raise ValueError("types is empty; a System needs at least one atom")
+        self.masses = _as_array(self.masses, "masses", ndim=1)
+        if self.masses.shape != (n,) or np.any(self.masses <= 0):
+            raise ValueError(f"masses must be [n_atoms]={n} positive numbers, got shape "
+                             f"{self.masses.shape}")
+        self.bonds = _as_array(self.bonds, "bonds", dtype=np.int64).reshape(-1, 2) if np.size(
+            self.bonds) else np.zeros((0, 2), dtype=np.int64)
+        if self.bonds.size and (self.bonds.min() < 0 or self.bonds.max() >= n):
+            raise ValueError(f"bonds point at atoms outside 0..{n - 1}")
+        if np.any(self.bonds[:, 0] == self.bonds[:, 1]):
+            raise ValueError("bonds contains a bond from an atom to itself")
+        nb = len(self.bonds)
+        self.bond_k = self._per_bond(self.bond_k, "bond_k", nb, positive=False)
+        self.bond_r0 = self._per_bond(self.bond_r0, "bond_r0", nb, positive=False)
+        self.epsilon = _as_array(self.epsilon, "epsilon", ndim=2)
+        self.sigma = _as_array(self.sigma, "sigma", ndim=2)
+        nt = int(self.types.max()) + 1
+        for name, m in (("epsilon", self.epsilon), ("sigma", self.sigma)):
+            if m.shape[0] != m.shape[1] or m.shape[0] < nt:
+                raise ValueError(f"{name} has shape {m.shape}; expected [n_types, n_types] with "
+                                 f"n_types >= {nt} (the largest type index + 1)")
+            if not np.allclose(m, m.T):
+                raise ValueError(f"{name} must be symmetric")
+        if self.types.min() < 0:
+            raise ValueError("types must be non-negative indices")
+        if np.any(self.sigma <= 0):
+            raise ValueError("sigma must be positive")
+        self.r_cut = _positive(self.r_cut, "r_cut")
+        if self.box is not None:
+            self.box = _positive(self.box, "box")
+            if self.box < 2 * self.r_cut:
+                raise ValueError(f"box={self.box} is smaller than 2*r_cut={2 * self.r_cut}: the "
+                                 "minimum image convention would miss interactions")
+        if self.molecule is None:
+            self.molecule = np.zeros(n, dtype=np.int64)
+        self.molecule = _as_array(self.molecule, "molecule", ndim=1, dtype=np.int64)
+        if self.molecule.shape != (n,):
+            raise ValueError(f"molecule has shape {self.molecule.shape}; expected [{n}]")
+        if self.isolated_molecules and self.box is not None:
+            raise ValueError("isolated_molecules=True needs open boundaries (box=None)")
+
+    @staticmethod
+    def _per_bond(x, name, n_bonds, positive):
+        a = _as_array(x, name)
+        if a.ndim == 0:
+            a = np.full(n_bonds, float(a))
+        if a.shape != (n_bonds,):
+            raise ValueError(f"{name} has shape {a.shape}; expected a scalar or [n_bonds]="
+                             f"[{n_bonds}]")
+        if np.any(a < 0):
+            raise ValueError(f"{name} must be non-negative")
+        return a
+
+    @property
+    def n_atoms(self) -> int:
+        return len(self.types)
+
+    def check_positions(self, positions, name: str = "positions") -> np.ndarray:
+        """positions as float64 [n_atoms, 3] or [n_replicas, n_atoms, 3], or ValueError."""
+        x = _as_array(positions, name)
+        if x.ndim not in (2, 3) or x.shape[-2:] != (self.n_atoms, 3):
+            raise ValueError(f"{name} has shape {x.shape}; expected [n_atoms, 3] or "
+                             f"[n_replicas, n_atoms, 3] with n_atoms={self.n_atoms}")
+        return x
+
+
+def lorentz_berthelot(epsilon, sigma):
+    """Type-pair tables from per-type values: eps_ab = sqrt(eps_a eps_b), sig_ab = (sig_a+sig_b)/2."""
+    e = _as_array(epsilon, "epsilon", ndim=1)
+    s = _as_array(sigma, "sigma", ndim=1)
+    return np.sqrt(np.outer(e, e)), 0.5 * (s[:, None] + s[None, :])
+
+
+def concatenate_systems(systems, isolated: bool = True):
+    """Join several open-boundary Systems into one (atoms, bonds and molecule ids offset).
+
+    With `isolated=True` each input molecule keeps to itself (see System.isolated_molecules),
+    so one simulate() call advances many different polymers side by side. All inputs must share
+    the type tables and r_cut. Returns (system, atom_offsets [len(systems) + 1]).
+    """
+    if not systems:
+        raise ValueError("systems is empty")
+    s0 = systems[0]
+    for s in systems:
+        if s.box is not None:
+            raise ValueError("concatenate_systems joins open-boundary systems only (box=None)")
+        if s.r_cut != s0.r_cut or s.epsilon.shape != s0.epsilon.shape or not (
+                np.allclose(s.epsilon, s0.epsilon) and np.allclose(s.sigma, s0.sigma)):
+            raise ValueError("systems must share epsilon, sigma and r_cut to be concatenated")
+    offsets = np.cumsum([0] + [s.n_atoms for s in systems])
+    mol_offsets = np.cumsum([0] + [int(s.molecule.max()) + 1 for s in systems])
+    return System(
+        types=np.concatenate([s.types for s in systems]),
+        masses=np.concatenate([s.masses for s in systems]),
+        bonds=np.concatenate([s.bonds + o for s, o in zip(systems, offsets)]),
+        bond_k=np.concatenate([s.bond_k for s in systems]),
+        bond_r0=np.concatenate([s.bond_r0 for s in systems]),
+        epsilon=s0.epsilon, sigma=s0.sigma, r_cut=s0.r_cut, box=None,
+        molecule=np.concatenate([s.molecule + o for s, o in zip(systems, mol_offsets)]),
+        isolated_molecules=isolated), offsets
+
+
+# ---- pair lists ---------------------------------------------------------------------------------
+# Forces are sums over a list of atom pairs (i, j). Building that list costs far more than using
+# it, so it is built with a margin ("Verlet skin"): every pair closer than r_cut + skin is kept,
+# the kernel masks the ones beyond r_cut, and the list stays valid until some atom has moved more
+# than skin/2 since it was built (two atoms closing in from both sides then still cannot reach
+# r_cut unseen). Neighbours are found with a k-d tree, O(N log N), `scipy.spatial.cKDTree`, whose
+# `boxsize` argument handles periodic boxes.
+#
+# For small molecules in implicit solvent (open boundaries, at most `_STATIC_GROUP_SIZE` atoms
+# that can interact) it is cheaper to keep *every* pair of the molecule for the whole run and
+# never rebuild: a 24-bead chain has only 276 pairs.
+
+_STATIC_GROUP_SIZE = 128
+
+
+def _interaction_groups(system: System, n_replicas: int) -> np.ndarray:
+    """[n_replicas * n_atoms] int: atoms interact only with atoms of the same group."""
+    n = system.n_atoms
+    if system.isolated_molecules:
+        _, local = np.unique(system.molecule, return_inverse=True)
+        n_local = local.max() + 1
+    else:
+        local, n_local = np.zeros(n, dtype=np.int64), 1
+    return (np.arange(n_replicas)[:, None] * n_local + local[None, :]).reshape(-1)
+
+
+class PairList:
+    """The non-bonded pairs of `n_replicas` copies of `system`, with per-pair LJ parameters.
+
+    Atom indices are global: atom a of replica r is r * n_atoms + a. Tensors (all length P):
+    i, j (atom indices, i < j within a replica), sig2 (sigma^2), eps24 (24 eps), e_shift (the
+    LJ energy at r_cut, subtracted so U(r_cut) = 0), and, in a periodic box, shift [3, P]: the
+    image vector that turns x_i - x_j into the minimum-image displacement.
+    """
+
+    def __init__(self, system: System, n_replicas: int, device, dtype, skin: float = 0.5):
+        self.system, self.n_replicas = system, n_replicas
+        self.device, self.dtype = device, dtype
+        self.groups = _interaction_groups(system, n_replicas)
+        sizes = np.bincount(self.groups)
+        self.static = system.box is None and sizes.max() <= _STATIC_GROUP_SIZE
+        self.skin = skin
+        if system.box is not None:   # the list must not see two images of one atom
+            self.skin = min(skin, 0.99 * (system.box / 2 - system.r_cut))
+        n = system.n_atoms
+        # Excluded pairs (bonded), encoded as one integer per unordered local pair.
+        b = np.sort(system.bonds, axis=1)
+        self._excluded = np.unique(b[:, 0] * n + b[:, 1])
+        rc = system.r_cut
+        sig2_tab = system.sigma ** 2
+        sr6 = (sig2_tab / rc ** 2) ** 3
+        self._tables = (sig2_tab, 24.0 * system.epsilon, 4.0 * system.epsilon * (sr6 * sr6 - sr6))
+        self.n_builds = 0
+        self.x_ref = None
+
+    # -- building ---------------------------------------------------------------------------------
+    def build(self, x: torch.Tensor) -> None:
+        """(Re)build the list from engine coordinates x [3, n_replicas * n_atoms]."""
+        pos = x.detach().T.cpu().double().numpy()
+        if self.static:
+            i, j = self._all_group_pairs()
+        elif self.system.box is None:
+            i, j = self._tree_pairs_open(pos)
+        else:
+            i, j = self._tree_pairs_periodic(pos)
+        i, j = self._drop_excluded(i, j)
+        self._set_pairs(i, j, x.detach())
+        self.x_ref = x.detach().clone()
+        self.n_builds += 1
+
+    def _all_group_pairs(self):
+        order = np.argsort(self.groups, kind="stable")
+        g = self.groups[order]
+        ii, jj = [], []
+        starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
+        ends = np.r_[starts[1:], len(g)]
+        for size in np.unique(ends - starts):   # one triu per distinct group size, not per group
+            sel = starts[(ends - starts) == size]
+            a, b = np.triu_indices(size, 1)
+            ii.append((order[sel[:, None] + a[None, :]]).ravel())
+            jj.append((order[sel[:, None] + b[None, :]]).ravel())
+        i, j = np.concatenate(ii), np.concatenate(jj)
+        return np.minimum(i, j), np.maximum(i, j)
+
+    def _tree_pairs_open(self, pos):
+        # Lay the groups out side by side along x, far enough apart that one tree over all atoms
+        # finds only pairs within a group; then keep only same-group pairs (a cheap safety net).
+        g, ng = self.groups, self.groups.max() + 1
+        lo = np.full(ng, np.inf)
+        hi = np.full(ng, -np.inf)
+        np.minimum.at(lo, g, pos[:, 0])
+        np.maximum.at(hi, g, pos[:, 0])
+        width = hi - lo + 2 * (self.system.r_cut + self.skin)
+        shift = np.cumsum(width) - width - lo
+        p = pos.copy()
+        p[:, 0] += shift[g]
+        pairs = cKDTree(p).query_pairs(self.system.r_cut + self.skin, output_type="ndarray")
+        keep = g[pairs[:, 0]] == g[pairs[:, 1]]
+        return pairs[keep, 0], pairs[keep, 1]
+
+    def _tree_pairs_periodic(self, pos):
+        n, L = self.system.n_atoms, self.system.box
+        ii, jj = [], []
+        for r in range(self.n_replicas):   # one tree per replica box (rebuilds only, not per step)
+            p = np.mod(pos[r * n:(r + 1) * n], L)
+            p[p >= L] = 0.0   # np.mod can round up to exactly L, which cKDTree rejects
+            pairs = cKDTree(p, boxsize=L).query_pairs(self.system.r_cut + self.skin,
+                                                      output_type="ndarray")
+            ii.append(pairs[:, 0] + r * n)
+            jj.append(pairs[:, 1] + r * n)
+        return np.concatenate(ii), np.concatenate(jj)
+
+    def _drop_excluded(self, i, j):
+        n = self.system.n_atoms
+        i, j = np.minimum(i, j), np.maximum(i, j)
+        if len(self._excluded):
+            keep = ~np.isin((i % n) * n + (j % n), self._excluded)
+            i, j = i[keep], j[keep]
+        # No sorting: the scatter-adds run fastest when consecutive pairs hit *different* atoms
+        # (repeated adds to one address wait on each other), and the tree's order is mixed.
+        return i, j
+
+    def _set_pairs(self, i, j, x):
+        n, nt = self.system.n_atoms, len(self.system.sigma)
+        t = dict(device=self.device, dtype=self.dtype)
+        tt = self.system.types[i % n] * nt + self.system.types[j % n]   # type-pair index
+        self.sig2, self.eps24, self.e_shift = (torch.as_tensor(tab.ravel()[tt], **t)
+                                               for tab in self._tables)
+        self.i = torch.as_tensor(i, device=self.device)
+        self.j = torch.as_tensor(j, device=self.device)
+        self.rc2 = self.system.r_cut ** 2
+        self.shift = None
+        if self.system.box is not None:
+            # Unwrapped coordinates keep the image offset of a pair fixed between rebuilds, so
+            # the minimum image is computed once here rather than with round() every step.
+            L = self.system.box
+            d = x.index_select(1, self.i) - x.index_select(1, self.j)
+            self.shift = torch.round(d / L).mul_(-L)
+
+    # -- using ------------------------------------------------------------------------------------
+    def displacement_since_build(self, x: torch.Tensor):
+        """(largest, sum of the two largest) distances atoms moved since the build (host sync)."""
+        d2 = (x - self.x_ref).square().sum(0)
+        top = torch.topk(d2, min(2, d2.numel())).values.sqrt().cpu().tolist()
+        return top[0], sum(top)
+
+    def needs_rebuild(self, top2: float) -> bool:
+        # Two atoms can close in on each other by at most the sum of their displacements; while
+        # the two largest displacements add up to less than the skin no pair reached r_cut unseen.
+        return (not self.static) and top2 > self.skin
+
+    def displacements(self, x: torch.Tensor) -> torch.Tensor:
+        """Minimum-image pair vectors d_ij = x_i - x_j, [3, P]."""
+        d = x.index_select(1, self.i).sub_(x.index_select(1, self.j))
+        if self.shift is not None:
+            d.add_(self.shift)
+        return d
+
+
+# ---- force kernel -------------------------------------------------------------------------------
+# For one pair at distance r with s6 = (sig/r)^6:
+#   U(r)      = 4 eps (s6^2 - s6) - U(r_cut)
+#   F_i       = -dU/dr * d/r = 24 eps s6 (2 s6 - 1) / r^2 * d,   d = x_i - x_j,   F_j = -F_i.
+# A harmonic bond: F_i = -k (r - r0) / r * d.
+
+
+class ForceField:
+    """Forces and energies of `n_replicas` copies of a System, on one device, in one dtype.
+
+    This is the one code path used by simulate(), forces() and potential_energy().
+    """
+
+    def __init__(self, system: System, n_replicas: int = 1, device="cpu", dtype=torch.float64):
+        self.system, self.n_replicas = system, n_replicas
+        self.device, self.dtype = torch.device(device), dtype
+        n = system.n_atoms
+        t = dict(device=self.device, dtype=dtype)
+        offs = (np.arange(n_replicas) * n)[:, None]
+        bi = (system.bonds[None, :, 0] + offs).ravel()
+        bj = (system.bonds[None, :, 1] + offs).ravel()
+        self.bi = torch.as_tensor(bi, device=self.device)
+        self.bj = torch.as_tensor(bj, device=self.device)
+        self.bk = torch.as_tensor(np.tile(system.bond_k, n_replicas), **t)
+        self.br0 = torch.as_tensor(np.tile(system.bond_r0, n_replicas), **t)
+        self.bond_shift = None
+        self.pairs = PairList(system, n_replicas, self.device, dtype)
+        self.replica_of_atom = torch.arange(n_replicas * n, device=self.device) // n
+
+    def _bond_vectors(self, x):
+        d = x.index_select(1, self.bi).sub_(x.index_select(1, self.bj))
+        if self.system.box is not None:   # a bond never spans half a box, but be safe
+            L = self.system.box
+            d.sub_(L * torch.round(d / L))
+        return d
+
+    def forces(self, x: torch.Tensor) -> torch.Tensor:
+        """Total force [3, N] on engine coordinates x [3, N] (N = n_replicas * n_atoms)."""
+        F = torch.zeros_like(x)
+        pl = self.pairs
+        if len(pl.i):
+            d = pl.displacements(x)
+            r2 = d.square().sum(0)
+            inv_r2 = r2.reciprocal()
+            s6 = (pl.sig2 * inv_r2).pow_(3)
+            coef = (2.0 * s6 - 1.0).mul_(s6).mul_(inv_r2).mul_(pl.eps24)
+            coef.mul_(r2 < pl.rc2)   # Verlet-skin pairs beyond r_cut feel nothing
+            f = d.mul_(coef)
+            F.index_add_(1, pl.i, f)
+            F.index_add_(1, pl.j, f.neg_())
+        if len(self.bi):
+            d = self._bond_vectors(x)
+            r = d.square().sum(0).sqrt_()
+            f = d.mul_((self.br0 - r).mul_(self.bk).div_(r))
+            F.index_add_(1, self.bi, f)
+            F.index_add_(1, self.bj, f.neg_())
+        return F
+
+    def energy(self, x: torch.Tensor) -> torch.Tensor:
+        """Potential energy per replica, [n_replicas]."""
+        E = torch.zeros(self.n_replicas, device=self.device, dtype=x.dtype)
+        pl = self.pairs
+        if len(pl.i):
+            r2 = pl.displacements(x).square().sum(0)
+            s6 = (pl.sig2 / r2).pow(3)
+            e = (pl.eps24 / 6.0) * (s6 * s6 - s6) - pl.e_shift
+            e = e.masked_fill(r2 >= pl.rc2, 0.0)
+            E.index_add_(0, self.replica_of_atom[pl.i], e)
+        if len(self.bi):
+            r = self._bond_vectors(x).square().sum(0).sqrt()
+            E.index_add_(0, self.replica_of_atom[self.bi], 0.5 * self.bk * (r - self.br0) ** 2)
+        return E
+
+
+def _to_engine(positions: np.ndarray, device, dtype) -> torch.Tensor:
+    """[R, n, 3] numpy -> [3, R*n] torch (the engine's structure-of-arrays layout)."""
+    return torch.as_tensor(positions.reshape(-1, 3).T.copy(), device=device, dtype=dtype)
+
+
+def _from_engine(x: torch.Tensor, n_replicas: int) -> np.ndarray:
+    """[3, R*n] torch -> [R, n, 3] numpy."""
+    return x.detach().T.cpu().numpy().reshape(n_replicas, -1, 3)
+
+
+def _force_field_at(system: System, positions, dtype=torch.float64):
+    x = system.check_positions(positions)
+    batched = x.ndim == 3
+    xr = x if batched else x[None]
+    ff = ForceField(system, len(xr), "cpu", dtype)
+    xe = _to_engine(xr, "cpu", dtype)
+    ff.pairs.build(xe)
+    return ff, xe, batched
+
+
+def forces(system: System, positions) -> np.ndarray:
+    """Forces [n, 3] (or [R, n, 3]) at `positions` [n, 3] (or [R, n, 3]), float64 numpy."""
+    ff, xe, batched = _force_field_at(system, positions)
+    F = _from_engine(ff.forces(xe), ff.n_replicas)
+    return F if batched else F[0]
+
+
+def potential_energy(system: System, positions):
+    """Potential energy: a float for positions [n, 3], or [R] for [R, n, 3]."""
+    ff, xe, batched = _force_field_at(system, positions)
+    E = ff.energy(xe).numpy()
+    return E if batched else float(E[0])
+
+
+# ---- integrator ---------------------------------------------------------------------------------
+# BAOAB splitting of Langevin dynamics (Leimkuhler & Matthews [1]), one step of length dt:
+#   B: v += dt/2 F/m          (kick)
+#   A: x += dt/2 v            (drift)
+#   O: v  = c1 v + c2 sqrt(kT/m) xi,  c1 = exp(-gamma dt), c2 = sqrt(1 - c1^2), xi ~ N(0, 1)
+#   A: x += dt/2 v
+#   (new forces)
+#   B: v += dt/2 F/m
+# O is an exact solve of the friction + noise part, so for gamma = 0 (c1 = 1, c2 = 0) the
+# step is exactly velocity Verlet and conserves energy up to O(dt^2) fluctuations.
+
+
+class SimulationBlowUp(RuntimeError):
+    """Raised when a simulation produces non-finite or runaway coordinates."""
+
+
+@dataclass
+class Trajectory:
+    """Saved frames of a simulation (numpy, unwrapped positions).
+
+    positions, velocities: [n_frames, (n_replicas,) n_atoms, 3]; time: [n_frames] in tau;
+    potential_energy, kinetic_energy: [n_frames, (n_replicas)]; system: the System simulated.
+    The replica axis is present only when simulate() was given [n_replicas, n_atoms, 3].
+    """
+
+    positions: np.ndarray
+    velocities: np.ndarray
+    time: np.ndarray
+    potential_energy: np.ndarray
+    kinetic_energy: np.ndarray
+    system: System
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class _State:
+    x: torch.Tensor        # [3, N] positions (unwrapped)
+    v: torch.Tensor        # [3, N] velocities
+    F: torch.Tensor        # [3, N] forces at x
+
+
+def _validate_run(system, positions, velocities, n_steps, dt, kT, gamma, save_every):
+    if not isinstance(system, System):
+        raise ValueError(f"system must be a System, got {type(system).__name__}")
+    x = system.check_positions(positions)
+    if velocities is not None:
+        v = _as_array(velocities, "velocities")
+        if v.shape != x.shape:
+            raise ValueError(f"velocities has shape {v.shape}; expected {x.shape} like positions")
+    if int(n_steps) != n_steps or n_steps < 0:
+        raise ValueError(f"n_steps must be a non-negative integer, got {n_steps!r}")
+    if int(save_every) != save_every or save_every < 1:
+        raise ValueError(f"save_every must be a positive integer, got {save_every!r}")
+    _positive(dt, "dt")
+    _positive(kT, "kT")
+    if not (math.isfinite(float(gamma)) and gamma >= 0):
+        raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
+    return x
+
+
+def simulate(system: System, positions, n_steps: int, *, dt: float = 0.005, kT: float = 1.0,
+             gamma: float = 1.0, save_every: int = 100, seed: int = 0, velocities=None,
+             device: str = "cpu", dtype: str = "float32", progress: Optional[str] = None
+             ) -> Trajectory:
+    """Run Langevin (BAOAB) dynamics; gamma = 0 is velocity Verlet (constant energy).
+
+    Args:
+        system: the System to simulate.
+        positions: [n_atoms, 3], or [n_replicas, n_atoms, 3] for independent replicas advanced
+            together, each with its own noise.
+        n_steps: number of MD steps; frames are saved at steps 0, save_every, 2 save_every, ...
+        dt: time step (tau). kT: temperature (energy units). gamma: friction (1/tau).
+        seed: seeds the initial velocities (when `velocities` is None: Maxwell-Boltzmann at kT)
+            and the Langevin noise; the same seed gives the same trajectory on the same device.
+        velocities: optional initial velocities, shaped like positions.
+        device: 'cpu' (default), 'cuda' or 'auto'. dtype: 'float32' (default) or 'float64'.
+        progress: if given, a label; progress lines with rate and ETA go to stderr.
+
+    Returns:
+        Trajectory with n_steps // save_every + 1 frames.
+
+    Raises:
+        ValueError for bad arguments; SimulationBlowUp (naming the step) if coordinates become
+        non-finite or an atom moves more than half a sigma in one step.
+    """
+    x0 = _validate_run(system, positions, velocities, n_steps, dt, kT, gamma, save_every)
+    batched = x0.ndim == 3
+    x0 = x0 if batched else x0[None]
+    n_rep, n = x0.shape[0], system.n_atoms
+    dev, tdt = resolve_device(device), _torch_dtype(dtype)
+    gen = torch.Generator(device=dev).manual_seed(int(seed))
+    ff = ForceField(system, n_rep, dev, tdt)
+    inv_m = torch.as_tensor(np.tile(1.0 / system.masses, n_rep), device=dev, dtype=tdt)
+    x = _to_engine(x0, dev, tdt)
+    if velocities is None:
+        v = torch.randn(x.shape, generator=gen, device=dev, dtype=tdt) * (kT * inv_m).sqrt()
+    else:
+        v = _to_engine(np.asarray(velocities, dtype=float).reshape(n_rep, n, 3), dev, tdt)
+    ff.pairs.build(x)
+    state = _State(x, v, ff.forces(x))
+    n_frames = n_steps // save_every + 1
+    out = _FrameBuffer(n_frames, n_rep, n)
+    out.save(0, 0.0, state, ff, inv_m)
+    c1 = math.exp(-gamma * dt)
+    noise = (math.sqrt(1.0 - c1 * c1) * (kT * inv_m).sqrt()).expand(3, -1)
+    half_dt_inv_m = (0.5 * dt * inv_m).expand(3, -1)
+    meter = _Progress(progress, n_steps, n_rep * n)
+    check_every = 1 if not ff.pairs.static else 10
+    last_check = 0
+    for step in range(1, n_steps + 1):
+        _baoab_step(state, ff, dt, c1, noise, half_dt_inv_m, gen, gamma > 0)
+        if step % check_every == 0 or step % save_every == 0:
+            _check_and_rebuild(state, ff, step, step - last_check, dt)
+            last_check = step
+        if step % save_every == 0:
+            out.save(step // save_every, step * dt, state, ff, inv_m)
+            meter.update(step)
+    meter.done()
+    traj = out.trajectory(system, save_every * dt, batched)
+    traj.info = dict(dt=dt, kT=kT, gamma=gamma, n_steps=n_steps, save_every=save_every,
+                     seed=seed, device=str(dev), dtype=str(tdt).replace("torch.", ""),
+                     pair_list_builds=ff.pairs.n_builds, seconds=meter.elapsed())
+    return traj
+
+
+def _baoab_step(s: _State, ff: ForceField, dt, c1, noise, half_dt_inv_m, gen, stochastic):
+    """One BAOAB step, in place, written as its five sub-steps."""
+    s.v.addcmul_(s.F, half_dt_inv_m)                       # B
+    s.x.add_(s.v, alpha=0.5 * dt)                          # A
+    if stochastic:                                         # O
+        xi = torch.randn(s.v.shape, generator=gen, device=s.v.device, dtype=s.v.dtype)
+        s.v.mul_(c1).addcmul_(xi, noise)
+    s.x.add_(s.v, alpha=0.5 * dt)                          # A
+    s.F = ff.forces(s.x)
+    s.v.addcmul_(s.F, half_dt_inv_m)                       # B
+
+
+def _check_and_rebuild(s: _State, ff: ForceField, step: int, steps_since: int, dt: float):
+    """Blow-up check (non-finite or > 0.5 sigma per step) and Verlet-list rebuild if needed."""
+    moved, top2 = ff.pairs.displacement_since_build(s.x)
+    if not math.isfinite(moved):
+        raise SimulationBlowUp(f"simulation blew up at step {step}: non-finite positions "
+                               f"(first seen within the last {steps_since} steps); try a "
+                               "smaller dt or relax the starting configuration")
+    if ff.pairs.static:
+        # the static list has no build reference to compare with: move it along each check
+        if moved > 0.5 * steps_since:
+            raise SimulationBlowUp(f"simulation blew up at step {step}: an atom moved {moved:.3g}"
+                                   f" sigma in {steps_since} steps; try a smaller dt")
+        ff.pairs.x_ref = s.x.clone()
+    elif ff.pairs.needs_rebuild(top2):
+        if moved > ff.pairs.skin + 0.5 * steps_since:
+            raise SimulationBlowUp(f"simulation blew up at step {step}: an atom moved {moved:.3g}"
+                                   " sigma since the last pair-list build; try a smaller dt")
+        ff.pairs.build(s.x)
+        s.F = ff.forces(s.x)
+
+
+class _FrameBuffer:
+    """Preallocated numpy storage for saved frames."""
+
+    def __init__(self, n_frames, n_rep, n):
+        self.pos = np.zeros((n_frames, n_rep, n, 3))
+        self.vel = np.zeros((n_frames, n_rep, n, 3))
+        self.t = np.zeros(n_frames)
+        self.pe = np.zeros((n_frames, n_rep))
+        self.ke = np.zeros((n_frames, n_rep))
+
+    def save(self, k, t, s: _State, ff: ForceField, inv_m):
+        if not bool(torch.isfinite(s.x).all()):
+            raise SimulationBlowUp(f"simulation blew up before saving frame {k}: non-finite "
+                                   "positions; try a smaller dt")
+        n_rep = ff.n_replicas
+        self.pos[k] = _from_engine(s.x, n_rep)
+        self.vel[k] = _from_engine(s.v, n_rep)
+        self.t[k] = t
+        self.pe[k] = ff.energy(s.x).cpu().numpy()
+        ke_atom = 0.5 * s.v.square().sum(0) / inv_m
+        self.ke[k] = ke_atom.view(n_rep, -1).sum(1).cpu().numpy()
+
+    def trajectory(self, system, frame_dt, batched):
+        sq = (lambda a: a) if batched else (lambda a: a[:, 0])
+        return Trajectory(sq(self.pos), sq(self.vel), self.t, sq(self.pe), sq(self.ke), system)
+
+
+class _Progress:
+    """Progress lines on stderr ("label: 40% 1.2e6 atom-steps/s ETA 12s"), at most every 2 s."""
+
+    def __init__(self, label, total, atoms):
+        self.label, self.total, self.atoms = label, total, atoms
+        self.t0 = self.t_last = time.perf_counter()
+
+    def elapsed(self):
+        return time.perf_counter() - self.t0
+
+    def update(self, step):
+        if self.label is None:
+            return
+        now = time.perf_counter()
+        if now - self.t_last < 2.0 and step < self.total:
+            return
+        self.t_last = now
+        rate = step / max(now - self.t0, 1e-9)
+        eta = (self.total - step) / max(rate, 1e-9)
+        print(f"  {self.label}: {100 * step / max(self.total, 1):5.1f}%  "
+              f"{rate * self.atoms:.2e} atom-steps/s  ETA {eta:5.0f}s", file=sys.stderr,
+              flush=True)
+
+    def done(self):
+        if self.label is not None:
+            print(f"  {self.label}: done in {self.elapsed():.1f}s", file=sys.stderr, flush=True)
+
+
+# -------------------------------------------------------------------------------------------------
+# 2. The three toy worlds (plus a plain LJ fluid for tests and the benchmark)
+# -------------------------------------------------------------------------------------------------
+
+
+def _lattice(n_atoms: int, box: float, rng) -> np.ndarray:
+    """n_atoms sites of a simple cubic lattice filling a box, in a serpentine order.
+
+    Consecutive sites in the returned order are lattice neighbours (the walk snakes through the
+    lattice), so a chain laid on consecutive sites has every bond at one lattice spacing and no
+    two atoms closer than that: a clash-free start for dense systems.
+    """
+    m = int(math.ceil(n_atoms ** (1 / 3) - 1e-9))
+    a = box / m
+    sites = []
+    for ix in range(m):   # boustrophedon order; m^3 sites, built once at set-up
+        ys = range(m) if ix % 2 == 0 else range(m - 1, -1, -1)
+        for k, iy in enumerate(ys):
+            zs = range(m) if (ix * m + k) % 2 == 0 else range(m - 1, -1, -1)
+            sites.extend((ix, iy, iz) for iz in zs)
+    return (np.asarray(sites[:n_atoms], dtype=float) + 0.5) * a
+
+
+def lj_fluid(n_atoms: int, density: float, *, r_cut: float = 2.5, seed: int = 0):
+    """A one-type Lennard-Jones fluid (eps = sigma = m = 1) in a cubic periodic box.
+
+    Atoms start on a simple cubic lattice with a small random jitter; `r_cut` = 2.5 gives the
+    usual attractive LJ, 2**(1/6) gives WCA. Returns (System, positions [n_atoms, 3]).
+    """
+    if int(n_atoms) != n_atoms or n_atoms < 2:
+        raise ValueError(f"n_atoms must be an integer >= 2, got {n_atoms!r}")
+    density = _positive(density, "density")
+    box = (n_atoms / density) ** (1 / 3)
+    rng = np.random.default_rng(seed)
+    x = _lattice(int(n_atoms), box, rng) + rng.normal(0.0, 0.02, (int(n_atoms), 3))
+    system = System(types=np.zeros(n_atoms, dtype=np.int64), masses=np.ones(n_atoms),
+                    bonds=np.zeros((0, 2), dtype=np.int64), bond_k=0.0, bond_r0=0.0,
+                    epsilon=[[1.0]], sigma=[[1.0]], r_cut=r_cut, box=box)
+    return system, x
+
+
+# ---- world 1: single-chain polymers in implicit solvent (paper A's chain dataset, in miniature)
+# Bead types follow Webb et al. (Sci. Adv. 2020) as used by [A]: backbone B1, B2 and side-group
+# S1, S2, each with its own mass, size and stickiness. Backbone neighbours are bonded, each side
+# group hangs off one backbone bead, and extra springs between backbone beads two apart give the
+# chain some stiffness (an angle potential written as a distance spring).
+
+POLYMER_TYPE_NAMES = ("B1", "B2", "S1", "S2")
+
+
+@dataclass
+class PolymerModel:
+    """Force-field parameters of the toy polymers (per type: B1, B2, S1, S2)."""
+
+    masses: tuple = (1.0, 1.5, 0.7, 1.3)
+    sigma: tuple = (1.0, 1.05, 0.9, 1.15)
+    epsilon: tuple = (0.5, 0.9, 0.3, 1.1)   # B2 and S2 are "sticky": chains rich in them fold
+    bond_k: float = 100.0                   # bond vibration period ~0.4 tau (~90 steps of 0.005)
+    bond_r0: float = 1.0
+    angle_k: float = 10.0                   # 1-3 backbone springs
+    angle_r0: float = 1.7                   # ~116 degree bond angle at rest
+    r_cut: float = 2.5                      # attractive LJ
+
+
+def polymer(backbone, side_chains, model: PolymerModel = PolymerModel()):
+    """Build one polymer from a backbone of type indices and the side chain on each bead.
+
+    Args:
+        backbone: [L] type indices (0 = B1, 1 = B2) along the backbone.
+        side_chains: list of L lists of side-group type indices (2 = S1, 3 = S2), [] for none,
+            listed from the backbone outwards.
+        model: the PolymerModel force field.
+
+    Returns:
+        (System, positions [n_atoms, 3]): an open-boundary System (one molecule) and a clash-free
+        zig-zag start, side chains alternating above and below the backbone.
+    """
+    backbone = list(backbone)
+    if len(backbone) < 2 or len(side_chains) != len(backbone):
+        raise ValueError("backbone needs >= 2 beads and side_chains one list per backbone bead")
+    types, pos, bonds, kinds = list(backbone), [], [], []
+    for b in range(len(backbone)):
+        pos.append((0.95 * b, 0.3 * (b % 2), 0.0))
+        if b:
+            bonds.append((b - 1, b)); kinds.append("bond")
+        if b >= 2:
+            bonds.append((b - 2, b)); kinds.append("angle")
+    for b, chain in enumerate(side_chains):
+        prev, up = b, 1.0 if b % 2 == 0 else -1.0
+        for depth, t in enumerate(chain, start=1):
+            types.append(t)
+            pos.append((0.95 * b, 0.3 * (b % 2), up * depth))
+            bonds.append((prev, len(types) - 1)); kinds.append("bond")
+            prev = len(types) - 1
+    kinds = np.array(kinds)
+    types = np.array(types)
+    eps, sig = lorentz_berthelot(model.epsilon, model.sigma)
+    system = System(types=types, masses=np.asarray(model.masses)[types], bonds=bonds,
+                    bond_k=np.where(kinds == "bond", model.bond_k, model.angle_k),
+                    bond_r0=np.where(kinds == "bond", model.bond_r0, model.angle_r0),
+                    epsilon=eps, sigma=sig, r_cut=model.r_cut, box=None)
+    return system, np.array(pos, dtype=float)
+
+
+def random_polymer(polymer_class: int, rng, model: PolymerModel = PolymerModel()):
+    """Draw one polymer of chemistry class I (training family) or II (unseen, testing family).
+
+    Class I: 12-18 backbone beads, mostly B1 placed at random, short sparse side groups, mostly S1.
+    Class II: 10-16 backbone beads in alternating B1/B2 blocks, denser side chains of 1-2 beads,
+    mostly S2. Both give 16-40 atoms; class II asks a model trained on class I to generalise.
+    Returns (System, positions).
+    """
+    if polymer_class == 1:
+        L = int(rng.integers(12, 19))
+        backbone = np.where(rng.random(L) < 0.7, 0, 1)
+        sides = [[] if rng.random() > 0.4 else [2 if rng.random() < 0.7 else 3] for _ in range(L)]
+    elif polymer_class == 2:
+        L = int(rng.integers(10, 17))
+        block, t, backbone = int(rng.integers(2, 5)), int(rng.integers(0, 2)), []
+        while len(backbone) < L:
+            backbone += [t] * block
+            t, block = 1 - t, int(rng.integers(2, 5))
+        backbone = backbone[:L]
+        sides = [[] if rng.random() > 0.6 else
+                 [3 if rng.random() < 0.6 else 2 for _ in range(int(rng.integers(1, 3)))]
+                 for _ in range(L)]
+    else:
+        raise ValueError(f"polymer_class must be 1 or 2, got {polymer_class!r}")
+    return polymer(backbone, sides, model)
+
+
+# ---- world 2: a toy polymer electrolyte (paper A's Li-ion / TFSI battery dataset, in miniature)
+# Polymer chains with a -P-P-O- repeat (like PEO's -C-C-O-), small light cations that stick to
+# the O beads and to anions, and large heavy anions, in a periodic box. No charges: the "ionic"
+# chemistry is carried by the LJ well depths, enough for cation transport to couple to the chains.
+
+ELECTROLYTE_TYPE_NAMES = ("P", "O", "cation", "anion")
+
+
+@dataclass
+class ElectrolyteModel:
+    """Force-field parameters of the toy electrolyte (per type: P, O, cation, anion)."""
+
+    masses: tuple = (1.0, 1.0, 0.3, 3.0)
+    sigma: tuple = (1.0, 1.0, 0.7, 1.4)
+    epsilon: tuple = (0.6, 0.6, 0.3, 0.6)
+    eps_cation_O: float = 3.0        # cations bind to the chain's O beads ...
+    eps_cation_anion: float = 2.0    # ... and pair with anions
+    eps_cation_cation: float = 0.1   # and barely attract each other
+    bond_k: float = 100.0
+    bond_r0: float = 1.0
+    angle_k: float = 10.0
+    angle_r0: float = 1.7
+    r_cut: float = 2.5
+    density: float = 0.7             # atoms per sigma^3
+
+
+def electrolyte(n_chains: int, chain_length: int, n_salt: int, *,
+                model: ElectrolyteModel = ElectrolyteModel(), seed: int = 0):
+    """A periodic box of `n_chains` chains of `chain_length` beads plus `n_salt` cation-anion pairs.
+
+    Atoms are ordered chains first, then cations, then anions. Every chain and every ion is its
+    own molecule. The start puts everything on a serpentine lattice walk (chains on consecutive
+    sites, ions on the rest in random order), so no two atoms start closer than one lattice step.
+    Returns (System, positions [n_atoms, 3]).
+    """
+    for name, v, lo in (("n_chains", n_chains, 1), ("chain_length", chain_length, 3),
+                        ("n_salt", n_salt, 0)):
+        if int(v) != v or v < lo:
+            raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+    n_poly = n_chains * chain_length
+    n = n_poly + 2 * n_salt
+    box = (n / model.density) ** (1 / 3)
+    if box < 2 * model.r_cut:
+        raise ValueError(f"{n} atoms at density {model.density} give box {box:.2f} < 2 r_cut; "
+                         "add atoms or lower the density")
+    rng = np.random.default_rng(seed)
+    sites = _lattice(n, box, rng)
+    ion_sites = n_poly + rng.permutation(n - n_poly)
+    pos = np.concatenate([sites[:n_poly], sites[ion_sites]])
+    mono = np.tile([0, 0, 1], chain_length)[:chain_length]          # P P O P P O ...
+    types = np.concatenate([np.tile(mono, n_chains), np.full(n_salt, 2), np.full(n_salt, 3)])
+    starts = np.arange(n_chains)[:, None] * chain_length
+    b1 = np.arange(chain_length - 1)[None, :] + starts
+    b2 = np.arange(chain_length - 2)[None, :] + starts
+    bonds = np.concatenate([np.stack([b1, b1 + 1], -1).reshape(-1, 2),
+                            np.stack([b2, b2 + 2], -1).reshape(-1, 2)])
+    n_b1 = b1.size
+    eps, sig = lorentz_berthelot(model.epsilon, model.sigma)
+    for (a, b), e in (((2, 1), model.eps_cation_O), ((2, 3), model.eps_cation_anion),
+                      ((2, 2), model.eps_cation_cation)):
+        eps[a, b] = eps[b, a] = e
+    molecule = np.concatenate([np.repeat(np.arange(n_chains), chain_length),
+                               n_chains + np.arange(2 * n_salt)])
+    system = System(types=types, masses=np.asarray(model.masses)[types], bonds=bonds,
+                    bond_k=np.r_[np.full(n_b1, model.bond_k), np.full(len(bonds) - n_b1,
+                                                                     model.angle_k)],
+                    bond_r0=np.r_[np.full(n_b1, model.bond_r0), np.full(len(bonds) - n_b1,
+                                                                       model.angle_r0)],
+                    epsilon=eps, sigma=sig, r_cut=model.r_cut, box=box, molecule=molecule)
+    return system, pos
+
+
+# ---- world 3: a small stiff molecule (paper B's benzene, in miniature)
+# A hexagonal ring of six heavy "C" beads, each carrying a light "H" bead pointing outwards.
+# Stiff springs (ring bonds, C-H bonds, and 1-3 springs that hold the angles) give fast
+# vibrations: the C-H stretch has angular frequency sqrt(k_CH / mu) with mu = m_C m_H/(m_C+m_H),
+# a period of ~17 MD steps of dt = 0.005, so a gap of 20 steps hides more than a whole period.
+# Out-of-plane motion has no first-order restoring force, so the ring also flexes slowly.
+
+STIFF_TEMPERATURES = {"low": 0.1, "mid": 0.3, "high": 0.5}   # kT; in the ratio 100:300:500 K
+
+
+@dataclass
+class StiffMoleculeModel:
+    """Parameters of the toy stiff molecule (types: 0 = C, 1 = H)."""
+
+    masses: tuple = (1.0, 0.08)
+    sigma: tuple = (1.0, 0.6)
+    epsilon: tuple = (0.2, 0.05)
+    k_cc: float = 800.0        # ring bonds, r0 = 1
+    k_ch: float = 400.0        # C-H bonds, r0 = 0.8
+    k_angle: float = 150.0     # 1-3 springs (C-C-C and H-C-C), rest lengths from the hexagon
+    r_ch: float = 0.8
+    r_cut: float = 2.5
+
+    def ch_period(self) -> float:
+        """Period (tau) of an isolated C-H stretch: 2 pi sqrt(mu / k)."""
+        mc, mh = self.masses
+        return 2 * math.pi * math.sqrt(mc * mh / (mc + mh) / self.k_ch)
+
+
+def stiff_molecule(model: StiffMoleculeModel = StiffMoleculeModel()):
+    """The toy stiff molecule at its rest geometry. Returns (System, positions [12, 3])."""
+    ang = np.arange(6) * np.pi / 3
+    ring = np.stack([np.cos(ang), np.sin(ang), np.zeros(6)], 1)        # side 1 hexagon
+    pos = np.concatenate([ring, ring * (1.0 + model.r_ch)])
+    c = np.arange(6)
+    nxt = (c + 1) % 6
+    pairs = {"cc": np.stack([c, nxt], 1), "ch": np.stack([c, c + 6], 1),
+             "ccc": np.stack([c, (c + 2) % 6], 1),
+             "hcc": np.concatenate([np.stack([c + 6, nxt], 1), np.stack([nxt + 6, c], 1)])}
+    k = {"cc": model.k_cc, "ch": model.k_ch, "ccc": model.k_angle, "hcc": model.k_angle}
+    bonds = np.concatenate(list(pairs.values()))
+    r0 = np.linalg.norm(pos[bonds[:, 0]] - pos[bonds[:, 1]], axis=1)   # rest = ideal geometry
+    bond_k = np.concatenate([np.full(len(v), k[name]) for name, v in pairs.items()])
+    types = np.r_[np.zeros(6, dtype=np.int64), np.ones(6, dtype=np.int64)]
+    eps, sig = lorentz_berthelot(model.epsilon, model.sigma)
+    system = System(types=types, masses=np.asarray(model.masses)[types], bonds=bonds,
+                    bond_k=bond_k, bond_r0=r0, epsilon=eps, sigma=sig, r_cut=model.r_cut)
+    return system, pos
+
+
+# -------------------------------------------------------------------------------------------------
+# 3. Property estimators (METHOD.md section 4: the conventions of MDAnalysis and freud)
+# -------------------------------------------------------------------------------------------------
+# All take numpy arrays [T, n, 3] of *unwrapped* positions (reduced LJ units) and return numpy.
+
+# ---- radius of gyration ---------------------------------------------------------------------------
+
+
+def radius_of_gyration_sq(positions, masses):
+    """Mass-weighted squared radius of gyration.
+
+    R_g^2 = sum_i m_i |x_i - x_cm|^2 / sum_i m_i, with x_cm the centre of
+    mass.  Coordinates must be unwrapped (a molecule split across the
+    periodic boundary would give a meaningless, huge R_g).
+
+    Args:
+        positions: Coordinates, shape ``[..., n, 3]`` (any leading batch
+            axes, e.g. ``[T, n, 3]`` for a trajectory), units sigma.
+        masses: Particle masses, shape ``[n]``, all > 0, units m.
+
+    Returns:
+        R_g^2 with shape ``[...]`` (the leading axes of ``positions``),
+        units sigma^2.
+
+    Raises:
+        ValueError: On bad shapes, non-finite values or non-positive masses.
+    """
+    pos = _as_array(positions, "positions", min_ndim=2, last=3,
+                    expected="[..., n_atoms, 3]")
+    m = _as_array(masses, "masses", ndim=1, expected="[n_atoms]")
+    if m.shape[0] != pos.shape[-2]:
+        raise ValueError(f"masses has {m.shape[0]} entries; expected "
+                         f"n_atoms = {pos.shape[-2]} to match positions")
+    if np.any(m <= 0):
+        raise ValueError("masses contains values <= 0; expected all > 0")
+    w = m / m.sum()                                   # weights sum to 1
+    com = np.einsum("...ij,i->...j", pos, w)          # [..., 3]
+    d = pos - com[..., None, :]                       # [..., n, 3]
+    return np.einsum("...ij,...ij,i->...", d, d, w)
+
+
+# ---- autocorrelation and relaxation time ----------------------------------------------------------
+
+
+def autocorrelation(x):
+    """Normalised autocorrelation function of a scalar time series.
+
+    C(k) = <dx(t) dx(t+k)> / <dx^2>, dx = x - mean(x).  The lag-k sum
+    sum_t dx(t) dx(t+k) is computed for all k at once with an FFT (Wiener-
+    Khinchin), in O(T log T).  The series is zero-padded to >= 2T-1 points
+    so the FFT's implicit periodicity does not wrap the end of the series
+    onto its start.  Each lag-k sum is divided by the number of terms,
+    T - k ("unbiased" normalisation), then everything by the lag-0 value.
+
+    Note: at long lags only few pairs contribute, so C(k) for k near T is
+    very noisy; use only k << T.
+
+    Args:
+        x: Time series, shape ``[T]``, T >= 2, not constant.
+
+    Returns:
+        C(k) for k = 0 .. T-1, shape ``[T]``, with C(0) == 1 exactly.
+
+    Raises:
+        ValueError: If ``x`` is not 1-D, too short, non-finite or constant.
+    """
+    x = _as_array(x, "x", ndim=1, expected="[T] with T >= 2")
+    n = x.shape[0]
+    if n < 2:
+        raise ValueError(f"x has {n} samples; expected T >= 2")
+    if np.ptp(x) == 0:
+        raise ValueError("x is constant (zero variance); its autocorrelation "
+                         "is undefined")
+    dx = x - x.mean()
+    n_fft = scipy.fft.next_fast_len(2 * n - 1)       # padding: no wrap-around
+    spectrum = scipy.fft.rfft(dx, n_fft)
+    acf = scipy.fft.irfft(spectrum * spectrum.conj(), n_fft)[:n]
+    acf /= n - np.arange(n)                           # unbiased: / (T - k)
+    return acf / acf[0]
+
+
+def relaxation_time(x, dt):
+    """Integrated autocorrelation (relaxation) time of a time series.
+
+    tau = dt * integral_0^{k0} C(k) dk, using the trapezoid rule, where k0
+    is the first zero crossing of C (located by linear interpolation between
+    the last positive and the first non-positive lag).  Cutting at the first
+    zero crossing stops the integral before the long-lag noise of C, which
+    would otherwise dominate the estimate.  For C(t) = exp(-t / tau) the
+    result is tau (slightly less: the tail beyond k0 is dropped).
+
+    If C never crosses zero, the whole ACF is integrated; the result is then
+    an UNDER-estimate, because the series is too short to see the full decay.
+
+    Args:
+        x: Time series, shape ``[T]``, T >= 3.
+        dt: Time between samples (> 0), units tau.
+
+    Returns:
+        Relaxation time, units of ``dt``.
+
+    Raises:
+        ValueError: If ``x`` is too short / invalid or ``dt`` <= 0.
+    """
+    dt = _positive(dt, "dt")
+    x = _as_array(x, "x", ndim=1, expected="[T] with T >= 3")
+    if x.shape[0] < 3:
+        raise ValueError(f"x has {x.shape[0]} samples; expected T >= 3")
+    acf = autocorrelation(x)
+    non_positive = np.flatnonzero(acf <= 0)
+    if non_positive.size == 0:
+        return float(np.trapezoid(acf, dx=dt))
+    k = non_positive[0]                               # first lag with C <= 0
+    a, b = acf[k - 1], acf[k]                         # a > 0 >= b
+    tail = 0.5 * a * a / (a - b)                      # triangle up to C = 0
+    return float((np.trapezoid(acf[:k], dx=1.0) + tail) * dt)
+
+
+# ---- mean squared displacement and diffusion coefficient ------------------------------------------
+
+
+def mean_squared_displacement(positions):
+    """Mean squared displacement averaged over time origins and particles.
+
+    MSD(k) = < |r_i(t + k) - r_i(t)|^2 >_{i, t}, averaged over all n
+    particles and all T - k time origins (same definition as MDAnalysis
+    ``EinsteinMSD(fft=True)``).  The direct double loop costs O(T^2); here
+    the FFT algorithm of Calandrini et al. (nMoldyn) gives O(T log T):
+
+        MSD(k) = S1(k) - 2 S2(k)
+        S1(k) = sum_{t=0}^{T-1-k} (|r(t)|^2 + |r(t+k)|^2) / (T - k)
+        S2(k) = sum_{t=0}^{T-1-k} r(t) . r(t+k) / (T - k)
+
+    S1 comes from cumulative sums, S2 is an autocorrelation done by FFT.
+
+    Args:
+        positions: UNWRAPPED coordinates, shape ``[T, n, 3]``, units sigma.
+            (Wrapped coordinates jump by a box length at the boundary and
+            ruin the MSD.)
+
+    Returns:
+        MSD for lags 0 .. T-1, shape ``[T]``, units sigma^2; MSD[0] == 0.
+
+    Raises:
+        ValueError: If ``positions`` is not a finite ``[T, n, 3]`` array.
+    """
+    pos = _as_array(positions, "positions", ndim=3, last=3,
+                    expected="[T, n_atoms, 3]")
+    n_t, n_atoms = pos.shape[0], pos.shape[1]
+    if n_t < 1 or n_atoms < 1:
+        raise ValueError(f"positions has shape {pos.shape}; expected at "
+                         "least one frame and one atom")
+    # The MSD only depends on differences, so remove each particle's mean:
+    # smaller numbers -> less round-off in S1 - 2 S2 (a difference of
+    # two large, nearly equal terms).
+    r = pos - pos.mean(axis=0)
+    lags_count = n_t - np.arange(n_t)                 # origins per lag
+    # S1, summed over particles: |r|^2 per frame, then cumulative sums.
+    sq = np.einsum("tij,tij->t", r, r)                # [T]
+    csum = np.concatenate(([0.0], np.cumsum(sq)))     # csum[k] = sum_{t<k}
+    k = np.arange(n_t)
+    s1 = (csum[n_t - k] + (csum[n_t] - csum[k])) / lags_count
+    # S2, summed over particles and xyz: FFT autocorrelation along time.
+    n_fft = scipy.fft.next_fast_len(2 * n_t - 1)
+    spec = scipy.fft.rfft(r, n_fft, axis=0)           # [n_fft//2+1, n, 3]
+    power = np.einsum("fij,fij->f", spec, spec.conj()).real
+    s2 = scipy.fft.irfft(power, n_fft)[:n_t] / lags_count
+    msd = (s1 - 2.0 * s2) / n_atoms
+    msd[0] = 0.0                                      # exact; kill round-off
+    return msd
+
+
+def diffusion_coefficient(positions, dt, *, fit_start=0.2, fit_stop=0.6):
+    """Self-diffusion coefficient from the Einstein relation MSD = 6 D t.
+
+    A least-squares straight line is fitted to MSD(k dt) over lags
+    k in [fit_start * (T-1), fit_stop * (T-1)] and D = slope / 6.
+    Why a window:
+      * short lags are ballistic (MSD ~ t^2) or sub-diffusive (caging),
+        not yet in the linear diffusive regime;
+      * long lags have few time origins (T - k), so their MSD is noisy.
+    The intercept is free, so a constant offset (e.g. the short-time
+    ballistic excess) does not bias the slope.
+
+    Args:
+        positions: UNWRAPPED coordinates, shape ``[T, n, 3]``, units sigma.
+        dt: Time between frames (> 0), units tau.
+        fit_start: Start of the fit window as a fraction of the longest lag.
+        fit_stop: End of the fit window as a fraction of the longest lag;
+            need 0 <= fit_start < fit_stop <= 1.
+
+    Returns:
+        D in sigma^2 / tau.
+
+    Raises:
+        ValueError: On invalid inputs, or if the window has < 3 lags.
+    """
+    dt = _positive(dt, "dt")
+    for name, val in (("fit_start", fit_start), ("fit_stop", fit_stop)):
+        if isinstance(val, bool) or not isinstance(val, (Real, np.number)):
+            raise ValueError(f"{name} = {val!r}; expected a number in [0, 1]")
+    if not 0.0 <= fit_start < fit_stop <= 1.0:
+        raise ValueError(f"fit_start = {fit_start}, fit_stop = {fit_stop}; "
+                         "expected 0 <= fit_start < fit_stop <= 1")
+    msd = mean_squared_displacement(positions)
+    k_max = msd.shape[0] - 1
+    eps = 1e-9                       # guard against 0.2*100 = 20.000000004
+    lags = np.arange(int(np.ceil(fit_start * k_max - eps)),
+                     int(np.floor(fit_stop * k_max + eps)) + 1)
+    if lags.size < 3:
+        raise ValueError(
+            f"fit_start/fit_stop window [{fit_start}, {fit_stop}] of T-1 = "
+            f"{k_max} lags contains {lags.size} lags; expected at least 3 "
+            "(widen the window or pass longer positions)")
+    slope, _ = np.polyfit(lags * dt, msd[lags], 1)
+    return float(slope / 6.0)
+
+
+# ---- radial distribution function -----------------------------------------------------------------
+
+
+def _min_image_distances(a, b, box):
+    """Minimum-image distances in a cubic box, without neighbour lists.
+
+    Args:
+        a: Wrapped coordinates ``[Na, 3]`` in [0, box).
+        b: Wrapped coordinates ``[Nb, 3]``, or None for the pairs i < j
+            within ``a``.
+        box: Cubic box edge.
+
+    Returns:
+        Distances, shape ``[Na (Na-1) / 2]`` (b None, ``pdist`` order) or
+        ``[Na * Nb]``.
+    """
+    sq, tmp = None, None
+    for k in range(3):            # per axis: |dx| lies in [0, box) here
+        dk = (pdist(a[:, k:k + 1]) if b is None
+              else cdist(a[:, k:k + 1], b[:, k:k + 1]).ravel())
+        tmp = np.empty_like(dk) if tmp is None else tmp
+        np.subtract(box, dk, out=tmp)
+        np.minimum(dk, tmp, out=dk)       # minimum image along this axis
+        np.square(dk, out=dk)
+        sq = dk if sq is None else np.add(sq, dk, out=sq)
+    # In-place operations: these arrays are large and fresh allocations
+    # dominate the run time otherwise.
+    return np.sqrt(sq, out=sq)
+
+
+def radial_distribution(positions_a, box, r_max, n_bins, positions_b=None):
+    """Radial distribution function g(r) in a cubic periodic box.
+
+    Pair distances use the minimum-image convention and are histogrammed
+    (``np.histogram``) into ``n_bins`` equal bins on [0, r_max] (bins are
+    half-open [lo, hi) except the last, which is closed, as in numpy).
+    Normalisation makes an ideal gas give g = 1 exactly in expectation:
+
+        same species:  g = counts / (T * N (N-1) / V * shell_volume)
+        cross species: g = counts / (T * Na Nb / V * shell_volume)
+
+    with shell_volume = 4/3 pi (r_hi^3 - r_lo^3) and V = box^3.  For the
+    same species ``counts`` are ORDERED pairs (each i != j pair twice) and
+    self pairs i == j are excluded; N (N-1) (not N^2) is the number of
+    ordered pairs: the "finite size" normalisation of freud, equal to
+    MDAnalysis ``InterRDF(g, g, exclusion_block=(1, 1))``.
+
+    All pairs are computed per frame (``scipy.spatial.distance.pdist`` /
+    ``cdist``, one axis at a time for the minimum image): O(Na Nb) time and
+    memory per frame, fine up to a few thousand atoms (T = 200 frames of
+    1000 atoms take 2-3 s on one CPU core).
+
+    Args:
+        positions_a: Coordinates ``[T, Na, 3]`` or one frame ``[Na, 3]``,
+            units sigma; wrapped or unwrapped (they are wrapped here).
+        box: Cubic box edge length (> 0), units sigma.
+        r_max: Largest distance (> 0 and <= box / 2, so that each pair is
+            seen at most once under the minimum image).
+        n_bins: Number of bins (>= 1).
+        positions_b: Optional second species, same number of frames as
+            ``positions_a``. None means g_AA.
+
+    Returns:
+        Tuple ``(r_centres [n_bins], g [n_bins])``.
+
+    Raises:
+        ValueError: On bad shapes, non-positive box / r_max, r_max > box/2,
+            or too few particles.
+    """
+    pos_a = _as_frames(positions_a, "positions_a")
+    box = _positive(box, "box")
+    r_max = _positive(r_max, "r_max")
+    if r_max > box / 2:
+        raise ValueError(f"r_max = {r_max} exceeds box/2 = {box / 2}; "
+                         "expected r_max <= box/2 (minimum image)")
+    n_bins = _positive_int(n_bins, "n_bins")
+    pos_b = None if positions_b is None else _as_frames(positions_b,
+                                                        "positions_b")
+    if pos_b is not None and pos_b.shape[0] != pos_a.shape[0]:
+        raise ValueError(f"positions_b has {pos_b.shape[0]} frames; expected "
+                         f"{pos_a.shape[0]} to match positions_a")
+    n_a = pos_a.shape[1]
+    n_pairs = n_a * (n_a - 1) if pos_b is None else n_a * pos_b.shape[1]
+    if n_pairs == 0:
+        raise ValueError(f"positions_a has shape {pos_a.shape}; expected at "
+                         "least 2 atoms (or 1 atom in each species)")
+    counts = np.zeros(n_bins)
+    for t in range(pos_a.shape[0]):
+        b = None if pos_b is None else np.mod(pos_b[t], box)
+        r = _min_image_distances(np.mod(pos_a[t], box), b, box)
+        counts += np.histogram(r, bins=n_bins, range=(0.0, r_max))[0]
+    if pos_b is None:
+        counts *= 2.0             # pdist gives i < j; normalise per ORDERED pair
+    edges = np.linspace(0.0, r_max, n_bins + 1)
+    shell = 4.0 / 3.0 * np.pi * (edges[1:] ** 3 - edges[:-1] ** 3)
+    ideal = pos_a.shape[0] * n_pairs / box ** 3 * shell
+    return 0.5 * (edges[1:] + edges[:-1]), counts / ideal
+
+
+# ---- collision (overlap) rate ---------------------------------------------------------------------
+
+
+def _exclusion_codes(exclude, n):
+    """Encode excluded pairs as unique integers i * n + j with i < j.
+
+    Args:
+        exclude: None or integer array-like ``[m, 2]`` of atom indices.
+        n: Number of atoms.
+
+    Returns:
+        Sorted unique int64 codes, shape ``[m_distinct]``.
+    """
+    if exclude is None:
+        return np.empty(0, dtype=np.int64)
+    ex = np.asarray(exclude)
+    if ex.size == 0:
+        return np.empty(0, dtype=np.int64)
+    if ex.ndim != 2 or ex.shape[1] != 2 or not np.issubdtype(ex.dtype,
+                                                              np.integer):
+        raise ValueError(f"exclude has shape {ex.shape} and dtype {ex.dtype}"
+                         "; expected an integer array [m, 2]")
+    if np.any(ex < 0) or np.any(ex >= n) or np.any(ex[:, 0] == ex[:, 1]):
+        raise ValueError(f"exclude must hold pairs of distinct indices in "
+                         f"[0, {n}); got out-of-range or i == j entries")
+    lo, hi = ex.min(axis=1).astype(np.int64), ex.max(axis=1).astype(np.int64)
+    return np.unique(lo * n + hi)
+
+
+def collision_rate(positions, threshold, *, box=None, exclude=None):
+    """Fraction of atom pairs closer than ``threshold``, per frame.
+
+    Counts unordered pairs i < j with distance strictly < threshold, not
+    listed in ``exclude`` (typically bonded pairs, which are close by
+    construction), divided by the number of candidate pairs
+    n (n-1) / 2 - (number of distinct excluded pairs).  Useful to detect
+    unphysical overlaps in generated / coarse-grained structures.
+
+    Args:
+        positions: Coordinates ``[T, n, 3]`` or one frame ``[n, 3]``,
+            units sigma.
+        threshold: Contact distance (> 0), units sigma.
+        box: None for open boundaries, else the cubic box edge (> 0) and
+            the minimum-image distance is used.
+        exclude: Optional integer array ``[m, 2]`` of pairs not counted;
+            order within a pair and duplicates do not matter.
+
+    Returns:
+        Collision fraction per frame, shape ``[T]`` (T = 1 for one frame).
+
+    Raises:
+        ValueError: On bad inputs, or if ``exclude`` removes every pair.
+    """
+    pos = _as_frames(positions, "positions")
+    threshold = _positive(threshold, "threshold")
+    box = None if box is None else _positive(box, "box")
+    n = pos.shape[1]
+    if n < 2:
+        raise ValueError(f"positions has shape {pos.shape}; expected >= 2 "
+                         "atoms per frame")
+    excluded = _exclusion_codes(exclude, n)
+    n_pairs = n * (n - 1) // 2 - excluded.size
+    if n_pairs <= 0:
+        raise ValueError("exclude removes every pair; expected at least one "
+                         "candidate pair")
+    # query_pairs returns d <= r; the largest float below threshold turns
+    # that into the strict d < threshold promised above.
+    r = np.nextafter(threshold, 0.0)
+    rates = np.empty(pos.shape[0])
+    for t, frame in enumerate(pos):
+        pts = frame if box is None else _wrap(frame, box)
+        pairs = cKDTree(pts, boxsize=box).query_pairs(r, output_type="ndarray")
+        codes = pairs[:, 0].astype(np.int64) * n + pairs[:, 1]   # i < j
+        n_hit = codes.size - np.count_nonzero(np.isin(codes, excluded))
+        rates[t] = n_hit / n_pairs
+    return rates
+
+
+# ---- free-energy surface on principal components --------------------------------------------------
+
+
+def pairwise_distance_features(positions):
+    """All internal distances of each frame (rotation/translation invariant).
+
+    Args:
+        positions: Coordinates ``[T, n, 3]`` (n >= 2), units sigma.
+
+    Returns:
+        Distances |x_i - x_j| for i < j in ``np.triu_indices(n, 1)`` order,
+        shape ``[T, n (n-1) / 2]``.
+
+    Raises:
+        ValueError: If ``positions`` is not a finite ``[T, n, 3]`` array.
+    """
+    pos = _as_array(positions, "positions", ndim=3, last=3,
+                    expected="[T, n_atoms, 3] with n_atoms >= 2")
+    if pos.shape[1] < 2:
+        raise ValueError(f"positions has shape {pos.shape}; expected "
+                         "[T, n_atoms, 3] with n_atoms >= 2")
+    i, j = np.triu_indices(pos.shape[1], k=1)
+    return np.linalg.norm(pos[:, i] - pos[:, j], axis=-1)
+
+
+def _pca_basis(x):
+    """Mean, first two principal axes ``[2, d]`` and variance ratios of x."""
+    mean = x.mean(axis=0)
+    _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
+    comps = vt[:2]
+    # SVD axes have an arbitrary sign; fix it (largest |entry| positive) so
+    # repeated runs give the same picture.
+    big = np.argmax(np.abs(comps), axis=1)
+    comps = comps * np.sign(comps[np.arange(2), big])[:, None]
+    return mean, comps, s[:2] ** 2 / np.sum(s ** 2)
+
+
+def _check_pca(pca, d):
+    """Validate a ``pca`` dict from a previous call; return (mean, comps)."""
+    if not isinstance(pca, dict) or not {"mean", "components"} <= pca.keys():
+        raise ValueError("pca must be a dict with keys 'mean' and "
+                         "'components' (the result of a previous call)")
+    mean = _as_array(pca["mean"], "pca['mean']", ndim=1, expected=f"[{d}]")
+    comps = _as_array(pca["components"], "pca['components']", ndim=2,
+                      expected=f"[2, {d}]")
+    if mean.shape != (d,) or comps.shape != (2, d):
+        raise ValueError(f"pca has mean {mean.shape}, components "
+                         f"{comps.shape}; expected ({d},) and (2, {d}) to "
+                         "match features")
+    return mean, comps
+
+
+def free_energy_surface(features, kT=1.0, n_bins=30, *, pca=None,
+                        range=None):  # noqa: A002  (mirrors np.histogram2d)
+    """Free-energy surface F(PC1, PC2) = -kT ln p from a 2-D histogram.
+
+    The features (use rotation/translation-invariant ones, e.g.
+    ``pairwise_distance_features``) are centred and projected onto their
+    first two principal components (SVD of the centred data).  To compare
+    two trajectories on the SAME axes, pass the dict returned for the first
+    one as ``pca`` (and its bin range as ``range`` for the same grid).
+
+    p is the histogram normalised to sum 1 (probability per bin); bins with
+    no samples get F = +inf (infinitely unlikely, not "missing"); F is
+    shifted so its minimum is 0.
+
+    Args:
+        features: Array ``[T, d]``, T >= 2, d >= 2.
+        kT: Thermal energy (> 0), units epsilon.
+        n_bins: Bins per axis (>= 1).
+        pca: Optional dict with 'mean' ``[d]`` and 'components' ``[2, d]``
+            (e.g. a previous result); None computes PCA from ``features``.
+        range: Optional ``[[xmin, xmax], [ymin, ymax]]`` histogram range;
+            None uses the range of the projection.
+
+    Returns:
+        dict with ``F`` ``[n_bins, n_bins]`` (F[i, j]: x bin i, y bin j),
+        ``x_edges``, ``y_edges`` ``[n_bins + 1]``, ``mean`` ``[d]``,
+        ``components`` ``[2, d]``, ``explained_variance_ratio`` ``[2]``
+        (fraction of THIS data's variance along each axis) and
+        ``projection`` ``[T, 2]``.
+
+    Raises:
+        ValueError: On bad shapes, zero variance, kT <= 0, a malformed
+            ``pca`` dict, or a ``range`` that contains no samples.
+    """
+    x = _as_array(features, "features", ndim=2, expected="[T, d], T, d >= 2")
+    if x.shape[0] < 2 or x.shape[1] < 2:
+        raise ValueError(f"features has shape {x.shape}; expected [T, d] "
+                         "with T >= 2 and d >= 2")
+    kT = _positive(kT, "kT")
+    n_bins = _positive_int(n_bins, "n_bins")
+    total_var = np.sum((x - x.mean(axis=0)) ** 2)
+    if total_var == 0:
+        raise ValueError("features has zero variance; nothing to project")
+    if pca is None:
+        mean, comps, ratio = _pca_basis(x)
+    else:
+        mean, comps = _check_pca(pca, x.shape[1])
+    proj = (x - mean) @ comps.T                       # [T, 2]
+    if pca is not None:          # variance of THIS data captured per axis
+        ratio = np.sum((proj - proj.mean(axis=0)) ** 2, axis=0) / total_var
+    hist, xe, ye = np.histogram2d(proj[:, 0], proj[:, 1], bins=n_bins,
+                                  range=range)
+    if hist.sum() == 0:
+        raise ValueError(f"range = {range} contains no samples")
+    p = hist / hist.sum()
+    F = np.full_like(p, np.inf)                       # empty bin -> +inf
+    F[p > 0] = -kT * np.log(p[p > 0])
+    F -= F[p > 0].min()
+    return dict(F=F, x_edges=xe, y_edges=ye, mean=mean, components=comps,
+                explained_variance_ratio=ratio, projection=proj)
+
+
+# ---- block averaging ------------------------------------------------------------------------------
+
+
+def _block_sem(x, n_blocks):
+    """SEM from the scatter of ``n_blocks`` equal block means of x.
+
+    The remainder of T / n_blocks samples at the end is discarded.
+    """
+    size = x.shape[0] // n_blocks
+    means = x[: size * n_blocks].reshape(n_blocks, size).mean(axis=1)
+    return float(np.std(means, ddof=1) / np.sqrt(n_blocks))
+
+
+def block_standard_error(x, n_blocks=None):
+    """Standard error of the mean of a correlated series by block averaging.
+
+    Correlated samples make the naive SEM std / sqrt(T) too small.  Averages
+    over blocks much longer than the correlation time are nearly
+    independent, so the scatter of block means gives an honest SEM.
+
+    * ``n_blocks`` given: split x into that many equal blocks (remainder at
+      the end dropped) and return std(block means, ddof=1) / sqrt(n_blocks).
+    * ``n_blocks`` None (default): Flyvbjerg-Petersen blocking (J. Chem.
+      Phys. 91, 461 (1989)).  Repeatedly average neighbouring pairs,
+      x'_i = (x_{2i} + x_{2i+1}) / 2 (block size B = 2^level); the SEM
+      estimate s_level grows with level and plateaus once B exceeds the
+      correlation time.  The level used is the FIRST with
+
+          B^3 > 2 T (s_level / s_0)^4
+
+      (Lee, Drummond & Needs, PRB 83, 245117 (2011); as in ``pyblock``).
+      Since (s_level / s_0)^2 ~ 2 tau_int, this picks B large enough for a
+      small correlation bias yet small enough to keep many blocks.  Only
+      levels with >= 8 blocks are considered; if none qualifies, the last
+      one is used with a RuntimeWarning (the result is then a lower bound).
+
+    Args:
+        x: Time series, shape ``[T]`` (T >= 16 for the default rule).
+        n_blocks: Optional number of blocks, 2 <= n_blocks <= T.
+
+    Returns:
+        Standard error of mean(x), same units as x.
+
+    Raises:
+        ValueError: If ``x`` is invalid / too short or ``n_blocks`` invalid.
+    """
+    x = _as_array(x, "x", ndim=1, expected="[T]")
+    n_t = x.shape[0]
+    if n_blocks is not None:
+        n_blocks = _positive_int(n_blocks, "n_blocks", minimum=2)
+        if n_blocks > n_t:
+            raise ValueError(f"n_blocks = {n_blocks} exceeds the length of x "
+                             f"({n_t}); expected 2 <= n_blocks <= T")
+        return _block_sem(x, n_blocks)
+    if n_t < 16:
+        raise ValueError(f"x has {n_t} samples; expected T >= 16 for "
+                         "automatic blocking (or pass n_blocks)")
+    sem0 = _block_sem(x, n_t)
+    if sem0 == 0.0:
+        return 0.0                                    # constant series
+    level_x, block = x, 1
+    while level_x.shape[0] >= 8:
+        sem = _block_sem(level_x, level_x.shape[0])
+        if block ** 3 > 2 * n_t * (sem / sem0) ** 4:
+            return sem
+        half = level_x.shape[0] // 2                  # drop odd last point
+        level_x = 0.5 * (level_x[0:2 * half:2] + level_x[1:2 * half:2])
+        block *= 2
+    warnings.warn("block_standard_error: no blocking level satisfied the "
+                  "optimal-block criterion; x is too short compared with "
+                  "its correlation time, the SEM is underestimated",
+                  RuntimeWarning, stacklevel=2)
+    return sem
+
+
+# -------------------------------------------------------------------------------------------------
+# 4. Files: atomic writes, and loading without pickle
+# -------------------------------------------------------------------------------------------------
+# A crash half-way through writing must never leave a truncated file that a later run trusts, so
+# every file is written to a temporary name in the same folder and then renamed (atomic on POSIX).
+# Arrays are stored as .npz of plain numeric arrays and read with allow_pickle=False.
+
+
+def atomic_write(path, write) -> None:
+    """Call write(file_object) on a temporary file beside `path`, then rename it into place."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_json(path, obj) -> None:
+    """Write `obj` as indented JSON, atomically."""
+    atomic_write(path, lambda fh: fh.write(json.dumps(obj, indent=2, sort_keys=True).encode()))
+
+
+_SYSTEM_FIELDS = ("types", "masses", "bonds", "bond_k", "bond_r0", "epsilon", "sigma", "molecule")
+
+
+def save_trajectory(path, traj: Trajectory, **extra_arrays) -> None:
+    """Write a Trajectory (and any extra named arrays) to an .npz file, atomically.
+
+    Positions and velocities are stored as float32 (plenty for analysis, half the disk);
+    energies and time as float64. The System is stored field by field.
+    """
+    s = traj.system
+    arrays = dict(positions=traj.positions.astype(np.float32),
+                  velocities=traj.velocities.astype(np.float32), time=traj.time,
+                  potential_energy=traj.potential_energy, kinetic_energy=traj.kinetic_energy,
+                  r_cut=np.float64(s.r_cut), box=np.float64(np.nan if s.box is None else s.box),
+                  isolated_molecules=np.bool_(s.isolated_molecules),
+                  info_json=np.frombuffer(json.dumps(traj.info).encode(), dtype=np.uint8))
+    arrays.update({f"system_{k}": getattr(s, k) for k in _SYSTEM_FIELDS})
+    arrays.update(extra_arrays)
+    atomic_write(path, lambda fh: np.savez_compressed(fh, **arrays))
+
+
+def load_trajectory(path):
+    """Read a file written by save_trajectory. Returns (Trajectory, dict of extra arrays)."""
+    with np.load(path, allow_pickle=False) as z:
+        data = {k: z[k] for k in z.files}
+    box = float(data.pop("box"))
+    system = System(**{k: data.pop(f"system_{k}") for k in _SYSTEM_FIELDS},
+                    r_cut=float(data.pop("r_cut")), box=None if np.isnan(box) else box,
+                    isolated_molecules=bool(data.pop("isolated_molecules")))
+    traj = Trajectory(*(data.pop(k).astype(np.float64) if k in ("positions", "velocities")
+                        else data.pop(k) for k in ("positions", "velocities", "time",
+                                                   "potential_energy", "kinetic_energy")),
+                      system=system, info=json.loads(data.pop("info_json").tobytes().decode()))
+    return traj, data
+
+
+# -------------------------------------------------------------------------------------------------
+# 5. Benchmark and command line
+# -------------------------------------------------------------------------------------------------
+
+
+def _chain_replicas(n_chains: int = 64, n_beads: int = 24):
+    """Benchmark workload (a): n_chains independent copies of a one-type bead-spring chain."""
+    bonds = np.stack([np.arange(n_beads - 1), np.arange(1, n_beads)], 1)
+    system = System(types=np.zeros(n_beads, dtype=np.int64), masses=np.ones(n_beads),
+                    bonds=bonds, bond_k=100.0, bond_r0=1.0, epsilon=[[1.0]], sigma=[[1.0]],
+                    r_cut=2.5)
+    x = np.zeros((n_beads, 3))
+    x[:, 0] = 0.97 * np.arange(n_beads)
+    x[1::2, 1] = 0.25
+    return system, np.repeat(x[None], n_chains, axis=0)
+
+
+def _throughput(system, x, n_steps, device, dtype, warmup=200):
+    """atom-steps per second of simulate() after `warmup` steps of equilibration."""
+    eq = simulate(system, x, warmup, save_every=warmup, device=device, dtype=dtype)
+    x, v = eq.positions[-1], eq.velocities[-1]
+    t0 = time.perf_counter()
+    tr = simulate(system, x, n_steps, save_every=n_steps, velocities=v, device=device,
+                  dtype=dtype, seed=1)
+    seconds = time.perf_counter() - t0
+    return x.size // 3 * n_steps / seconds, n_steps / max(tr.info["pair_list_builds"] - 1, 1)
+
+
+def bench(device: str = "cpu", dtype: str = "float32", quick: bool = False) -> list:
+    """MD throughput on the issue's workloads; prints a table and returns its rows."""
+    dev = resolve_device(device)
+    work = [("(a) 64 chains x 24 beads, open, LJ 2.5", *_chain_replicas(), 2000)]
+    for n in (1000, 8000):
+        system, x = lj_fluid(n, 0.8)
+        work.append((f"(b) LJ fluid rho=0.8, periodic, N={n}", system, x,
+                     2000 if n == 1000 else 400))
+    rows = []
+    print(f"MD throughput on {dev} ({dtype}, {torch.get_num_threads()} threads), dt=0.005")
+    for label, system, x, n_steps in work:
+        n_steps = n_steps // 10 if quick else n_steps
+        rate, per_build = _throughput(system, x, n_steps, dev, dtype)
+        rows.append(dict(workload=label, atoms=int(x.size // 3), atom_steps_per_s=rate,
+                         ns_per_atom_step=1e9 / rate, steps_per_list_build=per_build))
+        print(f"  {label:42s} {rate:10.3e} atom-steps/s  {1e9 / rate:7.1f} ns/atom-step  "
+              f"(pair list rebuilt every {per_build:.1f} steps)", flush=True)
+    ratio = rows[2]["ns_per_atom_step"] / rows[1]["ns_per_atom_step"]
+    print(f"  cost per atom-step, N=8000 / N=1000: {ratio:.2f}")
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("command", nargs="?", default="demo", choices=["demo", "bench"],
+                        help="demo (default): the end-to-end run; bench: MD throughput")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    parser.add_argument("--dtype", default="float32", choices=list(_DTYPES))
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a first look")
+    args = parser.parse_args(argv)
+    if args.command == "bench":
+        bench(args.device, args.dtype, args.quick)
+        return 0
+    print("The end-to-end demo (learned CG simulator, score refinement, interpolation) is not "
+          "built yet; see README.md. `python cgmd_ref.py bench` runs the MD benchmark, "
+          "`python data_gen.py` generates the datasets.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
