@@ -896,28 +896,43 @@ def polymer(backbone, side_chains, model: PolymerModel = PolymerModel()):
 def random_polymer(polymer_class: int, rng, model: PolymerModel = PolymerModel()):
     """Draw one polymer of chemistry class I (training family) or II (unseen, testing family).
 
-    Class I: 12-18 backbone beads, mostly B1 placed at random, short sparse side groups, mostly S1.
-    Class II: 10-16 backbone beads in alternating B1/B2 blocks, denser side chains of 1-2 beads,
-    mostly S2. Both give 16-40 atoms; class II asks a model trained on class I to generalise.
-    Returns (System, positions).
+    Class I: 12-20 backbone beads, mostly B1 placed at random, sparse one-bead side groups,
+    mostly S1. Class II: 10-16 backbone beads in alternating B1/B2 blocks of 2-4, denser side
+    chains of 1-2 beads, mostly S2. Draws outside 16-40 atoms are rejected and redrawn. Class II
+    asks a model trained on class I to generalise to unseen chemistry and architecture.
+
+    Args:
+        polymer_class: 1 or 2.
+        rng: a numpy Generator (np.random.default_rng(seed)).
+
+    Returns:
+        (System, positions [n_atoms, 3]).
     """
-    if polymer_class == 1:
-        L = int(rng.integers(12, 19))
-        backbone = np.where(rng.random(L) < 0.7, 0, 1)
-        sides = [[] if rng.random() > 0.4 else [2 if rng.random() < 0.7 else 3] for _ in range(L)]
-    elif polymer_class == 2:
-        L = int(rng.integers(10, 17))
-        block, t, backbone = int(rng.integers(2, 5)), int(rng.integers(0, 2)), []
-        while len(backbone) < L:
-            backbone += [t] * block
-            t, block = 1 - t, int(rng.integers(2, 5))
-        backbone = backbone[:L]
-        sides = [[] if rng.random() > 0.6 else
-                 [3 if rng.random() < 0.6 else 2 for _ in range(int(rng.integers(1, 3)))]
-                 for _ in range(L)]
-    else:
+    if polymer_class not in (1, 2):
         raise ValueError(f"polymer_class must be 1 or 2, got {polymer_class!r}")
-    return polymer(backbone, sides, model)
+    while True:
+        backbone, sides = (_class_one(rng) if polymer_class == 1 else _class_two(rng))
+        if 16 <= len(backbone) + sum(map(len, sides)) <= 40:
+            return polymer(backbone, sides, model)
+
+
+def _class_one(rng):
+    L = int(rng.integers(12, 21))
+    backbone = list(np.where(rng.random(L) < 0.7, 0, 1))
+    sides = [[] if rng.random() > 0.4 else [2 if rng.random() < 0.7 else 3] for _ in range(L)]
+    return backbone, sides
+
+
+def _class_two(rng):
+    L = int(rng.integers(10, 17))
+    t, backbone = int(rng.integers(0, 2)), []
+    while len(backbone) < L:
+        backbone += [t] * int(rng.integers(2, 5))
+        t = 1 - t
+    sides = [[] if rng.random() > 0.6 else
+             [3 if rng.random() < 0.6 else 2 for _ in range(int(rng.integers(1, 3)))]
+             for _ in range(L)]
+    return backbone[:L], sides
 
 
 # ---- world 2: a toy polymer electrolyte (paper A's Li-ion / TFSI battery dataset, in miniature)

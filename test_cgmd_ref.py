@@ -1,0 +1,748 @@
+"""Tests for cgmd_ref: physics invariants and exact results, two-path cross-checks, estimators
+with known answers, bad input, and smoke runs of the scripts.
+
+Statistical tests use fixed seeds and tolerances derived from the expected error of the
+quantity tested (the derivation sits beside each assert). Physics runs in float64.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from scipy.signal import lfilter
+from scipy.spatial.transform import Rotation
+
+import cgmd_ref as C
+from cgmd_ref import (autocorrelation, block_standard_error, collision_rate,
+                      diffusion_coefficient, free_energy_surface, mean_squared_displacement,
+                      pairwise_distance_features, radial_distribution, radius_of_gyration_sq,
+                      relaxation_time)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+torch.set_num_threads(2)
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+
+def lj_pair_energy(r, eps, sig, rc):
+    """Truncated and shifted LJ, written out independently of the module."""
+    def u(x):
+        s6 = (sig / x) ** 6
+        return 4 * eps * (s6 * s6 - s6)
+    return np.where(r < rc, u(r) - u(rc), 0.0)
+
+
+def brute_force_energy(system, x):
+    """Sum over all pairs and, in a box, over all 27 neighbouring images (no minimum image)."""
+    n = system.n_atoms
+    bonded = {tuple(sorted(b)) for b in system.bonds.tolist()}
+    images = [np.zeros(3)] if system.box is None else [
+        system.box * np.array([a, b, c]) for a in (-1, 0, 1) for b in (-1, 0, 1)
+        for c in (-1, 0, 1)]
+    e = 0.0
+    for i in range(n):
+        for j in range(i + 1, n):
+            if (i, j) in bonded:
+                continue
+            ti, tj = system.types[i], system.types[j]
+            for img in images:
+                r = np.linalg.norm(x[i] - x[j] + img)
+                e += float(lj_pair_energy(r, system.epsilon[ti, tj], system.sigma[ti, tj],
+                                          system.r_cut))
+    for (i, j), k, r0 in zip(system.bonds, system.bond_k, system.bond_r0):
+        d = x[i] - x[j]
+        if system.box is not None:
+            d -= system.box * np.round(d / system.box)
+        e += 0.5 * k * (np.linalg.norm(d) - r0) ** 2
+    return e
+
+
+def small_electrolyte(seed=0):
+    """A 96-atom electrolyte, relaxed a little so no pair is very close (box just > 2 r_cut)."""
+    system, x = C.electrolyte(4, 12, 24, seed=seed)
+    tr = C.simulate(system, x, 200, dt=0.002, save_every=200, dtype="float64", seed=seed)
+    return system, tr.positions[-1]
+
+
+def ideal_chain(n_beads, k):
+    """Beads joined by zero-rest-length springs, no LJ (epsilon = 0)."""
+    bonds = np.stack([np.arange(n_beads - 1), np.arange(1, n_beads)], 1)
+    system = C.System(types=np.zeros(n_beads, int), masses=np.ones(n_beads), bonds=bonds,
+                      bond_k=k, bond_r0=0.0, epsilon=[[0.0]], sigma=[[1.0]], r_cut=2.5)
+    x = np.zeros((n_beads, 3))
+    x[:, 0] = 0.5 * np.arange(n_beads)
+    return system, x
+
+
+# ---- forces and energies: exact, and cross-checked ----------------------------------------------
+
+def test_forces_are_minus_gradient_autograd():
+    # Two code paths: the hand-written force kernel against autograd of the energy kernel.
+    system, x = small_electrolyte()
+    ff = C.ForceField(system, 1, "cpu", torch.float64)
+    xe = C._to_engine(x[None], "cpu", torch.float64).requires_grad_(True)
+    ff.pairs.build(xe)
+    (grad,) = torch.autograd.grad(ff.energy(xe).sum(), xe)
+    F = ff.forces(xe.detach())
+    assert torch.allclose(F, -grad, rtol=1e-10, atol=1e-10)
+
+
+def test_forces_match_finite_differences():
+    system, x = C.random_polymer(2, np.random.default_rng(3))
+    F = C.forces(system, x)
+    h = 1e-6
+    for atom, axis in [(0, 0), (5, 1), (system.n_atoms - 1, 2)]:
+        xp, xm = x.copy(), x.copy()
+        xp[atom, axis] += h
+        xm[atom, axis] -= h
+        fd = -(C.potential_energy(system, xp) - C.potential_energy(system, xm)) / (2 * h)
+        # central differences: error ~ h^2 U''' ~ 1e-10; round-off ~ 1e-16 |U| / h ~ 1e-9
+        assert fd == pytest.approx(F[atom, axis], abs=1e-6)
+
+
+def test_minimum_image_matches_sum_over_images():
+    system, x = small_electrolyte(seed=1)
+    assert system.box < 2 * system.r_cut + 1.0   # small box: images matter
+    # Unwrapped coordinates: shifting atoms by whole boxes must change nothing.
+    shifted = x + system.box * np.random.default_rng(0).integers(-3, 4, x.shape)
+    e = C.potential_energy(system, shifted)
+    assert e == pytest.approx(brute_force_energy(system, x), rel=1e-10, abs=1e-10)
+    assert np.allclose(C.forces(system, shifted), C.forces(system, x), atol=1e-9)
+
+
+def test_open_boundary_energy_matches_brute_force():
+    system, x = C.random_polymer(1, np.random.default_rng(0))
+    x = x + np.random.default_rng(1).normal(0, 0.05, x.shape)
+    assert C.potential_energy(system, x) == pytest.approx(brute_force_energy(system, x),
+                                                          rel=1e-10)
+
+
+def test_verlet_list_matches_all_pairs_and_stays_valid_within_skin():
+    # A 600-atom open system uses the k-d tree path; compare with all pairs (brute force).
+    fluid, xf = C.lj_fluid(600, 0.5, seed=2)
+    system = C.System(types=fluid.types, masses=fluid.masses, bonds=fluid.bonds, bond_k=0.0,
+                      bond_r0=0.0, epsilon=fluid.epsilon, sigma=fluid.sigma, r_cut=2.5)
+    ff = C.ForceField(system, 1, "cpu", torch.float64)
+    assert not ff.pairs.static
+    x0 = C._to_engine(xf[None], "cpu", torch.float64)
+    ff.pairs.build(x0)
+    # all pairs closer than r_cut + skin, by brute force
+    d = np.linalg.norm(xf[:, None] - xf[None], axis=-1)
+    iu = np.triu_indices(len(xf), 1)
+    expected = {p for p, r in zip(zip(*iu), d[iu]) if r < system.r_cut + ff.pairs.skin}
+    got = set(zip(ff.pairs.i.tolist(), ff.pairs.j.tolist()))
+    assert got == expected
+    # Move every atom by just under skin/2: the old list must give the same forces as a new one.
+    rng = np.random.default_rng(3)
+    step = rng.normal(size=x0.shape)
+    step *= 0.499 * ff.pairs.skin / np.linalg.norm(step, axis=0)
+    x1 = x0 + torch.as_tensor(step)
+    moved, top2 = ff.pairs.displacement_since_build(x1)
+    assert not ff.pairs.needs_rebuild(top2)
+    F_old = ff.forces(x1)
+    ff.pairs.build(x1)
+    assert torch.allclose(F_old, ff.forces(x1), atol=1e-12)
+
+
+def test_replicas_equal_one_by_one_and_isolated_molecules_do_not_interact():
+    sys_a, xa = C.random_polymer(1, np.random.default_rng(5))
+    sys_b, xb = C.random_polymer(2, np.random.default_rng(6))
+    joined, offsets = C.concatenate_systems([sys_a, sys_b])
+    xj = np.concatenate([xa, xb + 0.3])        # overlapping in space, yet isolated
+    F = C.forces(joined, xj)
+    assert np.allclose(F[:offsets[1]], C.forces(sys_a, xa), atol=1e-12)
+    assert np.allclose(F[offsets[1]:], C.forces(sys_b, xb + 0.3), atol=1e-12)
+    # Replicas: a batch [R, n, 3] gives each replica's own forces and energy.
+    rng = np.random.default_rng(7)
+    X = xa[None] + rng.normal(0, 0.05, (3,) + xa.shape)
+    FB, EB = C.forces(sys_a, X), C.potential_energy(sys_a, X)
+    for r in range(3):
+        assert np.allclose(FB[r], C.forces(sys_a, X[r]), atol=1e-12)
+        assert EB[r] == pytest.approx(C.potential_energy(sys_a, X[r]), rel=1e-12)
+
+
+def test_batched_simulation_equals_one_by_one_without_noise():
+    system, x = small_electrolyte()
+    X = np.stack([x, x + 0.01])
+    V = np.random.default_rng(0).normal(0, 1, X.shape)
+    kw = dict(dt=0.002, gamma=0.0, save_every=50, dtype="float64")
+    batch = C.simulate(system, X, 200, velocities=V, **kw)
+    for r in range(2):
+        one = C.simulate(system, X[r], 200, velocities=V[r], **kw)
+        assert np.allclose(batch.positions[:, r], one.positions, atol=1e-9)
+
+
+def test_float32_forces_agree_with_float64():
+    system, x = small_electrolyte()
+    ff32 = C.ForceField(system, 1, "cpu", torch.float32)
+    x32 = C._to_engine(x[None], "cpu", torch.float32)
+    ff32.pairs.build(x32)
+    F32 = C._from_engine(ff32.forces(x32), 1)[0]
+    F64 = C.forces(system, x)
+    scale = np.abs(F64).max()
+    assert np.abs(F32 - F64).max() < 1e-4 * scale   # float32 round-off ~1e-7 per term
+
+
+# ---- dynamics: invariants and exact results -------------------------------------------------------
+
+def test_nve_energy_drift_float64():
+    # Issue target: velocity Verlet (gamma = 0), float64, dt = 0.002, 1e4 steps: the total energy
+    # drifts by less than 5e-3 kT per particle. The LJ fluid exercises pair-list rebuilds and the
+    # minimum image; energy is shifted-potential energy, continuous at r_cut.
+    system, x = C.lj_fluid(256, 0.8, seed=0)
+    eq = C.simulate(system, x, 500, dt=0.002, save_every=500, dtype="float64")
+    tr = C.simulate(system, eq.positions[-1], 10_000, dt=0.002, gamma=0.0, save_every=100,
+                    velocities=eq.velocities[-1], dtype="float64")
+    e = tr.potential_energy + tr.kinetic_energy
+    drift = np.abs(e - e[0]).max() / system.n_atoms
+    print(f"NVE max |E(t) - E(0)| per particle: {drift:.2e} kT")
+    assert drift < 5e-3
+    # momentum is conserved exactly (pairwise forces) up to round-off
+    p = tr.velocities.sum(1)
+    assert np.abs(p - p[0]).max() < 1e-9
+
+
+def test_langevin_kinetic_energy_equipartition():
+    # <KE> = (3/2) N kT, issue target within 1%. 64 replicas of a 22-bead polymer, kT = 1.5.
+    # Equipartition holds for any friction; gamma = 4 makes KE decorrelate fast (1/(2 gamma)).
+    system, x = C.random_polymer(1, np.random.default_rng(1))
+    kT = 1.5
+    X = np.repeat(x[None], 64, axis=0)
+    tr = C.simulate(system, X, 9000, kT=kT, gamma=4.0, save_every=10, dtype="float64", seed=3)
+    ke = tr.kinetic_energy[100:] / system.n_atoms          # [frames, replicas], 5 tau burn-in
+    expected = 1.5 * kT
+    # Replicas are independent, so the spread of their time averages gives an honest SE.
+    # One atom's KE has relative std sqrt(2/3); 22 atoms x 64 replicas x (~800 frames / 5
+    # frames per decorrelation time 1/(2 gamma)) ~ 2e5 independent samples: SE ~ 0.2%.
+    per_replica = ke.mean(0)
+    se = per_replica.std(ddof=1) / math.sqrt(len(per_replica))
+    assert se / expected < 0.003                          # the 1% test is sensitive (> 3 SE)
+    assert abs(per_replica.mean() / expected - 1) < 0.01
+    assert abs(per_replica.mean() - expected) < 5 * se    # and consistent with noise
+
+
+def test_ideal_chain_bond_length_and_radius_of_gyration():
+    # Exact for zero-rest-length harmonic bonds: <b^2> = 3 kT / k and
+    # <R_g^2> = <b^2> (N^2 - 1) / (6 N). N = 8, k = 12: <b^2> = 1/4, <R_g^2> = 21/64.
+    # Stiff springs keep the slowest Rouse time short, 1 / (4 k sin^2(pi / 2N)) = 0.55 tau.
+    n, k = 8, 12.0
+    system, x = ideal_chain(n, k)
+    X = np.repeat(x[None], 128, axis=0)
+    tr = C.simulate(system, X, 12_000, save_every=10, dtype="float64", seed=4)
+    pos = tr.positions[100:]                              # drop 5 tau of burn-in
+    rg2 = radius_of_gyration_sq(pos, system.masses).mean(0)   # time average per replica [R]
+    b2 = (np.diff(pos, axis=2) ** 2).sum(-1).mean((0, 2))     # [R]
+    for per_replica, exact in ((rg2, 0.25 * 63 / 48), (b2, 3.0 / k)):
+        # independent replicas: SE of the grand mean from the spread of replica averages
+        se = per_replica.std(ddof=1) / math.sqrt(len(per_replica))
+        assert se / exact < 0.01                          # sensitive enough
+        # BAOAB samples harmonic configurations exactly (Leimkuhler-Matthews), so no bias term.
+        assert abs(per_replica.mean() - exact) < 4 * se, (per_replica.mean(), exact, se)
+
+
+def test_centre_of_mass_diffuses_with_kT_over_M_gamma():
+    # Internal forces cancel in the centre of mass, so with equal gamma for every atom it is an
+    # exact free Langevin particle of mass M: <|dX(t)|^2> = 6 D [t - (1 - exp(-gamma t))/gamma]
+    # with D = kT / (M gamma), for Maxwell-Boltzmann initial velocities.
+    system, x = C.random_polymer(2, np.random.default_rng(2))
+    M, gamma, kT, R = system.masses.sum(), 2.0, 1.0, 256
+    X = np.repeat(x[None], R, axis=0)
+    tr = C.simulate(system, X, 2000, gamma=gamma, kT=kT, save_every=2000, dtype="float64")
+    com = (tr.positions * system.masses[:, None]).sum(2) / M        # [2, R, 3]
+    dx2 = ((com[1] - com[0]) ** 2).sum(-1)                          # [R]
+    t = tr.time[1]
+    D = kT / (M * gamma)
+    exact = 6 * D * (t - (1 - math.exp(-gamma * t)) / gamma)
+    # |dX|^2 / (exact / 3) is chi-squared with 3 dof: relative SE of the mean sqrt(2 / (3 R)).
+    se = exact * math.sqrt(2 / (3 * R))
+    assert abs(dx2.mean() - exact) < 4 * se, (dx2.mean(), exact, se)
+
+
+def test_same_seed_same_trajectory_and_seeds_differ():
+    system, x = C.random_polymer(1, np.random.default_rng(0))
+    a = C.simulate(system, x, 300, save_every=100, seed=11)
+    b = C.simulate(system, x, 300, save_every=100, seed=11)
+    c = C.simulate(system, x, 300, save_every=100, seed=12)
+    assert np.array_equal(a.positions, b.positions)
+    assert not np.allclose(a.positions, c.positions)
+
+
+def test_trajectory_layout_and_unwrapped_positions():
+    system, x = C.lj_fluid(200, 0.6, seed=1)
+    tr = C.simulate(system, x, 1000, save_every=100, seed=2)
+    assert tr.positions.shape == (11, 200, 3) and tr.velocities.shape == (11, 200, 3)
+    assert tr.time.shape == (11,) and tr.potential_energy.shape == (11,)
+    assert tr.time[-1] == pytest.approx(1000 * 0.005)
+    # unwrapped: no frame-to-frame jump near a box length
+    assert np.abs(np.diff(tr.positions, axis=0)).max() < 0.5 * system.box
+    R = np.stack([x, x])
+    trb = C.simulate(system, R, 100, save_every=50)
+    assert trb.positions.shape == (3, 2, 200, 3) and trb.kinetic_energy.shape == (3, 2)
+
+
+def test_lj_fluid_rdf_has_liquid_structure():
+    system, x = C.lj_fluid(500, 0.8, seed=0)
+    tr = C.simulate(system, x, 1500, save_every=50, seed=1)
+    r, g = radial_distribution(tr.positions[10:], system.box, system.box / 2, 40)
+    assert g[r < 0.8].max() < 0.05              # excluded core
+    assert 2.0 < g.max() < 4.0 and 0.95 < r[np.argmax(g)] < 1.25   # first shell near 2^(1/6)
+    assert abs(g[-5:].mean() - 1) < 0.1        # no long-range order
+
+
+def test_blow_up_stops_with_an_error_naming_the_step():
+    system, x = C.lj_fluid(64, 0.5, r_cut=2.5)
+    x = x.copy()
+    x[1] = x[0] + [0.3, 0, 0]                   # a near overlap: force ~ 1e7
+    with pytest.raises(C.SimulationBlowUp, match="step"):
+        C.simulate(system, x, 100, dt=0.05, save_every=100)
+
+
+# ---- toy worlds ---------------------------------------------------------------------------------
+
+def test_polymer_classes_differ_and_stay_in_size_range():
+    rng = np.random.default_rng(0)
+    stats = {}
+    for cls in (1, 2):
+        systems = [C.random_polymer(cls, rng)[0] for _ in range(60)]
+        sizes = [s.n_atoms for s in systems]
+        assert 16 <= min(sizes) and max(sizes) <= 40
+        stats[cls] = np.mean([np.mean(s.types == 3) for s in systems])   # S2 fraction
+        for s in systems:   # one connected molecule, all bonds valid
+            assert len(np.unique(s.molecule)) == 1 and s.bonds.max() < s.n_atoms
+    assert stats[2] > 2 * stats[1]             # class II is S2-rich: different chemistry
+
+
+def test_electrolyte_composition_and_stiff_molecule_periods():
+    system, x = C.electrolyte(5, 20, 15, seed=0)
+    assert system.n_atoms == 5 * 20 + 30
+    assert np.bincount(system.types).tolist() == [5 * 20 - 5 * 6, 5 * 6, 15, 15]
+    assert len(np.unique(system.molecule)) == 5 + 30
+    d = np.linalg.norm(x[:, None] - x[None], axis=-1) + np.eye(len(x)) * 9
+    assert d.min() > 0.9                        # clash-free start
+    model = C.StiffMoleculeModel()
+    mol, y = C.stiff_molecule(model)
+    assert mol.n_atoms == 12
+    assert 5 <= model.ch_period() / 0.005 <= 20   # fast vibration: a few to ~20 MD steps
+    bonded = np.linalg.norm(y[mol.bonds[:, 0]] - y[mol.bonds[:, 1]], axis=1)
+    assert np.allclose(bonded, mol.bond_r0)       # built at rest
+
+
+# ---- files --------------------------------------------------------------------------------------
+
+def test_trajectory_round_trip_without_pickle(tmp_path):
+    system, x = C.electrolyte(4, 12, 24)
+    tr = C.simulate(system, x, 20, dt=0.002, save_every=10)
+    path = tmp_path / "t.npz"
+    C.save_trajectory(path, tr, labels=np.arange(3))
+    back, extra = C.load_trajectory(path)
+    assert np.allclose(back.positions, tr.positions, atol=1e-5)
+    assert back.system.box == system.box and np.array_equal(back.system.bonds, system.bonds)
+    assert back.info["n_steps"] == 20 and extra["labels"].tolist() == [0, 1, 2]
+    assert os.listdir(tmp_path) == ["t.npz"]                        # no temporary left behind
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError):
+        np.load(tmp_path / "obj.npy", allow_pickle=False)
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+
+def _polymer():
+    return C.random_polymer(1, np.random.default_rng(0))
+
+
+def _system_kwargs(**over):
+    kw = dict(types=[0, 0, 0], masses=[1.0, 1.0, 1.0], bonds=[[0, 1]], bond_k=1.0, bond_r0=1.0,
+              epsilon=[[1.0]], sigma=[[1.0]], r_cut=2.5, box=None)
+    kw.update(over)
+    return kw
+
+
+@pytest.mark.parametrize("over, match", [
+    (dict(masses=[1.0, -1.0, 1.0]), "masses"),
+    (dict(masses=[1.0, 1.0]), "masses"),
+    (dict(masses=[1.0, np.nan, 1.0]), "masses"),
+    (dict(bonds=[[0, 3]]), "bonds"),
+    (dict(bond_k=[1.0, 2.0]), "bond_k"),
+    (dict(box=4.0), "box"),
+    (dict(box=-1.0), "box"),
+    (dict(epsilon=[[1.0, 0.5], [0.2, 1.0]], sigma=[[1, 1], [1, 1]]), "epsilon"),
+    (dict(types=[0, 1, 2]), "epsilon"),
+    (dict(sigma=[[0.0]]), "sigma"),
+    (dict(r_cut=0.0), "r_cut"),
+])
+def test_system_validation(over, match):
+    with pytest.raises(ValueError, match=match):
+        C.System(**_system_kwargs(**over))
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(dt=0.0), "dt"), (dict(dt=-1e-3), "dt"), (dict(kT=0.0), "kT"),
+    (dict(gamma=-1.0), "gamma"), (dict(save_every=0), "save_every"),
+    (dict(n_steps=-5), "n_steps"), (dict(dtype="float16"), "dtype"),
+    (dict(device="tpu"), "device"), (dict(velocities=np.zeros((3, 3))), "velocities"),
+])
+def test_simulate_validation(kw, match):
+    system, x = _polymer()
+    args = dict(n_steps=10)
+    args.update(kw)
+    with pytest.raises(ValueError, match=match):
+        C.simulate(system, x, args.pop("n_steps"), **args)
+
+
+def test_positions_validation():
+    system, x = _polymer()
+    with pytest.raises(ValueError, match="positions"):
+        C.forces(system, x[:, :2])
+    with pytest.raises(ValueError, match="positions"):
+        C.potential_energy(system, x[:-1])
+    bad = x.copy()
+    bad[0, 0] = np.inf
+    with pytest.raises(ValueError, match="positions"):
+        C.simulate(system, bad, 10)
+    with pytest.raises(ValueError, match="density"):
+        C.lj_fluid(100, 0.0)
+    with pytest.raises(ValueError, match="polymer_class"):
+        C.random_polymer(3, np.random.default_rng(0))
+
+
+# ---- GPU (only where one exists; CI has none) ----------------------------------------------------
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_cuda_matches_cpu():
+    system, x = small_electrolyte()
+    kw = dict(dt=0.002, gamma=0.0, save_every=50, dtype="float64",
+              velocities=np.zeros_like(x))
+    cpu = C.simulate(system, x, 100, **kw)
+    gpu = C.simulate(system, x, 100, device="cuda", **kw)
+    assert np.allclose(cpu.positions, gpu.positions, atol=1e-8)
+
+
+# ---- estimators with known answers ----------------------------------------------------------------
+
+def ar1(phi, n, seed):
+    """Stationary AR(1) series x_{k+1} = phi x_k + sqrt(1-phi^2) noise.
+
+    Unit stationary variance; autocorrelation phi^k.  ``lfilter`` runs the
+    recursion in C; the initial state is drawn from the stationary law.
+    """
+    rng = np.random.default_rng(seed)
+    noise = rng.normal(size=n)
+    x, _ = lfilter([np.sqrt(1 - phi ** 2)], [1.0, -phi], noise,
+                   zi=[phi * rng.normal()])
+    return x
+
+
+# ------------------------------------------------------------- R_g^2 ----
+
+
+def test_rg_two_equal_masses():
+    d = 2.5
+    pos = np.array([[0.0, 0.0, 0.0], [d, 0.0, 0.0]])
+    assert radius_of_gyration_sq(pos, [1.0, 1.0]) == pytest.approx(d ** 2 / 4)
+
+
+def test_rg_ring_and_octahedron_radius_R():
+    R = 1.7
+    phi = np.linspace(0, 2 * np.pi, 12, endpoint=False)
+    ring = R * np.stack([np.cos(phi), np.sin(phi), np.zeros_like(phi)], 1)
+    octa = R * np.concatenate([np.eye(3), -np.eye(3)])
+    assert radius_of_gyration_sq(ring, np.ones(12)) == pytest.approx(R ** 2)
+    assert radius_of_gyration_sq(octa, np.ones(6)) == pytest.approx(R ** 2)
+
+
+def test_rg_unequal_masses():
+    # m = (1, 3) at distance d: centre of mass 3d/4 from atom 0, so
+    # R_g^2 = (1 (3d/4)^2 + 3 (d/4)^2) / 4 = 3 d^2 / 16.
+    d = 2.0
+    pos = np.array([[0.0, 0.0, 0.0], [0.0, 0.0, d]])
+    assert radius_of_gyration_sq(pos, [1.0, 3.0]) == pytest.approx(3 * d ** 2 / 16)
+
+
+def test_rg_invariant_under_rigid_motion_and_batched():
+    rng = np.random.default_rng(0)
+    pos = rng.normal(size=(10, 3))
+    masses = rng.uniform(0.5, 2.0, size=10)
+    rot = Rotation.random(random_state=1).as_matrix()
+    moved = pos @ rot.T + np.array([5.0, -3.0, 1.0])
+    batch = np.stack([pos, moved])                       # [2, n, 3]
+    rg2 = radius_of_gyration_sq(batch, masses)
+    assert rg2.shape == (2,)
+    assert rg2[1] == pytest.approx(rg2[0], rel=1e-12)
+
+
+# --------------------------------------------------- autocorrelation ----
+
+
+def test_acf_matches_direct_sum_and_is_one_at_zero():
+    x = np.random.default_rng(2).normal(size=64)
+    acf = autocorrelation(x)
+    dx = x - x.mean()
+    n = len(x)
+    direct = np.array([dx[: n - k] @ dx[k:] / (n - k) for k in range(n)])
+    assert acf[0] == 1.0                                 # exact by construction
+    np.testing.assert_allclose(acf, direct / direct[0], atol=1e-12)
+
+
+def test_acf_of_ar1_is_exponential():
+    dt, tau = 0.1, 1.0
+    phi = np.exp(-dt / tau)
+    n = 200_000
+    acf = autocorrelation(ar1(phi, n, seed=3))
+    lags = np.arange(31)                                 # up to 3 tau
+    # Bartlett: std of the ACF estimate <~ sqrt(2 tau / T_total) =
+    # sqrt(2 * 10 steps / 2e5) = 0.010; 4 sigma covers the max over 31 lags.
+    assert np.max(np.abs(acf[lags] - phi ** lags)) < 0.04
+
+
+def test_relaxation_time_of_ar1():
+    dt, tau = 0.1, 1.0
+    x = ar1(np.exp(-dt / tau), 200_000, seed=4)
+    # Integrated-time error (Sokal): sqrt(2 (2M+1) / T) with the cut-off
+    # M ~ 46 lags -> ~3 % (3.7 % measured over 30 seeds); the dropped tail
+    # beyond the zero crossing is ~1 %.  Tolerance 15 % ~ 4 sigma.
+    assert relaxation_time(x, dt) == pytest.approx(tau, rel=0.15)
+
+
+# --------------------------------------------------------------- MSD ----
+
+
+def test_msd_fft_equals_brute_force():
+    rng = np.random.default_rng(5)
+    pos = np.cumsum(rng.normal(size=(60, 4, 3)), axis=0) + 100.0
+    msd = mean_squared_displacement(pos)
+    n = len(pos)
+    brute = np.array([np.mean(np.sum((pos[k:] - pos[: n - k]) ** 2, -1))
+                      for k in range(n)])
+    assert msd.shape == (n,) and msd[0] == 0.0
+    np.testing.assert_allclose(msd, brute, rtol=0, atol=1e-10)
+
+
+def brownian(D, dt, n_frames, n_atoms, seed):
+    """Unwrapped Brownian trajectory: steps ~ N(0, sqrt(2 D dt)) per axis."""
+    rng = np.random.default_rng(seed)
+    steps = rng.normal(0.0, np.sqrt(2 * D * dt), size=(n_frames, n_atoms, 3))
+    steps[0] = 0.0
+    return np.cumsum(steps, axis=0)
+
+
+def test_msd_and_diffusion_of_brownian_motion():
+    D, dt = 0.5, 0.01
+    pos = brownian(D, dt, n_frames=200, n_atoms=1000, seed=6)
+    msd = mean_squared_displacement(pos)
+    lags = np.arange(1, 21)
+    # Time-averaged MSD of 1-D Brownian motion has relative variance
+    # ~ (4/3) k / T; with 3 axes x 1000 particles at k/T = 0.1 the relative
+    # std is sqrt(0.133 / 3000) = 0.7 %.  Tolerance 3 % ~ 4 sigma.
+    np.testing.assert_allclose(msd[lags], 6 * D * lags * dt, rtol=0.03)
+    # Slope over the [0.2, 0.6] window: relative std measured 6.3 % for
+    # 200 particles (40 seeds), scaling as 1/sqrt(n) -> 2.8 % for 1000.
+    # Tolerance 12 % ~ 4 sigma.
+    assert diffusion_coefficient(pos, dt) == pytest.approx(D, rel=0.12)
+
+
+# --------------------------------------------------------------- RDF ----
+
+
+def test_rdf_ideal_gas_same_species():
+    box, n_frames, n_atoms, r_max, n_bins = 10.0, 50, 200, 5.0, 20
+    rng = np.random.default_rng(7)
+    pos = rng.uniform(0, box, size=(n_frames, n_atoms, 3))
+    r, g = radial_distribution(pos, box, r_max, n_bins)
+    edges = np.linspace(0, r_max, n_bins + 1)
+    np.testing.assert_allclose(r, 0.5 * (edges[1:] + edges[:-1]))
+    shell = 4 / 3 * np.pi * (edges[1:] ** 3 - edges[:-1] ** 3)
+    # Expected UNORDERED pair count per bin (each is counted twice in g):
+    unordered = n_frames * n_atoms * (n_atoms - 1) / 2 / box ** 3 * shell
+    # Poisson: relative std of g is 1 / sqrt(unordered count) (12 % in the
+    # first bin, < 1 % further out); allow 4 sigma per bin.
+    np.testing.assert_array_less(np.abs(g - 1), 4 / np.sqrt(unordered))
+
+
+def test_rdf_ideal_gas_cross_species():
+    box, n_frames, r_max, n_bins = 10.0, 50, 5.0, 20
+    rng = np.random.default_rng(8)
+    a = rng.uniform(0, box, size=(n_frames, 100, 3))
+    b = rng.uniform(-box, 2 * box, size=(n_frames, 150, 3))   # unwrapped
+    _, g = radial_distribution(a, box, r_max, n_bins, positions_b=b)
+    edges = np.linspace(0, r_max, n_bins + 1)
+    shell = 4 / 3 * np.pi * (edges[1:] ** 3 - edges[:-1] ** 3)
+    expected = n_frames * 100 * 150 / box ** 3 * shell    # a-b pair counts
+    # Poisson: relative std 1 / sqrt(expected count); 4 sigma per bin.
+    np.testing.assert_array_less(np.abs(g - 1), 4 / np.sqrt(expected))
+
+
+def test_rdf_matches_brute_force_single_frame():
+    box, r_max, n_bins = 6.0, 3.0, 12
+    pos = np.random.default_rng(9).uniform(0, box, size=(30, 3))
+    d = pos[:, None] - pos[None]
+    d -= box * np.round(d / box)
+    dist = np.linalg.norm(d, axis=-1)[~np.eye(30, dtype=bool)]  # ordered
+    counts, edges = np.histogram(dist, bins=n_bins, range=(0, r_max))
+    shell = 4 / 3 * np.pi * (edges[1:] ** 3 - edges[:-1] ** 3)
+    _, g = radial_distribution(pos, box, r_max, n_bins)
+    np.testing.assert_allclose(g, counts / (30 * 29 / box ** 3 * shell))
+
+
+def test_rdf_uses_minimum_image():
+    box = 10.0
+    # 9.3 apart in x directly, i.e. 0.7 through the boundary.
+    pos = np.array([[0.3, 5.0, 5.0], [9.6, 5.0, 5.0]])
+    _, g = radial_distribution(pos, box, r_max=5.0, n_bins=10)
+    assert np.flatnonzero(g).tolist() == [1]             # bin [0.5, 1.0)
+
+
+# ---------------------------------------------------- collision_rate ----
+
+
+def test_collision_rate_hand_made():
+    # Pairs closer than 1: (0,1) at 0.5 and (2,3) at 0.8 -> 2 of 6 pairs.
+    # (1,4) is at exactly 1.0: "closer than" is strict, so not counted.
+    pos = np.array([[0, 0, 0], [0.5, 0, 0], [3, 0, 0], [3.8, 0, 0],
+                    [0.5, 1.0, 0]], dtype=float)
+    rate = collision_rate(pos, 1.0)
+    assert rate.shape == (1,)
+    assert rate[0] == pytest.approx(2 / 10)
+    # Excluding (0,1), listed twice and in both orders: 1 hit / 9 pairs.
+    excl = np.array([[1, 0], [0, 1]])
+    assert collision_rate(pos, 1.0, exclude=excl)[0] == pytest.approx(1 / 9)
+
+
+def test_collision_rate_periodic_and_per_frame():
+    frame = np.array([[0.2, 1.0, 1.0], [3.9, 1.0, 1.0], [2.0, 3.0, 1.0]])
+    traj = np.stack([frame, frame + 10.0])   # shifted by periodic images
+    # Open boundaries: 0.2 and 3.9 are 3.7 apart -> no collision.
+    np.testing.assert_array_equal(collision_rate(traj, 0.5), [0.0, 0.0])
+    # Box 4: minimum image distance 0.3 -> 1 of 3 pairs in every frame.
+    np.testing.assert_allclose(collision_rate(traj, 0.5, box=4.0), [1 / 3] * 2)
+
+
+# --------------------------------------------------------------- FES ----
+
+
+def test_pairwise_distance_features_invariant():
+    pos = np.random.default_rng(10).normal(size=(3, 5, 3))
+    rot = Rotation.random(random_state=2).as_matrix()
+    feat = pairwise_distance_features(pos)
+    assert feat.shape == (3, 10)
+    np.testing.assert_allclose(pairwise_distance_features(pos @ rot.T + 1.0),
+                               feat, atol=1e-12)
+    assert feat[0, 0] == pytest.approx(np.linalg.norm(pos[0, 0] - pos[0, 1]))
+
+
+def test_fes_gaussian_is_quadratic():
+    kT, n = 2.0, 1_000_000
+    stds = np.array([3.0, 1.0, 0.3])
+    rng = np.random.default_rng(11)
+    rot = Rotation.random(random_state=3).as_matrix()
+    feats = (rng.normal(size=(n, 3)) * stds) @ rot.T + 4.0
+    # 31 bins over +-3.1 sigma: width 0.2 sigma, bin 15 centred at 0,
+    # bins 10 and 20 centred at -1 and +1 sigma.
+    rng_xy = [[-3.1 * stds[0], 3.1 * stds[0]], [-3.1 * stds[1], 3.1 * stds[1]]]
+    res = free_energy_surface(feats, kT=kT, n_bins=31, range=rng_xy)
+    F = res["F"]
+    assert F.shape == (31, 31) and np.nanmin(F) == 0.0
+    assert not np.any(np.isnan(F)) and np.any(np.isinf(F))   # empty -> +inf
+    ring = np.array([F[10, 15], F[20, 15], F[15, 10], F[15, 20]])
+    # Expected F(1 sigma) - F(0) = kT / 2.  Counts: ~6400 in the centre bin,
+    # ~3900 per 1-sigma bin, so std of the mean difference is
+    # sqrt(1/6400 + 1/(4*3900)) = 0.016 kT; tolerance 0.06 kT ~ 4 sigma.
+    assert (ring.mean() - F[15, 15]) / kT == pytest.approx(0.5, abs=0.06)
+    evr = res["explained_variance_ratio"]
+    np.testing.assert_allclose(evr, stds[:2] ** 2 / np.sum(stds ** 2),
+                               rtol=0.01)   # variance error ~ sqrt(2/n)
+
+
+def test_fes_reuses_pca_basis():
+    rng = np.random.default_rng(12)
+    feats = rng.normal(size=(500, 4)) * [2.0, 1.0, 0.5, 0.1]
+    first = free_energy_surface(feats, n_bins=10)
+    again = free_energy_surface(feats, n_bins=10, pca=first)
+    np.testing.assert_array_equal(again["projection"], first["projection"])
+    np.testing.assert_array_equal(again["F"], first["F"])
+    np.testing.assert_allclose(again["explained_variance_ratio"],
+                               first["explained_variance_ratio"])
+    # A second trajectory is projected onto the first one's axes.
+    other = free_energy_surface(feats[::-1] + 1.0, n_bins=10, pca=first)
+    np.testing.assert_array_equal(other["components"], first["components"])
+
+
+# ---------------------------------------------------- block averaging ----
+
+
+def test_block_sem_iid():
+    n = 2 ** 17
+    x = np.random.default_rng(13).normal(size=n)
+    # Selected level has ~2000 blocks: relative std of the SEM estimate
+    # 1/sqrt(2*2000) = 1.6 % (1.6 % measured over 40 seeds); 7 % ~ 4 sigma.
+    assert block_standard_error(x) == pytest.approx(x.std() / np.sqrt(n),
+                                                    rel=0.07)
+
+
+def test_block_sem_ar1():
+    n, phi = 2 ** 17, 0.9
+    x = ar1(phi, n, seed=14)
+    expected = np.sqrt((1 + phi) / (1 - phi)) / np.sqrt(n)   # unit variance
+    # Automatic rule picks B = 512 (256 blocks): relative std
+    # 1/sqrt(2*255) = 4.4 % (3.6 % measured); 15 % ~ 4 sigma.
+    assert block_standard_error(x) == pytest.approx(expected, rel=0.15)
+    # 64 fixed blocks: relative std 1/sqrt(2*63) = 9 %; 30 % ~ 3.3 sigma.
+    assert block_standard_error(x, n_blocks=64) == pytest.approx(expected,
+                                                                 rel=0.30)
+
+
+def test_block_sem_warns_when_series_too_short():
+    with pytest.warns(RuntimeWarning, match="too short"):
+        block_standard_error(ar1(0.999, 64, seed=15))
+
+
+# --------------------------------------------------------- bad input ----
+
+GOOD_TRAJ = np.random.default_rng(16).uniform(0, 5, size=(10, 4, 3))
+NAN_TRAJ = GOOD_TRAJ.copy()
+NAN_TRAJ[3, 1, 2] = np.nan
+SERIES = np.random.default_rng(17).normal(size=100)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: radius_of_gyration_sq(np.zeros((10, 2)), np.ones(10)),
+     r"positions has shape \(10, 2\); expected \[..., n_atoms, 3\]"),
+    (lambda: radius_of_gyration_sq(GOOD_TRAJ, [1, 1, 0, 1]), "masses"),
+    (lambda: radius_of_gyration_sq(GOOD_TRAJ, np.ones(3)), "masses"),
+    (lambda: autocorrelation(np.ones(10)), "x is constant"),
+    (lambda: autocorrelation([1.0]), "x"),
+    (lambda: autocorrelation([1.0, np.inf, 2.0]), "x contains NaN or inf"),
+    (lambda: relaxation_time(SERIES, 0.0), "dt"),
+    (lambda: relaxation_time([1.0, 2.0], 0.1), "x"),
+    (lambda: mean_squared_displacement(GOOD_TRAJ[0]), "positions"),
+    (lambda: mean_squared_displacement(NAN_TRAJ), "positions"),
+    (lambda: diffusion_coefficient(GOOD_TRAJ, -1.0), "dt"),
+    (lambda: diffusion_coefficient(GOOD_TRAJ, 0.1, fit_start=0.7),
+     "fit_start"),
+    (lambda: diffusion_coefficient(GOOD_TRAJ, 0.1, fit_start=0.5,
+                                   fit_stop=0.6), "fit_start/fit_stop"),
+    (lambda: radial_distribution(GOOD_TRAJ, 5.0, 2.6, 10), "r_max"),
+    (lambda: radial_distribution(GOOD_TRAJ, -5.0, 2.0, 10), "box"),
+    (lambda: radial_distribution(GOOD_TRAJ, 5.0, 2.0, 0), "n_bins"),
+    (lambda: radial_distribution(NAN_TRAJ, 5.0, 2.0, 10), "positions_a"),
+    (lambda: radial_distribution(GOOD_TRAJ, 5.0, 2.0, 10, GOOD_TRAJ[:3]),
+     "positions_b"),
+    (lambda: collision_rate(GOOD_TRAJ, 0.0), "threshold"),
+    (lambda: collision_rate(GOOD_TRAJ[..., :2], 1.0), "positions"),
+    (lambda: collision_rate(GOOD_TRAJ, 1.0, exclude=[[0, 9]]), "exclude"),
+    (lambda: collision_rate(GOOD_TRAJ, 1.0, box=0.0), "box"),
+    (lambda: free_energy_surface(np.ones((10, 3))), "features"),
+    (lambda: free_energy_surface(SERIES), "features"),
+    (lambda: free_energy_surface(SERIES.reshape(50, 2), kT=-1), "kT"),
+    (lambda: free_energy_surface(SERIES.reshape(50, 2),
+                                 pca={"mean": np.zeros(3)}), "pca"),
+    (lambda: pairwise_distance_features(GOOD_TRAJ[:, :1]), "positions"),
+    (lambda: block_standard_error(SERIES, n_blocks=1), "n_blocks"),
+    (lambda: block_standard_error(SERIES[:10]), "x"),
+])
+def test_bad_input_raises_naming_argument(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
