@@ -219,8 +219,8 @@ class System:
         if np.any(self.bonds[:, 0] == self.bonds[:, 1]):
             raise ValueError("bonds contains a bond from an atom to itself")
         nb = len(self.bonds)
-        self.bond_k = self._per_bond(self.bond_k, "bond_k", nb, positive=False)
-        self.bond_r0 = self._per_bond(self.bond_r0, "bond_r0", nb, positive=False)
+        self.bond_k = self._per_bond(self.bond_k, "bond_k", nb)
+        self.bond_r0 = self._per_bond(self.bond_r0, "bond_r0", nb)
         self.epsilon = _as_array(self.epsilon, "epsilon", ndim=2)
         self.sigma = _as_array(self.sigma, "sigma", ndim=2)
         nt = int(self.types.max()) + 1
@@ -249,7 +249,8 @@ class System:
             raise ValueError("isolated_molecules=True needs open boundaries (box=None)")
 
     @staticmethod
-    def _per_bond(x, name, n_bonds, positive):
+    def _per_bond(x, name, n_bonds):
+        """A scalar or [n_bonds] non-negative parameter, returned as [n_bonds]."""
         a = _as_array(x, name)
         if a.ndim == 0:
             a = np.full(n_bonds, float(a))
@@ -308,6 +309,24 @@ def concatenate_systems(systems, isolated: bool = True):
         molecule=np.concatenate([s.molecule + o for s, o in zip(systems, mol_offsets)]),
         isolated_molecules=isolated), offsets
 
+
+
+def subsystem(system: System, start: int, stop: int) -> System:
+    """The atoms start..stop-1 of `system` as a System of their own (bonds re-indexed).
+
+    Used to cut one polymer out of a concatenate_systems() batch. Bonds that leave the range are
+    dropped, so cut along molecule boundaries.
+    """
+    if not (0 <= start < stop <= system.n_atoms):
+        raise ValueError(f"start, stop = {start}, {stop}; expected 0 <= start < stop <= "
+                         f"{system.n_atoms}")
+    inside = np.all((system.bonds >= start) & (system.bonds < stop), axis=1)
+    mol = system.molecule[start:stop]
+    return System(types=system.types[start:stop], masses=system.masses[start:stop],
+                  bonds=system.bonds[inside] - start, bond_k=system.bond_k[inside],
+                  bond_r0=system.bond_r0[inside], epsilon=system.epsilon, sigma=system.sigma,
+                  r_cut=system.r_cut, box=system.box, molecule=mol - mol.min(),
+                  isolated_molecules=system.isolated_molecules)
 
 # ---- pair lists ---------------------------------------------------------------------------------
 # Forces are sums over a list of atom pairs (i, j). Building that list costs far more than using
@@ -493,7 +512,6 @@ class ForceField:
         self.bj = torch.as_tensor(bj, device=self.device)
         self.bk = torch.as_tensor(np.tile(system.bond_k, n_replicas), **t)
         self.br0 = torch.as_tensor(np.tile(system.bond_r0, n_replicas), **t)
-        self.bond_shift = None
         self.pairs = PairList(system, n_replicas, self.device, dtype)
         self.replica_of_atom = torch.arange(n_replicas * n, device=self.device) // n
 
@@ -1670,6 +1688,12 @@ def save_json(path, obj) -> None:
     atomic_write(path, lambda fh: fh.write(json.dumps(obj, indent=2, sort_keys=True).encode()))
 
 
+def load_json(path):
+    """Read a JSON file (the counterpart of save_json)."""
+    with open(path) as fh:
+        return json.load(fh)
+
+
 _SYSTEM_FIELDS = ("types", "masses", "bonds", "bond_k", "bond_r0", "epsilon", "sigma", "molecule")
 
 
@@ -1746,14 +1770,78 @@ def bench(device: str = "cpu", dtype: str = "float32", quick: bool = False) -> l
     print(f"MD throughput on {dev} ({dtype}, {torch.get_num_threads()} threads), dt=0.005")
     for label, system, x, n_steps in work:
         n_steps = n_steps // 10 if quick else n_steps
-        rate, per_build = _throughput(system, x, n_steps, dev, dtype)
+        rate, per_build = _throughput(system, x, n_steps, dev, dtype, 20 if quick else 200)
         rows.append(dict(workload=label, atoms=int(x.size // 3), atom_steps_per_s=rate,
                          ns_per_atom_step=1e9 / rate, steps_per_list_build=per_build))
+        rebuilt = ("static pair list" if system.box is None and system.n_atoms <= _STATIC_GROUP_SIZE
+                   else f"pair list rebuilt every {per_build:.1f} steps")
         print(f"  {label:42s} {rate:10.3e} atom-steps/s  {1e9 / rate:7.1f} ns/atom-step  "
-              f"(pair list rebuilt every {per_build:.1f} steps)", flush=True)
+              f"({rebuilt})", flush=True)
     ratio = rows[2]["ns_per_atom_step"] / rows[1]["ns_per_atom_step"]
     print(f"  cost per atom-step, N=8000 / N=1000: {ratio:.2f}")
     return rows
+
+
+def _ensure_data(data_dir: str, quick: bool, seed: int, device: str) -> None:
+    """Run data_gen for whatever is missing (data_gen skips files that already exist)."""
+    import data_gen   # the script beside this module; imported here to avoid a cycle
+    data_gen.main((["--quick"] if quick else []) + ["--out", data_dir, "--seed", str(seed),
+                                                    "--device", device])
+
+
+def md_ground_truth_summary(data_dir: str) -> dict:
+    """What the datasets say: long ground truth beside the short-MD estimate it must beat.
+
+    For each test polymer: <R_g^2> from the long runs (with its standard error) and from one
+    short run as long as the training trajectories; for the test electrolytes: diffusivities
+    per species. These are the targets and the baseline of the learned simulators.
+    """
+    long, offsets = (lambda t: (t[0], t[1]["atom_offsets"]))(
+        load_trajectory(os.path.join(data_dir, "polymer_test_long.npz")))
+    short, _ = load_trajectory(os.path.join(data_dir, "polymer_test_short.npz"))
+    m = long.system.masses
+    rows = []
+    for k, (a, b) in enumerate(zip(offsets[:-1], offsets[1:])):
+        truth = radius_of_gyration_sq(long.positions[:, :, a:b], m[a:b])        # [T, R]
+        est = radius_of_gyration_sq(short.positions[:, :, a:b], m[a:b]).mean()   # R = 1
+        se = truth.mean(0).std(ddof=1) / math.sqrt(truth.shape[1]) if truth.shape[1] > 1 \
+            else float("nan")
+        rows.append(dict(polymer=k, n_atoms=int(b - a), rg2_truth=float(truth.mean()),
+                         rg2_truth_se=float(se), rg2_short_md=float(est),
+                         short_md_rel_error=float(abs(est - truth.mean()) / truth.mean())))
+    return dict(polymer=rows, short_md_rg2_median_rel_error=float(
+        np.median([r["short_md_rel_error"] for r in rows])))
+
+
+def demo(args) -> int:
+    """`python cgmd_ref.py`: the parts of the story built so far (the MD ground truth)."""
+    data_dir = args.data or os.path.join("data", "quick" if args.quick else "")
+    if not os.path.exists(os.path.join(data_dir, "metadata.json")) or args.quick:
+        print(f"generating missing datasets in {data_dir} (python data_gen.py)", flush=True)
+        _ensure_data(data_dir, args.quick, args.seed, args.device)
+    summary = md_ground_truth_summary(data_dir)
+    print("\nMD ground truth for the unseen (class II) test polymers")
+    print(f"  {'polymer':>7} {'atoms':>5} {'<Rg2> long MD':>16} {'<Rg2> short MD':>15} "
+          f"{'short MD error':>14}")
+    for r in summary["polymer"]:
+        print(f"  {r['polymer']:>7} {r['n_atoms']:>5} {r['rg2_truth']:>9.3f} +- "
+              f"{r['rg2_truth_se']:.3f} {r['rg2_short_md']:>15.3f} "
+              f"{100 * r['short_md_rel_error']:>13.1f}%")
+    print(f"  median relative error of short MD: "
+          f"{100 * summary['short_md_rg2_median_rel_error']:.1f}% (what a learned simulator "
+          "trained on short runs has to beat)")
+    meta = load_json(os.path.join(data_dir, "metadata.json"))
+    for name, entry in sorted(meta.items()):
+        if isinstance(entry, dict) and "diffusivity" in entry:
+            d = ", ".join(f"D_{k} = {v['D']:.4f}" for k, v in entry["diffusivity"].items())
+            print(f"  {name}: {d}")
+    out = os.path.join(args.out, "summary.json")
+    previous = load_json(out) if os.path.exists(out) else {}
+    previous["md_ground_truth"] = summary
+    save_json(out, previous)
+    print(f"\nwrote {out}. The learned CG simulator, Score GNN refinement and Bi-LSTM "
+          "interpolation are not built yet (see README.md, 'Status').")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -1763,14 +1851,15 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument("--dtype", default="float32", choices=list(_DTYPES))
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a first look")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", default=None, help="dataset folder (default data/)")
+    parser.add_argument("--out", default="results", help="results folder")
     args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     if args.command == "bench":
         bench(args.device, args.dtype, args.quick)
         return 0
-    print("The end-to-end demo (learned CG simulator, score refinement, interpolation) is not "
-          "built yet; see README.md. `python cgmd_ref.py bench` runs the MD benchmark, "
-          "`python data_gen.py` generates the datasets.")
-    return 0
+    return demo(args)
 
 
 if __name__ == "__main__":

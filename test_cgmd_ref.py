@@ -409,6 +409,50 @@ def test_positions_validation():
         C.random_polymer(3, np.random.default_rng(0))
 
 
+# ---- the scripts, end to end (tiny sizes) -------------------------------------------------------
+
+def _run(*args, cwd):
+    out = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
+def test_data_gen_quick_is_idempotent_and_the_demo_reads_it(tmp_path):
+    data = tmp_path / "data"
+    first = _run(os.path.join(HERE, "data_gen.py"), "--quick", "--out", str(data), cwd=HERE)
+    meta = json.loads((data / "metadata.json").read_text())
+    names = {"polymer_train", "polymer_test_short", "polymer_test_long", "stiff_low",
+             "stiff_mid", "stiff_high", "electrolyte_train_0", "electrolyte_test_1_long"}
+    assert names <= set(meta) and meta["size"] == "quick"
+    assert "convergence" in meta["polymer_test_long"]
+    for name in names:
+        traj, _ = C.load_trajectory(data / meta[name]["file"])
+        assert np.all(np.isfinite(traj.positions))
+    # production starts after the burn-in, not from the built (zig-zag) configuration
+    sys.path.insert(0, HERE)
+    import data_gen
+    _, test_polymers = data_gen.polymer_sets(data_gen.SIZES["quick"], 0)
+    start = np.concatenate([p[1] for p in test_polymers])
+    traj, _ = C.load_trajectory(data / "polymer_test_long.npz")
+    assert np.abs(traj.positions[0, 0] - start).max() > 0.1
+    assert "skipped" not in first
+    again = _run(os.path.join(HERE, "data_gen.py"), "--quick", "--out", str(data), cwd=HERE)
+    assert again.count("skipped") == len([k for k in meta if isinstance(meta[k], dict)
+                                          and "file" in meta[k]])
+    results = tmp_path / "results"
+    printed = _run(os.path.join(HERE, "cgmd_ref.py"), "--quick", "--data", str(data), "--out",
+                   str(results), cwd=HERE)
+    summary = json.loads((results / "summary.json").read_text())
+    assert len(summary["md_ground_truth"]["polymer"]) == meta["polymer_test_long"]["n_polymers"]
+    assert "short MD" in printed
+
+
+def test_bench_quick_prints_throughput():
+    printed = _run(os.path.join(HERE, "cgmd_ref.py"), "bench", "--quick", cwd=HERE)
+    assert printed.count("atom-steps/s") == 3 and "N=8000 / N=1000" in printed
+
+
 # ---- GPU (only where one exists; CI has none) ----------------------------------------------------
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
