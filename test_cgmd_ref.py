@@ -220,6 +220,7 @@ def test_langevin_kinetic_energy_equipartition():
     # frames per decorrelation time 1/(2 gamma)) ~ 2e5 independent samples: SE ~ 0.2%.
     per_replica = ke.mean(0)
     se = per_replica.std(ddof=1) / math.sqrt(len(per_replica))
+    print(f"<KE>/(3/2 N kT) = {per_replica.mean() / expected:.4f} +- {se / expected:.4f}")
     assert se / expected < 0.003                          # the 1% test is sensitive (> 3 SE)
     assert abs(per_replica.mean() / expected - 1) < 0.01
     assert abs(per_replica.mean() - expected) < 5 * se    # and consistent with noise
@@ -239,6 +240,7 @@ def test_ideal_chain_bond_length_and_radius_of_gyration():
     for per_replica, exact in ((rg2, 0.25 * 63 / 48), (b2, 3.0 / k)):
         # independent replicas: SE of the grand mean from the spread of replica averages
         se = per_replica.std(ddof=1) / math.sqrt(len(per_replica))
+        print(f"ideal chain: measured {per_replica.mean():.4f} +- {se:.4f}, exact {exact:.4f}")
         assert se / exact < 0.01                          # sensitive enough
         # BAOAB samples harmonic configurations exactly (Leimkuhler-Matthews), so no bias term.
         assert abs(per_replica.mean() - exact) < 4 * se, (per_replica.mean(), exact, se)
@@ -259,6 +261,7 @@ def test_centre_of_mass_diffuses_with_kT_over_M_gamma():
     exact = 6 * D * (t - (1 - math.exp(-gamma * t)) / gamma)
     # |dX|^2 / (exact / 3) is chi-squared with 3 dof: relative SE of the mean sqrt(2 / (3 R)).
     se = exact * math.sqrt(2 / (3 * R))
+    print(f"COM <dX^2>: measured {dx2.mean():.4f}, exact {exact:.4f} (SE {se:.4f})")
     assert abs(dx2.mean() - exact) < 4 * se, (dx2.mean(), exact, se)
 
 
