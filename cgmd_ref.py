@@ -22,10 +22,12 @@ Sections, in the order data flows:
   1. MD engine: System, pair lists, forces, BAOAB Langevin integrator, simulate(), Trajectory
   2. The three toy worlds: LJ fluid, single-chain polymers (class I / II), a polymer
      electrolyte, a small stiff molecule
-  3. Property estimators: R_g^2, autocorrelation, MSD / diffusion, g(r), collisions, free energy
+  3. Coarse-graining: greedy spectral partitioning, the CG mapping, CG graphs, message passing
+     and the Embedding GNN
+  4. Property estimators: R_g^2, autocorrelation, MSD / diffusion, g(r), collisions, free energy
      surfaces, block-averaging errors
-  4. Files: atomic .npz / JSON writing, loading without pickle
-  5. Benchmark and command line (`python cgmd_ref.py bench`)
+  5. Files: atomic .npz / JSON writing, loading without pickle
+  6. Benchmark and command line (`python cgmd_ref.py bench`)
 
 Conventions. Reduced Lennard-Jones units everywhere (sigma = epsilon = m = k_B = 1; time unit tau).
 Arrays handed to users are numpy, shaped [n_frames, (n_replicas,) n_atoms, 3]; positions are
@@ -37,6 +39,7 @@ is about twice as fast on a CPU as [n, 3].
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import math
 import os
@@ -50,7 +53,11 @@ from typing import Optional
 
 import numpy as np
 import scipy.fft
+import scipy.linalg
 import torch
+from scipy.sparse import coo_matrix, diags
+from scipy.sparse.csgraph import connected_components, depth_first_order
+from scipy.sparse.linalg import eigsh
 from scipy.spatial import cKDTree
 from scipy.spatial.distance import cdist, pdist
 
@@ -1076,7 +1083,654 @@ def stiff_molecule(model: StiffMoleculeModel = StiffMoleculeModel()):
 
 
 # -------------------------------------------------------------------------------------------------
-# 3. Property estimators (METHOD.md section 4: the conventions of MDAnalysis and freud)
+# 3. Coarse-graining: greedy spectral partitioning, the CG mapping, CG graphs, the Embedding GNN
+# -------------------------------------------------------------------------------------------------
+# [A] turns each molecule's bond graph into beads with METIS (n_parts = n_atoms / cg_level).
+# Here the partition is written out, in three readable steps:
+#   1. recursive spectral bisection: order the atoms by the Fiedler vector (the eigenvector of
+#      the graph Laplacian L = D - A with the second-smallest eigenvalue, which varies slowly
+#      along the graph, so cutting it at a threshold cuts few bonds), and grow one half as a
+#      connected region in that order;
+#   2. parts are allotted to the halves in proportion to their size, recursively;
+#   3. greedy boundary refinement (Fiduccia-Mattheyses style): move boundary atoms to a
+#      neighbouring part when that cuts fewer bonds, or evens out sizes at equal cut, never
+#      disconnecting a part or breaking the size limit.
+# Unlike METIS, every part comes out connected: a bead made of atoms that are not bonded to each
+# other would be physically meaningless.
+
+def _bond_graph(n_atoms: int, bonds):
+    """Symmetric 0/1 adjacency (scipy CSR) of the bond graph; self-loops and repeats ignored."""
+    if int(n_atoms) != n_atoms or n_atoms < 1:
+        raise ValueError(f"n_atoms must be a positive integer, got {n_atoms!r}")
+    b = _as_array(bonds, "bonds", dtype=np.int64).reshape(-1, 2) if np.size(bonds) else \
+        np.zeros((0, 2), dtype=np.int64)
+    if b.size and (b.min() < 0 or b.max() >= n_atoms):
+        raise ValueError(f"bonds point at atoms outside 0..{n_atoms - 1}")
+    b = b[b[:, 0] != b[:, 1]]
+    rows, cols = np.r_[b[:, 0], b[:, 1]], np.r_[b[:, 1], b[:, 0]]
+    A = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n_atoms, n_atoms)).tocsr()
+    A.data[:] = 1.0                                   # repeated bonds summed: reset to 1
+    return A
+
+
+def edge_cut(bonds, labels) -> int:
+    """Number of distinct bonds whose two atoms lie in different parts."""
+    labels = _as_array(labels, "labels", ndim=1, dtype=np.int64)
+    b = np.unique(np.sort(np.asarray(bonds, dtype=np.int64).reshape(-1, 2), axis=1), axis=0)
+    b = b[b[:, 0] != b[:, 1]]
+    return int(np.sum(labels[b[:, 0]] != labels[b[:, 1]]))
+
+
+def _fiedler_vector(A, rng) -> np.ndarray:
+    """Eigenvector of the second-smallest eigenvalue of L = D - A (A connected, n >= 2).
+
+    Dense solves for small graphs (numpy for tiny ones, torch's LAPACK up to 1000 atoms: it is
+    far quicker than a multi-threaded OpenBLAS on the thousands of small problems a recursive
+    bisection poses), sparse shift-invert Lanczos above.
+    """
+    n = A.shape[0]
+    degree = np.asarray(A.sum(1)).ravel()
+    if n <= 1000:
+        L = np.diag(degree) - A.toarray()
+        if n <= 32:
+            return np.linalg.eigh(L)[1][:, 1]
+        return torch.linalg.eigh(torch.from_numpy(L))[1][:, 1].numpy()
+    # L - sigma I with a small negative sigma is positive definite, so its sparse factorisation
+    # is stable, and the eigenvalues nearest sigma are the two smallest of L.
+    _, vecs = eigsh((diags(degree) - A).tocsc(), k=2, sigma=-1e-3, which="LM",
+                    v0=rng.normal(size=n), tol=1e-6)   # a cut needs the ordering, not 12 digits
+    return vecs[:, 1]
+
+
+def _connected_half(A, f, w, target) -> np.ndarray:
+    """A connected first side near weight `target` along the Fiedler order, with a connected rest.
+
+    Take the atoms with the lowest f up to `target`, keep the largest connected piece of them,
+    then hand it any piece of the rest cut off from the rest's main piece (such a piece can only
+    touch the first side). Both sides come out connected.
+    """
+    order = np.argsort(f, kind="stable")
+    prefix = np.zeros(A.shape[0], dtype=bool)
+    prefix[order[:max(1, int(np.searchsorted(np.cumsum(w[order]), target)))]] = True
+    first = _largest_piece(A, prefix, w)
+    rest = ~first
+    first |= rest & ~_largest_piece(A, rest, w)
+    return first
+
+
+def _largest_piece(A, mask, w) -> np.ndarray:
+    """Mask of the heaviest connected piece of the atoms in `mask`."""
+    idx = np.flatnonzero(mask)
+    n_pieces, piece = connected_components(A[idx][:, idx], directed=False)
+    out = np.zeros(A.shape[0], dtype=bool)
+    out[idx[piece == np.argmax(np.bincount(piece, weights=w[idx]))] if n_pieces > 1 else idx] = True
+    return out
+
+
+def _bridges(A, w):
+    """Single-bond cuts of a connected graph, from one depth-first search (Tarjan's low-link).
+
+    low[v] is the earliest (preorder) atom reachable from v's subtree by one non-tree bond; the
+    tree bond above v is a bridge exactly when low[v] is v itself, i.e. no ring closes over it.
+    Returns (order, pre, child, sub_w, sub_n): atoms in DFS preorder, each atom's preorder index,
+    and for every bridge the atom below it with the weight and atom count hanging below; that
+    side is order[pre[child] : pre[child] + sub_n] (a subtree is contiguous in preorder).
+    """
+    n = A.shape[0]
+    order, parent = depth_first_order(A, 0, directed=False, return_predecessors=True)
+    pre = np.empty(n, dtype=np.int64)
+    pre[order] = np.arange(n)
+    rows = np.repeat(np.arange(n), np.diff(A.indptr))
+    reach = np.where(A.indices == parent[rows], n, pre[A.indices])     # skip the bond to parent
+    low = np.minimum(pre, np.minimum.reduceat(np.r_[reach, n], A.indptr[:-1]) if n > 1 else pre)
+    sub_w, sub_n = w.astype(float).copy(), np.ones(n, dtype=np.int64)
+    low_l, sub_w_l, sub_n_l, parent_l = low.tolist(), sub_w.tolist(), sub_n.tolist(), parent.tolist()
+    for v in order[:0:-1].tolist():                  # children before parents
+        p = parent_l[v]
+        low_l[p] = min(low_l[p], low_l[v])
+        sub_w_l[p] += sub_w_l[v]
+        sub_n_l[p] += sub_n_l[v]
+    low, sub_w, sub_n = np.array(low_l), np.array(sub_w_l), np.array(sub_n_l)
+    child = np.flatnonzero((parent >= 0) & (low >= pre))
+    return order, pre, child, sub_w[child], sub_n[child]
+
+
+def _best_k1(wa, na, W, n, k, mean):
+    """For candidate first sides of weight wa and na atoms: the number of parts k1 that keeps the
+    mean part weight of both sides closest to `mean`, and the worst relative deviation.
+    Vectorised over the candidates."""
+    lo, hi = np.maximum(1, k - (n - na)), np.minimum(k - 1, na)
+    k1 = np.clip(np.round(k * wa / W), lo, hi)
+    best_k1, best = k1.copy(), np.full(np.shape(wa), np.inf)
+    for dk in (-1, 0, 1):
+        kk = np.clip(k1 + dk, lo, hi)
+        dev = np.maximum(np.abs(wa / kk - mean), np.abs((W - wa) / (k - kk) - mean)) / mean
+        better = dev < best
+        best_k1, best = np.where(better, kk, best_k1), np.where(better, dev, best)
+    return best_k1.astype(np.int64), best
+
+
+def _bisect(A, w, k, rng, mean, slack):
+    """Split a connected graph into two connected sides for k1 + (k - k1) parts.
+
+    Candidates: the region grown in Fiedler-vector order (stray fragments of the far side are
+    handed over, so both sides stay connected) and every single-bond cut (bridge), each with the
+    k1 that keeps both sides' mean part weight nearest the target `mean`. Among those within
+    `slack` of it, and splitting the parts fairly evenly, the winner cuts fewest bonds; if none
+    is within `slack`, the best balanced one.
+    Returns (mask of the first side, k1).
+    """
+    n, W = A.shape[0], w.sum()
+    first = _connected_half(A, _fiedler_vector(A, rng), w, W * (k // 2) / k)
+    order, pre, child, sub_w, sub_n = _bridges(A, w)
+    k1, dev = _best_k1(np.r_[w[first].sum(), sub_w], np.r_[first.sum(), sub_n], W, n, k, mean)
+    cuts = np.r_[A[first][:, ~first].sum(), np.ones(len(child))]
+    # balanced enough first, then a fairly even split of the parts (30-70%: a shallow
+    # recursion, which is what keeps this fast), then fewest cut bonds, then the most even split
+    ok = dev <= slack + 1e-9
+    even = np.abs(k1 - k / 2) <= 0.2 * k + 0.5
+    pick = int(np.lexsort((dev, np.abs(k1 - k / 2), np.where(ok, cuts, np.inf), ~even, ~ok))[0])
+    if pick > 0:
+        c = child[pick - 1]
+        first = np.zeros(n, dtype=bool)
+        first[order[pre[c]:pre[c] + sub_n[pick - 1]]] = True
+    return first, int(k1[pick])
+
+
+def _pack(A, w, cap) -> np.ndarray:
+    """Greedy tree packing (Kundu & Misra 1977): the fewest connected parts of weight <= cap.
+
+    On a depth-first spanning tree, bottom-up, any subtree heavier than the cap sheds its
+    heaviest child branches as parts of their own. For a tree this gives the fewest parts
+    possible (for a graph with rings, the fewest along that spanning tree). Returns labels.
+    """
+    order, parent = depth_first_order(A, 0, directed=False, return_predecessors=True)
+    kids = [[] for _ in range(A.shape[0])]           # (weight still attached, child)
+    shed = np.zeros(A.shape[0], dtype=bool)
+    for v in order[::-1].tolist():                   # children before parents
+        load = sorted(kids[v])
+        total = w[v] + sum(x[0] for x in load)
+        while total > cap + 1e-9 and load:           # shed the heaviest branch
+            weight, c = load.pop()
+            total -= weight
+            shed[c] = True
+        if parent[v] >= 0:
+            kids[parent[v]].append((total, v))
+    labels = np.zeros(A.shape[0], dtype=np.int64)
+    next_label = 1
+    for v in order[1:].tolist():                     # top-down: a shed branch starts a part
+        if shed[v]:
+            labels[v], next_label = next_label, next_label + 1
+        else:
+            labels[v] = labels[parent[v]]
+    return labels
+
+
+def _split_heaviest(A, w, labels, k, rng, cap):
+    """Bisect the heaviest part (Fiedler order or a bridge, as in _bisect) until there are k."""
+    labels = labels.copy()
+    for new in range(labels.max() + 1, k):
+        weight = np.bincount(labels, weights=w)
+        sizes = np.bincount(labels)
+        p = int(np.argmax(np.where(sizes > 1, weight, -1)))
+        idx = np.flatnonzero(labels == p)
+        half = w[idx].sum() / 2
+        first, _ = _bisect(A[idx][:, idx], w[idx], 2, rng, half, cap / half - 1)
+        labels[idx[~first]] = new
+    return labels
+
+
+def _recursive_bisection(A, w, k, rng, mean, cap) -> np.ndarray:
+    """Labels 0..k-1 for a connected graph: bisect, then recurse into each side. Splits above the
+    last level keep half of the size slack in reserve for the levels below."""
+    n = A.shape[0]
+    if k == 1:
+        return np.zeros(n, dtype=np.int64)
+    if k == n:
+        return np.arange(n, dtype=np.int64)
+    slack = (cap / mean - 1) * (1.0 if k == 2 else 0.5)
+    first, k1 = _bisect(A, w, k, rng, mean, slack)
+    labels = np.empty(n, dtype=np.int64)
+    for mask, kk, offset in ((first, k1, 0), (~first, k - k1, k1)):
+        idx = np.flatnonzero(mask)
+        labels[idx] = offset + _recursive_bisection(A[idx][:, idx], w[idx], kk, rng, mean, cap)
+    return labels
+
+
+def _partition_component(A, w, k, rng, cap) -> np.ndarray:
+    """Recursive spectral bisection; where its parts break the size cap (a branched molecule
+    has few balanced cuts), greedy tree packing at the smallest cap it can meet (the given one
+    if possible), split up to k parts, whenever that beats the bisection's heaviest part."""
+    labels = _recursive_bisection(A, w, k, rng, w.sum() / k, cap)
+    heaviest = np.bincount(labels, weights=w).max()
+    step = 1.0 if np.all(w == 1) else 0.02 * cap
+    limit = cap
+    while limit < heaviest - 1e-9:                   # the smallest cap the packing can meet
+        packed = _pack(A, w, limit)
+        if packed.max() + 1 <= k:
+            return _split_heaviest(A, w, packed, k, rng, limit)
+        limit += step
+    return labels
+
+
+def _allot(weights, sizes, n_parts, cap):
+    """Parts per component: each >= 1 and enough to respect the size cap, the rest by share."""
+    lo = np.maximum(1, np.ceil(weights / cap - 1e-9)).astype(np.int64)
+    lo = np.minimum(lo, sizes)
+    if lo.sum() > n_parts:                  # the cap cannot be met: fall back to >= 1 each
+        lo = np.ones_like(lo)
+    alloc = lo.copy()
+    ideal = n_parts * weights / weights.sum()
+    while alloc.sum() < n_parts:            # largest remaining share first
+        room = np.where(alloc < sizes, ideal - alloc, -np.inf)
+        alloc[int(np.argmax(room))] += 1
+    return alloc
+
+
+def _part_is_connected_without(A, members: set, v: int) -> bool:
+    """Would the part `members` stay connected, and non-empty, if atom v left it?"""
+    rest = members - {v}
+    if not rest:
+        return False
+    start = next(iter(rest))
+    stack, seen = [start], {start}
+    while stack:
+        x = stack.pop()
+        for u in A.indices[A.indptr[x]:A.indptr[x + 1]].tolist():
+            if u in rest and u not in seen:
+                seen.add(u)
+                stack.append(u)
+    return len(seen) == len(rest)
+
+
+def _refine(A, w, labels, cap, max_passes=8):
+    """Greedy boundary moves (Fiduccia-Mattheyses style, one atom at a time): move an atom to a
+    neighbouring part if that cuts fewer bonds, or evens out sizes at equal cut, as long as the
+    receiving part stays within the cap and the giving part stays connected."""
+    labels = labels.copy()
+    weight = np.bincount(labels, weights=w)
+    members = [set() for _ in range(len(weight))]
+    for v, p in enumerate(labels.tolist()):
+        members[p].add(v)
+    rows = np.repeat(np.arange(len(labels)), np.diff(A.indptr))
+    for _ in range(max_passes):
+        moved = 0
+        is_boundary = np.zeros(len(labels), dtype=bool)
+        is_boundary[rows[labels[A.indices] != labels[rows]]] = True    # has a bond to another part
+        for v in np.flatnonzero(is_boundary):
+            p = labels[v]
+            parts, counts = np.unique(labels[A.indices[A.indptr[v]:A.indptr[v + 1]]],
+                                      return_counts=True)
+            n_p = counts[parts == p].sum()
+            best, best_key = None, (0, 0.0)
+            for q, n_q in zip(parts.tolist(), counts.tolist()):
+                if q == p or weight[q] + w[v] > cap:
+                    continue
+                key = (n_q - n_p, weight[p] - weight[q] - w[v])   # (bonds saved, size evened)
+                if (key[0] > 0 or (key[0] == 0 and key[1] > 0)) and (best is None or key > best_key):
+                    best, best_key = q, key
+            if best is not None and _part_is_connected_without(A, members[p], v):
+                labels[v] = best
+                members[p].discard(v)
+                members[best].add(v)
+                weight[p] -= w[v]
+                weight[best] += w[v]
+                moved += 1
+        if moved == 0:
+            break
+    return labels
+
+
+def _partition(A, w, alloc, comp, rng, cap):
+    """Partition each connected component into its allotted parts, then refine."""
+    with _one_torch_thread():
+        return _partition_all(A, w, alloc, comp, rng, cap)
+
+
+def _partition_all(A, w, alloc, comp, rng, cap):
+    labels = np.empty(A.shape[0], dtype=np.int64)
+    offset = 0
+    for c, k in enumerate(alloc):           # one call per molecule (set-up, not per step)
+        nodes = np.flatnonzero(comp == c)
+        if k == 1:
+            labels[nodes] = offset
+        else:
+            labels[nodes] = offset + _partition_component(A[nodes][:, nodes], w[nodes], int(k),
+                                                          rng, cap)
+        offset += int(k)
+    return _refine(A, w, labels, cap)
+
+
+def spectral_partition(n_atoms: int, bonds, n_parts: int, *, masses=None, seed: int = 0,
+                       imbalance: float = 0.10) -> np.ndarray:
+    """Partition a bond graph into `n_parts` connected, balanced parts with few cut bonds.
+
+    Greedy spectral partitioning (recursive Fiedler bisection + boundary refinement; see the
+    section comment). Disconnected graphs are split per connected component, with parts allotted
+    in proportion to size and at least one per component.
+
+    Args:
+        n_atoms: number of atoms (graph nodes).
+        bonds: [n_bonds, 2] int atom pairs; self-loops and repeated bonds are ignored.
+        n_parts: number of parts, n_components <= n_parts <= n_atoms.
+        masses: optional [n_atoms]; if given, parts are balanced by mass instead of atom count.
+        seed: seeds the (rarely used) sparse eigensolver start vector; the result is
+            deterministic for a given seed.
+        imbalance: the largest part may weigh at most (1 + imbalance) x the mean (rounded up to
+            whole atoms when balancing counts), where the component sizes allow it.
+
+    Returns:
+        labels [n_atoms] int in 0..n_parts-1; every part non-empty and connected.
+    """
+    A = _bond_graph(n_atoms, bonds)
+    n_comp, comp = connected_components(A, directed=False)
+    if int(n_parts) != n_parts or not (1 <= n_parts <= n_atoms):
+        raise ValueError(f"n_parts must be an integer in 1..n_atoms={n_atoms}, got {n_parts!r}")
+    if n_parts < n_comp:
+        raise ValueError(f"n_parts={n_parts} is fewer than the {n_comp} connected components of "
+                         "the bond graph; each component needs at least one part of its own")
+    w = np.ones(n_atoms) if masses is None else _as_array(masses, "masses", ndim=1)
+    if w.shape != (n_atoms,) or np.any(w <= 0):
+        raise ValueError(f"masses must be [n_atoms]={n_atoms} positive numbers")
+    cap = (1 + imbalance) * w.sum() / n_parts
+    cap = math.ceil(cap - 1e-9) if masses is None else cap
+    sizes = np.bincount(comp)
+    alloc = _allot(np.bincount(comp, weights=w), sizes, int(n_parts), cap)
+    return _partition(A, w, alloc, comp, np.random.default_rng(seed), cap)
+
+
+class _one_torch_thread:
+    """Context: torch on one thread (many small eigen-solves: threads only add overhead)."""
+
+    def __enter__(self):
+        self.saved = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.saved)
+
+
+def cg_mapping(system: System, atoms_per_bead: float = 4.0, *, seed: int = 0) -> np.ndarray:
+    """Bead labels for a whole System in the spirit of [A]'s `cg_level`.
+
+    Each molecule (connected component of the bond graph) of n atoms gets max(1, round(n /
+    atoms_per_bead)) beads; a lone atom (an ion) is its own bead. Returns labels [n_atoms],
+    beads numbered molecule by molecule.
+    """
+    atoms_per_bead = _positive(atoms_per_bead, "atoms_per_bead")
+    A = _bond_graph(system.n_atoms, system.bonds)
+    _, comp = connected_components(A, directed=False)
+    sizes = np.bincount(comp)
+    alloc = np.maximum(1, np.round(sizes / atoms_per_bead)).astype(np.int64)
+    cap = math.ceil(1.10 * atoms_per_bead - 1e-9)
+    return _partition(A, np.ones(system.n_atoms), alloc, comp, np.random.default_rng(seed),
+                      max(cap, int(np.ceil(sizes / alloc).max())))
+
+
+# ---- larger molecular graphs, to measure the partitioner on (bonds only, no force field) -------
+
+def branched_graph(n_atoms: int, rng):
+    """A random branched polymer: each new atom bonds to a recent atom that has fewer than four
+    bonds (chain growth with side branches), plus about 1% ring-closing bonds.
+    Returns (n_atoms, bonds [m, 2])."""
+    degree = np.zeros(n_atoms, dtype=np.int64)
+    bonds = []
+    for i in range(1, n_atoms):                     # set-up code: a loop over atoms is fine
+        window = np.arange(max(0, i - int(rng.integers(1, 8))), i)
+        free = window[degree[window] < 4]
+        if len(free) == 0:
+            free = np.flatnonzero(degree[:i] < 4)
+        j = int(rng.choice(free))
+        bonds.append((j, i))
+        degree[[i, j]] += 1
+    for _ in range(n_atoms // 100):
+        a, b = (int(v) for v in rng.integers(0, n_atoms, 2))
+        if abs(a - b) > 3:
+            bonds.append((a, b))
+    return n_atoms, np.array(bonds, dtype=np.int64)
+
+
+def protein_like_graph(n_residues: int, rng):
+    """A protein-like bond graph: a backbone N-CA-C(=O) per residue, side chains of 0-6 atoms on
+    CA (a fifth of those of length >= 2 end in a six-membered ring), and one disulfide-like
+    crosslink per 50 residues between side-chain tips. Returns (n_atoms, bonds [m, 2])."""
+    bonds, tips, n, previous_c = [], [], 0, None
+    for _ in range(n_residues):
+        N, CA, C, O = n, n + 1, n + 2, n + 3
+        n += 4
+        bonds += [(N, CA), (CA, C), (C, O)] + ([(previous_c, N)] if previous_c is not None else [])
+        previous_c, last = C, CA
+        length = int(rng.integers(0, 7))
+        for _ in range(length):
+            bonds.append((last, n))
+            last, n = n, n + 1
+        if length >= 2 and rng.random() < 0.2:      # an aromatic ring on the tip
+            ring = [last] + list(range(n, n + 5))
+            n += 5
+            bonds += [(ring[i], ring[(i + 1) % 6]) for i in range(6)]
+        if length:
+            tips.append(last)
+    for _ in range(max(1, n_residues // 50)):
+        a, b = rng.choice(tips, 2, replace=False)
+        bonds.append((int(a), int(b)))
+    return n, np.array(bonds, dtype=np.int64)
+
+# ---- the CG mapping: beads at centres of mass ------------------------------------------------------
+
+def _check_labels(labels, n_atoms: int) -> np.ndarray:
+    labels = _as_array(labels, "labels", ndim=1, dtype=np.int64)
+    if labels.shape != (n_atoms,):
+        raise ValueError(f"labels has {len(labels)} entries; expected one per atom ({n_atoms})")
+    if labels.min() < 0 or np.any(np.bincount(labels) == 0):
+        raise ValueError("labels must number the beads 0..n_beads-1 with none empty")
+    return labels
+
+
+def bead_masses(labels, masses) -> np.ndarray:
+    """[n_beads]: the summed mass of each bead's atoms."""
+    masses = _as_array(masses, "masses", ndim=1)
+    return np.bincount(_check_labels(labels, len(masses)), weights=masses)
+
+
+def coarse_grain(positions, labels, masses) -> np.ndarray:
+    """Bead positions [..., n_beads, 3]: the mass-weighted centre of each bead's atoms.
+
+    Positions must be unwrapped (molecules whole), which simulate() always stores, so no
+    periodic imaging is needed here. Written as one matrix product with the [n_beads, n_atoms]
+    mapping matrix W, W[b, i] = m_i / M_b for atom i in bead b.
+    """
+    x = _as_array(positions, "positions", min_ndim=2, last=3, expected="[..., n_atoms, 3]")
+    masses = _as_array(masses, "masses", ndim=1)
+    if x.shape[-2] != len(masses):
+        raise ValueError(f"positions has {x.shape[-2]} atoms but masses has {len(masses)}")
+    labels = _check_labels(labels, len(masses))
+    M = np.bincount(labels, weights=masses)
+    W = np.zeros((len(M), len(masses)))
+    W[labels, np.arange(len(masses))] = masses / M[labels]
+    return np.einsum("bi,...ic->...bc", W, x)
+
+
+def cg_bonds(labels, bonds) -> np.ndarray:
+    """[m, 2] sorted unique bead pairs (b1 < b2) joined by at least one fine bond."""
+    labels = _as_array(labels, "labels", ndim=1, dtype=np.int64)
+    b = np.asarray(bonds, dtype=np.int64).reshape(-1, 2)
+    if b.size and (b.min() < 0 or b.max() >= len(labels)):
+        raise ValueError("bonds point at atoms outside the labels")
+    pairs = np.sort(labels[b], axis=1)
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+    return np.unique(pairs, axis=0) if len(pairs) else np.zeros((0, 2), dtype=np.int64)
+
+
+# ---- CG graphs: bonds + radius edges, batched as one disjoint graph ------------------------------
+# Message passing runs on a directed edge list (senders -> receivers). Many graphs (many frames,
+# many systems) are batched into one big disjoint graph by offsetting node indices, exactly as
+# GNS [2] does: one forward pass then serves the whole batch.
+
+
+@dataclass
+class Graph:
+    """A batch of graphs as one disjoint graph (torch tensors).
+
+    senders, receivers: [E] node indices; edge_type: [E] (1 = CG bond, 0 = radius edge only);
+    displacement: [E, 3] x[senders] - x[receivers] (minimum image in a box); distance: [E, 1];
+    node_graph: [N] which graph each node belongs to; n_nodes: N.
+    """
+
+    senders: torch.Tensor
+    receivers: torch.Tensor
+    edge_type: torch.Tensor
+    displacement: torch.Tensor
+    distance: torch.Tensor
+    node_graph: torch.Tensor
+    n_nodes: int
+
+
+def cg_graph(positions, bonds, radius: float, *, box: Optional[float] = None) -> Graph:
+    """CG graphs of B frames of one system: CG bonds U pairs closer than `radius`.
+
+    Args:
+        positions: [n, 3] or [B, n, 3] bead positions (numpy or torch); the graph of frame b has
+            nodes b*n .. b*n + n - 1.
+        bonds: [m, 2] CG bonds (from cg_bonds).
+        radius: cut-off of the radius edges.
+        box: cubic box edge (minimum image), or None.
+
+    Returns:
+        Graph with both directions of every edge. All pairs are tested at once ([B, n, n]), which
+        suits CG graphs of up to a few thousand beads.
+    """
+    x = torch.as_tensor(positions)
+    x = x[None] if x.ndim == 2 else x
+    if x.ndim != 3 or x.shape[-1] != 3:
+        raise ValueError(f"positions has shape {tuple(x.shape)}; expected [n, 3] or [B, n, 3]")
+    B, n, _ = x.shape
+    radius = _positive(radius, "radius")
+    b = torch.as_tensor(np.asarray(bonds, dtype=np.int64).reshape(-1, 2), device=x.device)
+    if b.numel() and (b.min() < 0 or b.max() >= n):
+        raise ValueError(f"bonds point at beads outside 0..{n - 1}")
+    d = x[:, :, None, :] - x[:, None, :, :]                             # [B, n, n, 3]
+    if box is not None:
+        box = _positive(box, "box")
+        if 2 * radius > box:
+            raise ValueError(f"radius={radius} exceeds half the box ({box / 2}); the minimum "
+                             "image would miss neighbours")
+        d = d - box * torch.round(d / box)
+    bonded = torch.zeros(n, n, dtype=torch.bool, device=x.device)
+    bonded[b[:, 0], b[:, 1]] = True
+    bonded[b[:, 1], b[:, 0]] = True
+    r = d.norm(dim=-1)
+    eye = torch.eye(n, dtype=torch.bool, device=x.device)
+    keep = ((r < radius) | bonded) & ~eye                               # [B, n, n]
+    frame, s, t = keep.nonzero(as_tuple=True)
+    return Graph(senders=frame * n + s, receivers=frame * n + t,
+                 edge_type=bonded[s, t].long(), displacement=d[frame, s, t],
+                 distance=r[frame, s, t, None],
+                 node_graph=torch.arange(B, device=x.device).repeat_interleave(n), n_nodes=B * n)
+
+
+def batch_graphs(graphs) -> Graph:
+    """Join graphs (e.g. of different systems) into one disjoint graph, offsetting node indices."""
+    if not graphs:
+        raise ValueError("graphs is empty")
+    offsets = np.cumsum([0] + [g.n_nodes for g in graphs])
+    graph_offsets = np.cumsum([0] + [int(g.node_graph.max()) + 1 for g in graphs])
+    cat = torch.cat
+    return Graph(senders=cat([g.senders + o for g, o in zip(graphs, offsets)]),
+                 receivers=cat([g.receivers + o for g, o in zip(graphs, offsets)]),
+                 edge_type=cat([g.edge_type for g in graphs]),
+                 displacement=cat([g.displacement for g in graphs]),
+                 distance=cat([g.distance for g in graphs]),
+                 node_graph=cat([g.node_graph + o for g, o in zip(graphs, graph_offsets)]),
+                 n_nodes=int(offsets[-1]))
+
+
+# ---- message passing in plain torch, and the Embedding GNN ----------------------------------------
+# One interaction-network block of GNS [2], the unit every GNN here is built from:
+#   e'_ij = e_ij + LN(MLP_e([e_ij, h_i, h_j]))          (edge update, i = sender, j = receiver)
+#   h'_j  = h_j  + LN(MLP_v([h_j, sum_i e'_ij]))        (node update, sum over incoming edges)
+# The sum is `index_add_` over receivers: no torch_scatter needed.
+
+
+def mlp(n_in: int, n_hidden: int, n_out: int, n_layers: int = 2) -> torch.nn.Sequential:
+    """An MLP with SiLU activations: n_layers linear layers."""
+    dims = [n_in] + [n_hidden] * (n_layers - 1) + [n_out]
+    layers = []
+    for a, b in zip(dims[:-1], dims[1:]):
+        layers += [torch.nn.Linear(a, b), torch.nn.SiLU()]
+    return torch.nn.Sequential(*layers[:-1])
+
+
+class GraphNetBlock(torch.nn.Module):
+    """One residual interaction-network step with LayerNorm (see the comment above)."""
+
+    def __init__(self, latent: int):
+        super().__init__()
+        self.edge_mlp = torch.nn.Sequential(mlp(3 * latent, latent, latent),
+                                            torch.nn.LayerNorm(latent))
+        self.node_mlp = torch.nn.Sequential(mlp(2 * latent, latent, latent),
+                                            torch.nn.LayerNorm(latent))
+
+    def forward(self, h, e, senders, receivers):
+        """h [N, latent], e [E, latent] -> updated (h, e)."""
+        e = e + self.edge_mlp(torch.cat([e, h[senders], h[receivers]], dim=-1))
+        agg = torch.zeros_like(h).index_add_(0, receivers, e)
+        return h + self.node_mlp(torch.cat([h, agg], dim=-1)), e
+
+
+def bond_types(system: System) -> np.ndarray:
+    """[n_bonds] int: bonds with the same (k, r0) share a type (e.g. stretch vs 1-3 spring)."""
+    params = np.stack([system.bond_k, system.bond_r0], axis=1)
+    if len(params) == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.unique(params, axis=0, return_inverse=True)[1].ravel().astype(np.int64)
+
+
+@dataclass
+class EmbeddingConfig:
+    """Embedding GNN size ([A] used latent 64 and 7 message-passing steps)."""
+
+    n_atom_types: int = 4
+    n_bond_types: int = 4
+    latent: int = 64
+    n_steps: int = 7
+
+
+class EmbeddingGNN(torch.nn.Module):
+    """Learned bead 'types' from chemistry alone (no positions), [A] section 3.
+
+    Atom-type and bond-type embeddings, `n_steps` GraphNetBlocks on the fine bond graph, then the
+    mean over each bead's atoms. Trained end to end with the dynamics loss: this is what lets a
+    model transfer to polymers it has not seen.
+    """
+
+    def __init__(self, cfg: EmbeddingConfig = EmbeddingConfig()):
+        super().__init__()
+        self.cfg = cfg
+        self.atom_embedding = torch.nn.Embedding(cfg.n_atom_types, cfg.latent)
+        self.bond_embedding = torch.nn.Embedding(cfg.n_bond_types, cfg.latent)
+        self.blocks = torch.nn.ModuleList(GraphNetBlock(cfg.latent) for _ in range(cfg.n_steps))
+
+    def forward(self, atom_types, bonds, bond_type, labels, n_beads: int) -> torch.Tensor:
+        """atom_types [n], bonds [m, 2], bond_type [m], labels [n] -> bead embeddings [n_beads, latent]."""
+        atom_types = torch.as_tensor(atom_types, dtype=torch.long)
+        b = torch.as_tensor(bonds, dtype=torch.long).reshape(-1, 2)
+        bt = torch.as_tensor(bond_type, dtype=torch.long)
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        if len(bt) != len(b) or len(labels) != len(atom_types):
+            raise ValueError(f"bond_type has {len(bt)} entries for {len(b)} bonds and labels "
+                             f"{len(labels)} for {len(atom_types)} atoms; expected equal")
+        senders, receivers = torch.cat([b[:, 0], b[:, 1]]), torch.cat([b[:, 1], b[:, 0]])
+        h = self.atom_embedding(atom_types)
+        e = self.bond_embedding(torch.cat([bt, bt]))
+        for block in self.blocks:
+            h, e = block(h, e, senders, receivers)
+        pooled = torch.zeros(n_beads, h.shape[1], dtype=h.dtype).index_add_(0, labels, h)
+        count = torch.bincount(labels, minlength=n_beads).clamp(min=1).to(h.dtype)
+        return pooled / count[:, None]
+
+
+# -------------------------------------------------------------------------------------------------
+# 4. Property estimators (METHOD.md section 4: the conventions of MDAnalysis and freud)
 # -------------------------------------------------------------------------------------------------
 # All take numpy arrays [T, n, 3] of *unwrapped* positions (reduced LJ units) and return numpy.
 
@@ -1660,7 +2314,7 @@ def block_standard_error(x, n_blocks=None):
 
 
 # -------------------------------------------------------------------------------------------------
-# 4. Files: atomic writes, and loading without pickle
+# 5. Files: atomic writes, and loading without pickle
 # -------------------------------------------------------------------------------------------------
 # A crash half-way through writing must never leave a truncated file that a later run trusts, so
 # every file is written to a temporary name in the same folder and then renamed (atomic on POSIX).
@@ -1731,7 +2385,7 @@ def load_trajectory(path):
 
 
 # -------------------------------------------------------------------------------------------------
-# 5. Benchmark and command line
+# 6. Benchmark and command line
 # -------------------------------------------------------------------------------------------------
 
 
@@ -1779,7 +2433,22 @@ def bench(device: str = "cpu", dtype: str = "float32", quick: bool = False) -> l
               f"({rebuilt})", flush=True)
     ratio = rows[2]["ns_per_atom_step"] / rows[1]["ns_per_atom_step"]
     print(f"  cost per atom-step, N=8000 / N=1000: {ratio:.2f}")
+    rows.append(_bench_partition(quick))
     return rows
+
+
+def _bench_partition(quick: bool) -> dict:
+    """Greedy spectral partitioning of a branched 10^4-atom graph into 10^3 parts."""
+    n_atoms, bonds = branched_graph(1000 if quick else 10_000, np.random.default_rng(0))
+    n_parts = n_atoms // 10
+    t0 = time.perf_counter()
+    labels = spectral_partition(n_atoms, bonds, n_parts)
+    seconds = time.perf_counter() - t0
+    sizes = np.bincount(labels)
+    print(f"spectral_partition: branched graph, {n_atoms} atoms -> {n_parts} parts in "
+          f"{seconds:.2f}s (largest part {sizes.max()}, mean {n_atoms / n_parts:.0f}; "
+          f"{edge_cut(bonds, labels)} bonds cut)")
+    return dict(workload="spectral_partition", atoms=n_atoms, parts=n_parts, seconds=seconds)
 
 
 def _ensure_data(data_dir: str, quick: bool, seed: int, device: str) -> None:

@@ -334,6 +334,165 @@ def test_electrolyte_composition_and_stiff_molecule_periods():
     assert np.allclose(bonded, mol.bond_r0)       # built at rest
 
 
+# ---- coarse-graining: partitioning, CG mapping, CG graphs, Embedding GNN --------------------------
+
+def _parts_are_connected(n_atoms, bonds, labels):
+    from scipy.sparse.csgraph import connected_components
+    A = C._bond_graph(n_atoms, bonds)
+    return all(connected_components(A[labels == p][:, labels == p], directed=False)[0] == 1
+               for p in range(labels.max() + 1))
+
+
+def test_partition_hand_checkable_graphs():
+    import itertools
+    cliques = [list(p) for p in itertools.combinations(range(5), 2)]
+    bonds = cliques + [[a + 5, b + 5] for a, b in cliques] + [[4, 5]]
+    labels = C.spectral_partition(10, bonds, 2)
+    assert C.edge_cut(bonds, labels) == 1 and len(set(labels[:5])) == 1
+    ring = [[i, (i + 1) % 10] for i in range(10)]
+    labels = C.spectral_partition(10, ring, 2)
+    assert C.edge_cut(ring, labels) == 2 and np.bincount(labels).tolist() == [5, 5]
+    path = [[i, i + 1] for i in range(19)]
+    labels = C.spectral_partition(20, path, 4)
+    assert C.edge_cut(path, labels) == 3 and np.bincount(labels).tolist() == [5, 5, 5, 5]
+    assert np.all(np.diff(labels) != 0) == False and np.count_nonzero(np.diff(labels)) == 3
+
+
+def test_partition_properties_on_molecular_graphs():
+    rng = np.random.default_rng(0)
+    graphs = [C.branched_graph(300, rng), C.protein_like_graph(40, rng)]
+    graphs += [(s.n_atoms, s.bonds) for s, _ in (C.random_polymer(c, rng) for c in (1, 2))]
+    for n_atoms, bonds in graphs:
+        for per_part in (4, 10):
+            k = max(2, n_atoms // per_part)
+            labels = C.spectral_partition(n_atoms, bonds, k)
+            sizes = np.bincount(labels, minlength=k)
+            assert sizes.min() >= 1 and len(sizes) == k
+            assert _parts_are_connected(n_atoms, bonds, labels)
+            cap = math.ceil(1.1 * n_atoms / k - 1e-9)
+            # the cap is promised wherever greedy tree packing shows it can be met
+            if C._pack(C._bond_graph(n_atoms, bonds), np.ones(n_atoms), cap).max() + 1 <= k:
+                assert sizes.max() <= cap, (n_atoms, k, sizes.max(), cap)
+            again = C.spectral_partition(n_atoms, bonds, k)
+            assert np.array_equal(labels, again)                 # deterministic
+
+
+def test_partition_tolerates_self_loops_and_repeats_and_splits_components():
+    rng = np.random.default_rng(3)
+    n_atoms, bonds = C.branched_graph(120, rng)
+    messy = np.concatenate([bonds, bonds[:10, ::-1], [[5, 5], [7, 7]]])
+    assert np.array_equal(C.spectral_partition(n_atoms, bonds, 20),
+                          C.spectral_partition(n_atoms, messy, 20))
+    system, _ = C.electrolyte(4, 12, 24)
+    labels = C.cg_mapping(system, atoms_per_bead=4)
+    ions = np.flatnonzero(system.types >= 2)
+    assert len(np.unique(labels[ions])) == len(ions)                 # every ion its own bead
+    chain = labels[:12]
+    assert len(np.unique(chain)) == 3 and not np.isin(chain, labels[12:]).any()
+    assert _parts_are_connected(system.n_atoms, system.bonds, labels)
+
+
+def test_bridges_match_brute_force():
+    from scipy.sparse.csgraph import connected_components, depth_first_order
+    n_atoms, bonds = C.protein_like_graph(15, np.random.default_rng(1))
+    A = C._bond_graph(n_atoms, bonds)
+    order, pre, child, sub_w, sub_n = C._bridges(A, np.ones(n_atoms))
+    _, parent = depth_first_order(A, 0, directed=False, return_predecessors=True)
+    found = {tuple(sorted((int(c), int(parent[c])))) for c in child}
+    unique = np.unique(np.sort(bonds, axis=1), axis=0)
+    expected = set()
+    for e in unique:            # a bond is a bridge iff removing it disconnects the graph
+        rest = unique[~np.all(unique == e, axis=1)]
+        if connected_components(C._bond_graph(n_atoms, rest), directed=False)[0] > 1:
+            expected.add(tuple(int(v) for v in e))
+    assert found == expected and len(found) > 0
+
+
+def test_coarse_grain_is_exact_centre_of_mass_and_cg_bonds():
+    x = np.array([[0.0, 0, 0], [2, 0, 0], [5, 1, 0], [5, 3, 0]])
+    m = np.array([1.0, 3.0, 2.0, 2.0])
+    labels = np.array([0, 0, 1, 1])
+    beads = C.coarse_grain(x, labels, m)
+    assert np.allclose(beads, [[1.5, 0, 0], [5, 2, 0]])
+    assert np.allclose(C.bead_masses(labels, m), [4.0, 4.0])
+    traj = np.stack([x, x + 1.0])                                     # [T, n, 3] batched
+    assert np.allclose(C.coarse_grain(traj, labels, m)[1], beads + 1.0)
+    bonds = [[0, 1], [1, 2], [2, 3], [3, 2], [0, 0]]
+    assert C.cg_bonds(labels, bonds).tolist() == [[0, 1]]
+    assert C.cg_bonds([0, 1, 2, 1], [[0, 1], [1, 2], [2, 3]]).tolist() == [[0, 1], [1, 2]]
+
+
+def test_cg_graph_radius_edges_match_brute_force_with_images():
+    rng = np.random.default_rng(4)
+    box, radius, n = 6.0, 2.0, 40
+    x = rng.uniform(-10, 10, (3, n, 3))                # unwrapped, several boxes away
+    bonds = np.array([[0, 1], [1, 2], [5, 30]])
+    g = C.cg_graph(torch.as_tensor(x), bonds, radius, box=box)
+    shifts = box * np.array([[a, b, c] for a in (-1, 0, 1) for b in (-1, 0, 1) for c in (-1, 0, 1)])
+    expected = set()
+    for f in range(3):
+        for i in range(n):
+            for j in range(n):
+                if i == j:
+                    continue
+                xi, xj = np.mod(x[f, i], box), np.mod(x[f, j], box)   # then 27 images suffice
+                d = np.min(np.linalg.norm(xi - xj + shifts, axis=1))
+                bonded = {i, j} in ({0, 1}, {1, 2}, {5, 30})
+                if d < radius or bonded:
+                    expected.add((f * n + i, f * n + j, int(bonded)))
+    got = set(zip(g.senders.tolist(), g.receivers.tolist(), g.edge_type.tolist()))
+    assert got == expected
+    assert torch.allclose(g.distance[:, 0], g.displacement.norm(dim=1))
+    assert float(g.distance.max()) <= box * math.sqrt(3) / 2 + 1e-9
+
+
+def test_batched_graphs_equal_one_by_one():
+    rng = np.random.default_rng(5)
+    xa, xb = rng.normal(0, 2, (2, 10, 3)), rng.normal(0, 2, (7, 3))
+    ba, bb = np.array([[0, 1], [1, 2]]), np.array([[0, 6]])
+    frames = C.cg_graph(xa, ba, 2.5)
+    joined = C.batch_graphs([frames, C.cg_graph(xb, bb, 2.5)])
+    for f in range(2):
+        one = C.cg_graph(xa[f], ba, 2.5)
+        sel = (frames.senders >= f * 10) & (frames.senders < (f + 1) * 10)
+        assert torch.equal(frames.senders[sel] - f * 10, one.senders)
+        assert torch.allclose(frames.displacement[sel], one.displacement)
+    tail = joined.senders >= 20
+    assert torch.equal(joined.senders[tail] - 20, C.cg_graph(xb, bb, 2.5).senders)
+    assert joined.n_nodes == 27 and joined.node_graph.tolist() == [0] * 10 + [1] * 10 + [2] * 7
+
+
+def test_embedding_gnn_invariant_to_atom_relabelling():
+    torch.manual_seed(0)
+    system, _ = C.random_polymer(2, np.random.default_rng(7))
+    labels = C.cg_mapping(system, 4)
+    btypes = C.bond_types(system)
+    gnn = C.EmbeddingGNN(C.EmbeddingConfig(n_atom_types=4, n_bond_types=int(btypes.max()) + 1,
+                                           latent=16, n_steps=3)).double()
+    n_beads = labels.max() + 1
+    ref = gnn(system.types, system.bonds, btypes, labels, n_beads)
+    perm = np.random.default_rng(8).permutation(system.n_atoms)      # new index of each atom
+    inv = np.argsort(perm)
+    out = gnn(system.types[inv], perm[system.bonds], btypes, labels[inv], n_beads)
+    assert ref.shape == (n_beads, 16)
+    assert torch.allclose(ref, out, atol=1e-12)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: C.spectral_partition(10, [[0, 1]], 0), "n_parts"),
+    (lambda: C.spectral_partition(10, [[0, 1]], 11), "n_parts"),
+    (lambda: C.spectral_partition(4, [[0, 1], [2, 3]], 1), "components"),
+    (lambda: C.spectral_partition(4, [[0, 9]], 2), "bonds"),
+    (lambda: C.coarse_grain(np.zeros((5, 3)), [0, 0, 1, 1], np.ones(5)), "labels"),
+    (lambda: C.coarse_grain(np.zeros((4, 3)), [0, 0, 2, 2], np.ones(4)), "labels"),
+    (lambda: C.cg_graph(np.zeros((4, 3)), [[0, 1]], 3.0, box=5.0), "radius"),
+    (lambda: C.cg_mapping(C.random_polymer(1, np.random.default_rng(0))[0], 0), "atoms_per_bead"),
+])
+def test_coarse_graining_bad_input(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
 # ---- files --------------------------------------------------------------------------------------
 
 def test_trajectory_round_trip_without_pickle(tmp_path):
