@@ -17,6 +17,7 @@ and the work they build on:
   [3] Flyvbjerg, Petersen. "Error estimates on averages of correlated data". J. Chem. Phys. 91,
       461 (1989) (block averaging).
   [4] Calandrini et al. "nMoldyn". Collection SFN 12, 201 (2011) (FFT mean-squared displacement).
+  [5] Kundu, Misra. "A linear tree partitioning algorithm". SIAM J. Comput. 6, 151 (1977).
 
 Sections, in the order data flows:
   1. MD engine: System, pair lists, forces, BAOAB Langevin integrator, simulate(), Trajectory
@@ -24,10 +25,12 @@ Sections, in the order data flows:
      electrolyte, a small stiff molecule
   3. Coarse-graining: greedy spectral partitioning, the CG mapping, CG graphs, message passing
      and the Embedding GNN
-  4. Property estimators: R_g^2, autocorrelation, MSD / diffusion, g(r), collisions, free energy
+  4. Paper B: bi-directional interpolation (linear and Hermite baselines, the Bi-LSTM with its
+     adiabatic blend, training, the stiff-molecule experiment)
+  5. Property estimators: R_g^2, autocorrelation, MSD / diffusion, g(r), collisions, free energy
      surfaces, block-averaging errors
-  5. Files: atomic .npz / JSON writing, loading without pickle
-  6. Benchmark and command line (`python cgmd_ref.py bench`)
+  6. Files: atomic .npz / JSON writing, loading without pickle
+  7. Benchmark and command line (`python cgmd_ref.py bench`)
 
 Conventions. Reduced Lennard-Jones units everywhere (sigma = epsilon = m = k_B = 1; time unit tau).
 Arrays handed to users are numpy, shaped [n_frames, (n_replicas,) n_atoms, 3]; positions are
@@ -55,6 +58,7 @@ import numpy as np
 import scipy.fft
 import scipy.linalg
 import torch
+from scipy.interpolate import CubicHermiteSpline
 from scipy.sparse import coo_matrix, diags
 from scipy.sparse.csgraph import connected_components, depth_first_order
 from scipy.sparse.linalg import eigsh
@@ -1730,7 +1734,646 @@ class EmbeddingGNN(torch.nn.Module):
 
 
 # -------------------------------------------------------------------------------------------------
-# 4. Property estimators (METHOD.md section 4: the conventions of MDAnalysis and freud)
+# 4. Paper B: bi-directional interpolation of MD trajectories
+# -------------------------------------------------------------------------------------------------
+# Setting (METHOD.md section 3). A cheap MD run keeps only every K-th frame; the K - 1 frames in
+# between are to be reconstructed from the two known end states x(t0), x(t1), where a state is
+# x = (positions, velocities). Winkler, Mueller, Sauceda [B] learn the dynamics with an LSTM that
+# predicts increments, x_{k+1} = x_k + dx_k, integrate the *same* network forward from x(t0) and,
+# after time reversal, backward from x(t1), and join the two by an adiabatic connection
+#
+#     x_hat(t_k) = (1 - lambda_k) x_fwd(t_k) + lambda_k x_bwd(t_k),    lambda_k = k / K,
+#
+# so that both ends are exact, the linear part of the blend carries the slow motion and the
+# network only has to supply the fast (vibrational) part. Baselines: straight lines, and (added
+# here, not in [B]) a cubic Hermite spline through both end states with their velocities.
+#
+# Order of the section: baselines -> a segment's frame of reference -> the model (time reversal,
+# adiabatic blend, Bi-LSTM) -> training -> the experiment on the stiff molecule (and a sweep over K).
+# Shapes: a segment is [gap + 1, n_atoms, 3] (frames t0 ... t1, K = gap steps of dt apart), a batch of
+# them [n_segments, gap + 1, n_atoms, 3]; inside the network a state is a flat z-scored vector
+# [batch, 6 n_atoms] = (positions, velocities). Reduced LJ units: positions sigma, velocities
+# sigma / tau, times tau.
+
+# ---- argument checks shared by this section -----------------------------------------------------
+
+
+def _check_gap(gap, name="gap"):
+    """A gap of K steps hides K - 1 frames; K < 2 hides none, so there is nothing to fill."""
+    if isinstance(gap, bool) or not isinstance(gap, (int, np.integer)) or gap < 2:
+        raise ValueError(f"{name} = {gap!r}; expected an integer >= 2 (a gap shorter than 2 "
+                         "steps leaves no missing frame to interpolate)")
+    return int(gap)
+
+
+def _check_pair(a, b, name_a, name_b, expected="[n_atoms, 3]"):
+    """Two arrays that must have the same shape (e.g. the two ends of a segment)."""
+    a = _as_array(a, name_a, min_ndim=1, expected=expected)
+    b = _as_array(b, name_b, min_ndim=1, expected=expected)
+    if a.shape != b.shape:
+        raise ValueError(f"{name_b} has shape {b.shape}; expected {a.shape} like {name_a} "
+                         "(both ends of a segment must describe the same atoms)")
+    return a, b
+
+
+def _check_state(state, name, n_atoms=None):
+    """A phase-space state: a (positions, velocities) pair, each [..., n_atoms, 3]."""
+    if not isinstance(state, (tuple, list)) or len(state) != 2:
+        got = f"an array of shape {np.shape(state)}" if hasattr(state, "shape") else \
+            type(state).__name__
+        raise ValueError(f"{name} must be a (positions, velocities) pair, each [n_atoms, 3] "
+                         f"(the interpolator integrates phase space); got {got}")
+    expected = "[n_atoms, 3] or [batch, n_atoms, 3]" + (f" with n_atoms = {n_atoms}"
+                                                         if n_atoms else "")
+    pos, vel = _check_pair(state[0], state[1], f"{name}[0] (positions)",
+                           f"{name}[1] (velocities)", expected)
+    if pos.ndim not in (2, 3) or pos.shape[-1] != 3 or (n_atoms and pos.shape[-2] != n_atoms):
+        raise ValueError(f"{name}[0] (positions) has shape {pos.shape}; expected {expected}")
+    return pos, vel
+
+
+# ---- baselines: straight line and cubic Hermite spline ------------------------------------------
+
+
+def linear_interpolation(start, end, n_frames):
+    """Straight lines from `start` to `end`: the "low-frequency" part of the adiabatic blend.
+
+    Args:
+        start, end: Positions at t0 and t1, any equal shapes, e.g. ``[n_atoms, 3]`` (sigma).
+        n_frames: Frames returned, both ends included (>= 3, i.e. a gap of >= 2 steps).
+
+    Returns:
+        ``[n_frames, *start.shape]``; frame 0 is `start`, frame -1 is `end`.
+
+    Raises:
+        ValueError: On mismatched shapes or n_frames < 3.
+    """
+    a, b = _check_pair(start, end, "start", "end", "[n_atoms, 3]")
+    if isinstance(n_frames, bool) or not isinstance(n_frames, (int, np.integer)) or n_frames < 3:
+        raise ValueError(f"n_frames = {n_frames!r}; expected an integer >= 3 (both ends and at "
+                         "least one missing frame, i.e. a gap of >= 2 steps)")
+    n = int(n_frames)
+    lam = (np.arange(n) / (n - 1)).reshape((n,) + (1,) * a.ndim)     # exactly 0 ... 1
+    return (1.0 - lam) * a + lam * b
+
+
+def hermite_interpolation(x0, v0, x1, v1, times):
+    """Cubic Hermite spline through both end states, matching positions *and* velocities.
+
+    Exact for motion that is a cubic in time. A cubic turns at most twice, so it cannot follow a
+    vibration whose period is shorter than the gap (the C-H stretch: 17 steps, K = 20). One
+    ``scipy.interpolate.CubicHermiteSpline`` covers all atoms and coordinates at once (its
+    ``y`` may carry any trailing axes).
+
+    Args:
+        x0, v0: Positions (sigma) and velocities (sigma / tau) at t0, e.g. ``[n_atoms, 3]`` or
+            ``[n_segments, n_atoms, 3]``.
+        x1, v1: The same at t1, same shape.
+        times: ``[n_frames]`` increasing times (tau); ``times[0]`` is t0 and ``times[-1]`` t1.
+
+    Returns:
+        Positions ``[n_frames, *x0.shape]``.
+
+    Raises:
+        ValueError: On mismatched shapes, fewer than 3 times, or times not increasing.
+    """
+    x0, x1 = _check_pair(x0, x1, "x0", "x1")
+    _, v0 = _check_pair(x0, v0, "x0", "v0")
+    _, v1 = _check_pair(x0, v1, "x0", "v1")
+    t = _as_array(times, "times", ndim=1, expected="[n_frames] increasing, n_frames >= 3")
+    if len(t) < 3 or np.any(np.diff(t) <= 0):
+        raise ValueError(f"times = {t}; expected >= 3 strictly increasing times "
+                         "(t0, interior frames..., t1)")
+    spline = CubicHermiteSpline([t[0], t[-1]], np.stack([x0, x1]), np.stack([v0, v1]), axis=0)
+    return spline(t)
+
+
+# ---- a segment's frame of reference -------------------------------------------------------------
+# The molecule translates and rotates freely, so raw coordinates wander over the whole space and
+# the same vibration looks different in every orientation. Each segment is therefore expressed in
+# its own frame: origin at the centre of mass, axes by a Kabsch fit onto a reference geometry.
+# The frame is computed from the mean of the two *known* end frames only (no peeking at the gap)
+# and treats t0 and t1 alike, so reversing a segment gives the same frame. It is held fixed over
+# the segment (a rigid, time-independent map), which keeps Newton's equations unchanged: over a
+# gap of 0.1 tau the molecule turns by only ~0.03 rad (kT = 0.5), so the state stays close to
+# the reference and the z-scored inputs stay O(1).
+
+
+def segment_frames(start, end, masses, reference):
+    """Centre of mass and rotation that put segments into the reference geometry's frame.
+
+    Args:
+        start, end: Positions at t0 and t1, ``[n_segments, n_atoms, 3]`` (sigma).
+        masses: ``[n_atoms]``.
+        reference: ``[n_atoms, 3]`` geometry that fixes the axes (e.g. the rest structure).
+
+    Returns:
+        (com ``[n_segments, 3]``, rot ``[n_segments, 3, 3]``) such that
+        ``(x - com) @ rot`` is x in the segment's frame (a proper rotation, det = +1).
+    """
+    mid = 0.5 * (np.asarray(start) + np.asarray(end))                       # [S, n, 3]
+    w = np.asarray(masses, float)[:, None] / np.sum(masses)
+    com = np.einsum("sna,n->sa", mid, w[:, 0])                              # [S, 3]
+    ref = np.asarray(reference, float)
+    ref = ref - (w * ref).sum(0)
+    # Kabsch: the rotation R minimising |(mid - com) R - ref|^2 is U diag(1, 1, d) V^T from the
+    # SVD of H = (mid - com)^T ref; d = sign det(U V^T) rules out a reflection.
+    u, _, vt = np.linalg.svd(np.einsum("sna,nb->sab", mid - com[:, None], ref))
+    d = np.sign(np.linalg.det(u @ vt))
+    u[:, :, 2] *= d[:, None]
+    return com, u @ vt
+
+
+def to_frame(positions, velocities, com, rot):
+    """Segments ``[S, T, n, 3]`` into their frames: positions shift and turn, velocities turn."""
+    return (np.einsum("stna,sab->stnb", positions - com[:, None, None], rot),
+            np.einsum("stna,sab->stnb", velocities, rot))
+
+
+def from_frame(positions, velocities, com, rot):
+    """Inverse of to_frame (rot is orthogonal, so its inverse is its transpose)."""
+    return (np.einsum("stnb,sab->stna", positions, rot) + com[:, None, None],
+            np.einsum("stnb,sab->stna", velocities, rot))
+
+
+# ---- the model: time reversal, the adiabatic blend, the Bi-LSTM ---------------------------------
+
+
+def adiabatic_blend(fwd, bwd, time_axis=-2):
+    """Adiabatic connection of [B]: x_hat(t_k) = (1 - lambda_k) x_fwd(t_k) + lambda_k x_bwd(t_k).
+
+    lambda_k = k / K rises linearly from exactly 0 at t0 to exactly 1 at t1 (the published code
+    uses a linear lambda), so x_hat(t0) = x_fwd(t0) and x_hat(t1) = x_bwd(t1) bit for bit,
+    whatever the network did in between.
+
+    Args:
+        fwd, bwd: Forward and backward trajectories of equal shape, numpy or torch, with K + 1
+            frames along `time_axis` (default -2, as in ``[batch, K + 1, state]``).
+        time_axis: The frame axis (0 for ``[K + 1, n_atoms, 3]``).
+
+    Returns:
+        The blend, same shape and type as `fwd`.
+    """
+    if tuple(fwd.shape) != tuple(bwd.shape):
+        raise ValueError(f"bwd has shape {tuple(bwd.shape)}; expected {tuple(fwd.shape)} "
+                         "like fwd")
+    n = fwd.shape[time_axis]
+    shape = [1] * fwd.ndim
+    shape[time_axis] = n
+    if isinstance(fwd, torch.Tensor):
+        lam = (torch.arange(n, dtype=fwd.dtype, device=fwd.device) / (n - 1)).reshape(shape)
+    else:
+        lam = (np.arange(n) / (n - 1)).reshape(shape)          # k / K: exactly 1 at k = K
+    return (1 - lam) * fwd + lam * bwd
+
+
+@dataclass
+class InterpolatorConfig:
+    """Size of the Bi-LSTM interpolator."""
+
+    n_atoms: int = 12             # atoms per state; the state vector has 6 n_atoms entries
+    hidden: int = 128             # LSTM hidden size
+    n_layers: int = 1             # stacked LSTM layers
+    bidirectional: bool = True    # False: the uni-directional variant (forward pass only)
+
+
+class BiLSTMInterpolator(torch.nn.Module):
+    """An LSTM that integrates phase space in increments, run from both ends of a gap [B].
+
+    The state is z = ((positions - mean) / scale, velocities / scale_v), flat ``[batch, 6 n]``.
+    Velocities get no mean shift, so time reversal (negate velocities) stays a sign flip in
+    z-space and one network serves both directions. Statistics are set from training data by
+    `fit_normalization` and stored as buffers, so a saved model carries them.
+    """
+
+    def __init__(self, cfg: InterpolatorConfig = InterpolatorConfig()):
+        super().__init__()
+        self.cfg = cfg
+        d = 6 * _positive_int(cfg.n_atoms, "cfg.n_atoms")
+        self.lstm = torch.nn.LSTM(d, cfg.hidden, cfg.n_layers, batch_first=True)
+        self.head = torch.nn.Linear(cfg.hidden, d)
+        # Start as "nothing moves" (dx = 0): the blend then begins as the linear baseline, and
+        # training only has to learn the departure from it.
+        torch.nn.init.zeros_(self.head.weight)
+        torch.nn.init.zeros_(self.head.bias)
+        self.register_buffer("mean", torch.zeros(d))          # [6 n]; zero on the velocities
+        self.register_buffer("scale", torch.ones(d))          # [6 n]
+        self.register_buffer("reverse", torch.cat([torch.ones(d // 2), -torch.ones(d // 2)]))
+
+    # -- z-scoring ----------------------------------------------------------------------------
+    def fit_normalization(self, positions, velocities) -> None:
+        """Per-coordinate mean / std of positions and RMS of velocities, ``[..., n_atoms, 3]``."""
+        n3 = 3 * self.cfg.n_atoms
+        p = np.asarray(positions, float).reshape(-1, n3)
+        v = np.asarray(velocities, float).reshape(-1, n3)
+        mean = np.r_[p.mean(0), np.zeros(n3)]
+        scale = np.r_[p.std(0), np.sqrt((v ** 2).mean(0))]
+        self.mean.copy_(torch.as_tensor(mean))
+        self.scale.copy_(torch.as_tensor(np.maximum(scale, 1e-8)))
+
+    def encode(self, positions, velocities) -> torch.Tensor:
+        """``[..., n_atoms, 3]`` x 2 (float64 numpy) -> z ``[..., 6 n_atoms]`` (float32 tensor)."""
+        lead = np.shape(positions)[:-2]
+        x = np.concatenate([np.reshape(positions, lead + (-1,)),
+                            np.reshape(velocities, lead + (-1,))], -1)
+        mean, scale = self.mean.double().cpu().numpy(), self.scale.double().cpu().numpy()
+        return torch.as_tensor((x - mean) / scale, dtype=torch.float32, device=self.mean.device)
+
+    def decode(self, z: torch.Tensor):
+        """Inverse of encode, in float64: z ``[..., 6 n]`` -> (positions, velocities) numpy."""
+        mean, scale = self.mean.double().cpu().numpy(), self.scale.double().cpu().numpy()
+        x = z.detach().cpu().double().numpy() * scale + mean
+        n3 = 3 * self.cfg.n_atoms
+        shape = x.shape[:-1] + (self.cfg.n_atoms, 3)
+        return x[..., :n3].reshape(shape), x[..., n3:].reshape(shape)
+
+    # -- dynamics -----------------------------------------------------------------------------
+    def time_reverse(self, z: torch.Tensor) -> torch.Tensor:
+        """Time reversal of a state (or a trajectory's states): velocities change sign."""
+        return z * self.reverse
+
+    def step(self, z: torch.Tensor, hc):
+        """One increment of [B]: z_{k+1} = z_k + dz_k, dz read off the LSTM (memory hc)."""
+        out, hc = self.lstm(z[:, None], hc)                      # out: [B, 1, hidden]
+        return z + self.head(out[:, 0]), hc
+
+    def rollout(self, z0: torch.Tensor, n_steps: int) -> torch.Tensor:
+        """Integrate from z0 ``[B, 6 n]`` for n_steps; returns ``[B, n_steps + 1, 6 n]``.
+
+        The LSTM reads its own previous output (no teacher forcing), as at inference.
+        """
+        states, z, hc = [z0], z0, None
+        for _ in range(n_steps):
+            z, hc = self.step(z, hc)
+            states.append(z)
+        return torch.stack(states, 1)
+
+    def passes(self, z_start: torch.Tensor, z_end: torch.Tensor, gap: int):
+        """The forward and the backward pass, each ``[B, gap + 1, 6 n]`` on the frames t0 ... t1.
+
+        One rollout of 2B trajectories: forward from z(t0), and forward from the time-reversed
+        z(t1), which runs backward in time; the latter is turned back (frame k <- K - k,
+        velocities negated) so both passes are indexed by the same frames.
+        """
+        both = self.rollout(torch.cat([z_start, self.time_reverse(z_end)]), gap)
+        fwd, bwd_reversed = both.split(len(z_start))
+        return fwd, self.time_reverse(bwd_reversed.flip(1))
+
+    def forward(self, z_start: torch.Tensor, z_end: torch.Tensor, gap: int) -> torch.Tensor:
+        """Interpolated states ``[B, gap + 1, 6 n]`` between z_start and z_end ``[B, 6 n]``.
+
+        Bi-directional: the two `passes` joined by `adiabatic_blend`. Uni-directional: the
+        forward rollout alone (z_end unused, so its end is not pinned).
+        """
+        if not self.cfg.bidirectional:
+            return self.rollout(z_start, gap)
+        return adiabatic_blend(*self.passes(z_start, z_end, gap))
+
+    @torch.no_grad()
+    def interpolate(self, start, end, gap: int):
+        """Fill a gap of `gap` steps between two phase-space states (numpy in, numpy out).
+
+        Args:
+            start, end: (positions, velocities) at t0 and t1, each ``[n_atoms, 3]`` or
+                ``[batch, n_atoms, 3]``, in the frame the model was trained in (sigma, sigma/tau).
+            gap: K >= 2, steps of dt between t0 and t1.
+
+        Returns:
+            (positions, velocities), each ``[gap + 1, n_atoms, 3]`` (or ``[batch, gap + 1, ...]``),
+            frames t0 ... t1. Bi-directional: the end frames equal the inputs (to float32
+            round-off of the z-scoring, < 1e-6 sigma).
+        """
+        p0, v0 = _check_state(start, "start", self.cfg.n_atoms)
+        p1, v1 = _check_state(end, "end", self.cfg.n_atoms)
+        _check_pair(p0, p1, "start[0] (positions)", "end[0] (positions)")
+        gap, single = _check_gap(gap), p0.ndim == 2
+        z = self(self.encode(p0.reshape(-1, *p0.shape[-2:]), v0.reshape(-1, *v0.shape[-2:])),
+                 self.encode(p1.reshape(-1, *p1.shape[-2:]), v1.reshape(-1, *v1.shape[-2:])),
+                 gap)
+        pos, vel = self.decode(z)
+        return (pos[0], vel[0]) if single else (pos, vel)
+
+
+# ---- training -----------------------------------------------------------------------------------
+# Two phases. (1) Teacher forcing: the LSTM reads true trajectories and learns one-step increments
+# (one fused LSTM call per batch, cheap), on segments in both time directions because the same
+# network will run backward. (2) End to end through the blend, as in [B]: roll out from both ends,
+# blend, and fit the interior frames. Rollouts, not single steps, are what is used at inference,
+# and only the end-to-end loss teaches the network to make the two passes meet.
+
+
+@dataclass
+class InterpTrainConfig:
+    """Training schedule of the interpolator (defaults: ~15-20 s per model on 2 CPU cores)."""
+
+    teacher_epochs: int = 3       # phase 1: one-step loss with teacher forcing
+    epochs: int = 12              # phase 2: rollout loss through the blend
+    batch_size: int = 128
+    lr: float = 3e-3              # Adam; cosine decay to lr / 20 over phase 2
+    velocity_weight: float = 0.5  # loss weight of z-velocities relative to z-positions
+    seed: int = 0
+
+
+def _loss(pred: torch.Tensor, true: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted mean squared error over z-states ``[B, T, 6 n]``."""
+    return (((pred - true) ** 2) * weights).mean()
+
+
+def train_interpolator(positions, velocities, cfg: InterpolatorConfig = InterpolatorConfig(),
+                       train: InterpTrainConfig = InterpTrainConfig(), device="cpu",
+                       label: str = "") -> BiLSTMInterpolator:
+    """Fit a (Bi-)LSTM interpolator on training segments.
+
+    Args:
+        positions, velocities: Training segments ``[n_segments, gap + 1, n_atoms, 3]`` (sigma,
+            sigma / tau), already in each segment's frame (see `segment_frames`).
+        cfg: Network size and direction (`bidirectional`).
+        train: Schedule.
+        device: 'cpu', 'cuda' or 'auto'.
+        label: Prefix of the progress lines.
+
+    Returns:
+        The trained model (eval mode), with its z-scoring statistics.
+    """
+    pos = _as_array(positions, "positions", ndim=4, last=3,
+                      expected="[n_segments, gap + 1, n_atoms, 3]")
+    vel = _as_array(velocities, "velocities", ndim=4, last=3,
+                      expected="[n_segments, gap + 1, n_atoms, 3]")
+    if vel.shape != pos.shape:
+        raise ValueError(f"velocities has shape {vel.shape}; expected {pos.shape} like positions")
+    gap = _check_gap(pos.shape[1] - 1, "positions.shape[1] - 1")
+    dev = resolve_device(device)
+    torch.manual_seed(train.seed)
+    model = BiLSTMInterpolator(cfg).to(dev)
+    model.fit_normalization(pos, vel)
+    z = model.encode(pos, vel)                                          # [S, gap + 1, 6 n]
+    d = z.shape[-1]
+    weights = torch.cat([torch.ones(d // 2), torch.full((d // 2,), train.velocity_weight)]).to(dev)
+    gen = torch.Generator().manual_seed(train.seed)
+    opt = torch.optim.Adam(model.parameters(), lr=train.lr)
+    t0 = time.perf_counter()
+    _teacher_forcing(model, z, weights, opt, gen, train, label, t0)
+    _rollout_training(model, z, gap, weights, opt, gen, train, label, t0)
+    return model.eval()
+
+
+def _batches(n: int, batch_size: int, gen: torch.Generator):
+    """Shuffled index batches of one epoch."""
+    return torch.randperm(n, generator=gen).split(batch_size)
+
+
+def _teacher_forcing(model, z, weights, opt, gen, train, label, t0) -> None:
+    """Phase 1: one-step increments on true trajectories, in both time directions."""
+    both = torch.cat([z, model.time_reverse(z.flip(1))])               # [2S, T, 6 n]
+    for epoch in range(train.teacher_epochs):
+        total, count = 0.0, 0
+        for idx in _batches(len(both), train.batch_size, gen):
+            x = both[idx]
+            out, _ = model.lstm(x[:, :-1])                             # [B, T - 1, hidden]
+            loss = _loss(x[:, :-1] + model.head(out), x[:, 1:], weights)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total, count = total + loss.item() * len(idx), count + len(idx)
+        print(f"  {label} teacher-forcing epoch {epoch + 1}/{train.teacher_epochs}: "
+              f"loss {total / count:.5f} ({time.perf_counter() - t0:.1f}s)", flush=True)
+
+
+def _rollout_training(model, z, gap, weights, opt, gen, train, label, t0) -> None:
+    """Phase 2: roll out (from both ends, blended, if bidirectional) and fit the interior."""
+    n_batches = math.ceil(len(z) / train.batch_size) * train.epochs
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(n_batches, 1), train.lr / 20)
+    for epoch in range(train.epochs):
+        total, count = 0.0, 0
+        for idx in _batches(len(z), train.batch_size, gen):
+            x = z[idx]
+            pred = model(x[:, 0], x[:, -1], gap)
+            loss = _loss(pred[:, 1:-1], x[:, 1:-1], weights)           # interior frames only
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)    # long rollouts can spike
+            opt.step()
+            sched.step()
+            total, count = total + loss.item() * len(idx), count + len(idx)
+        print(f"  {label} rollout epoch {epoch + 1}/{train.epochs}: interior loss "
+              f"{total / count:.5f} ({time.perf_counter() - t0:.1f}s)", flush=True)
+
+
+# ---- the experiment: the stiff molecule at three temperatures -----------------------------------
+
+
+def _segments(traj_positions, traj_velocities, gap, first, stop, stride):
+    """Cut ``[n_frames, n_replicas, n_atoms, 3]`` into ``[n_segments, gap + 1, n_atoms, 3]``.
+
+    Segment s covers frames starts[s] ... starts[s] + gap, all inside [first, stop).
+    """
+    starts = np.arange(first, stop - gap, stride)
+    idx = starts[:, None] + np.arange(gap + 1)                           # [S, gap + 1]
+
+    def cut(a):                                                          # [S, K+1, R, n, 3]
+        seg = np.moveaxis(a[idx], 2, 1)                                  # [S, R, K+1, n, 3]
+        return seg.reshape(-1, *seg.shape[2:])
+    return cut(traj_positions), cut(traj_velocities)
+
+
+def split_segments(traj, gap, train_fraction=0.8, train_stride=None):
+    """Time split of every replica: training segments early, held-out segments late.
+
+    Training segments start every `train_stride` frames (default K / 4: overlapping, more data,
+    and about the same cost per epoch for any K) in the first `train_fraction` of the frames.
+    Held-out segments tile the rest end to end every K frames (the setting of [B]: every K-th
+    frame is known), after a buffer of K frames so no held-out frame borders a training frame.
+
+    Returns:
+        ((train positions, velocities), (test positions, velocities)), each
+        ``[n_segments, gap + 1, n_atoms, 3]``.
+    """
+    n_frames = traj.positions.shape[0]
+    n_train = int(train_fraction * n_frames)
+    stride = train_stride or max(1, gap // 4)
+    train = _segments(traj.positions, traj.velocities, gap, 0, n_train, stride)
+    test = _segments(traj.positions, traj.velocities, gap, n_train + gap, n_frames, gap)
+    if len(train[0]) == 0 or len(test[0]) == 0:
+        raise ValueError(f"gap = {gap} leaves no training or held-out segment in {n_frames} "
+                         "frames; use a smaller gap or longer trajectories")
+    return train, test
+
+
+def _ch_bond_lengths(positions):
+    """C-H bond lengths of the stiff molecule, ``[..., 12, 3]`` -> ``[..., 6]`` (H i+6 on C i)."""
+    return np.linalg.norm(positions[..., 6:, :] - positions[..., :6, :], axis=-1)
+
+
+def free_energy_difference(true_values, values, kT, n_bins=30):
+    """Compare F = -kT ln p of a 1-D coordinate between true and interpolated frames.
+
+    Bins span the central 99% of the true values. p is the count per bin over the *total*
+    number of samples (mass outside the window is missing, not renormalised away); an empty bin
+    is given one count, so a method that never visits a bin pays a large but finite penalty.
+    F is shifted by the true minimum.
+
+    Args:
+        true_values, values: Samples of the coordinate (any shapes; flattened).
+        kT: Thermal energy (epsilon).
+        n_bins: Histogram bins.
+
+    Returns:
+        dict: ``l1`` (mean |F - F_true| over bins, units epsilon), ``max``, ``centres``,
+        ``F_true``, ``F`` (each ``[n_bins]``).
+    """
+    edges = np.linspace(*np.percentile(true_values, [0.5, 99.5]), n_bins + 1)
+
+    def free_energy(x):
+        counts = np.histogram(x, edges)[0]
+        return -kT * np.log(np.maximum(counts, 1) / x.size)
+    kT = _positive(kT, "kT")
+    f_true, f = free_energy(np.ravel(true_values)), free_energy(np.ravel(values))
+    shift = f_true.min()
+    diff = np.abs(f - f_true)
+    return dict(l1=float(diff.mean()), max=float(diff.max()),
+                centres=(0.5 * (edges[1:] + edges[:-1])).tolist(),
+                F_true=(f_true - shift).tolist(), F=(f - shift).tolist())
+
+
+def _free_energy_report(true_values, values_by_method, kT):
+    """free_energy_difference for each method, gathered as {l1: {method: ..}, max: .., F: ..}."""
+    per = {m: free_energy_difference(true_values, v, kT) for m, v in values_by_method.items()}
+    first = next(iter(per.values()))
+    return dict(coordinate="C-H bond length (sigma)", centres=first["centres"],
+                F_true=first["F_true"], l1={m: r["l1"] for m, r in per.items()},
+                max={m: r["max"] for m, r in per.items()}, F={m: r["F"] for m, r in per.items()})
+
+
+def _ensure_stiff_data(data_dir: str, quick: bool) -> None:
+    """Generate the stiff-molecule datasets into data_dir if one is missing."""
+    missing = [lab for lab in STIFF_TEMPERATURES
+               if not os.path.exists(os.path.join(data_dir, f"stiff_{lab}.npz"))]
+    if missing:
+        print(f"generating stiff-molecule data in {data_dir} (missing: {missing})", flush=True)
+        _ensure_data(data_dir, quick, seed=0, device="cpu", only="stiff")
+
+
+def _run_temperature(path, label, gap, device, train_cfg, hidden):
+    """Train Bi- and uni-directional LSTMs at one temperature; interpolate the held-out gaps.
+
+    Returns (per-method interpolated positions ``[S, K + 1, n, 3]`` in the lab frame,
+    true positions ``[S, K + 1, n, 3]``, endpoint error of the Bi-LSTM, kT, frame dt).
+    """
+    traj, _ = load_trajectory(path)
+    kT, dt = STIFF_TEMPERATURES[label], float(traj.time[1] - traj.time[0])
+    (tr_p, tr_v), (te_p, te_v) = split_segments(traj, gap)
+    _, reference = stiff_molecule()
+    masses = traj.system.masses
+    # Each segment in its own frame (fixed from its two ends): see segment_frames.
+    com, rot = segment_frames(tr_p[:, 0], tr_p[:, -1], masses, reference)
+    tr_p, tr_v = to_frame(tr_p, tr_v, com, rot)
+    com, rot = segment_frames(te_p[:, 0], te_p[:, -1], masses, reference)
+    fr_p, fr_v = to_frame(te_p, te_v, com, rot)
+    print(f"{label} (kT = {kT}): {len(tr_p)} training / {len(te_p)} held-out segments of "
+          f"K = {gap} steps", flush=True)
+    out = {"linear": np.moveaxis(linear_interpolation(te_p[:, 0], te_p[:, -1], gap + 1), 0, 1),
+           "hermite": np.moveaxis(hermite_interpolation(
+               te_p[:, 0], te_v[:, 0], te_p[:, -1], te_v[:, -1], dt * np.arange(gap + 1)), 0, 1)}
+    endpoint_error = 0.0
+    for name, bidirectional in (("bilstm", True), ("unilstm", False)):
+        cfg = InterpolatorConfig(n_atoms=traj.positions.shape[-2], hidden=hidden,
+                                 bidirectional=bidirectional)
+        model = train_interpolator(tr_p, tr_v, cfg, train_cfg, device, f"[{label} {name}]")
+        p, v = model.interpolate((fr_p[:, 0], fr_v[:, 0]), (fr_p[:, -1], fr_v[:, -1]), gap)
+        p, v = from_frame(p, v, com, rot)                               # back to the lab frame
+        out[name] = p
+        if bidirectional:
+            endpoint_error = max(float(np.abs(p[:, [0, -1]] - te_p[:, [0, -1]]).max()),
+                                 float(np.abs(v[:, [0, -1]] - te_v[:, [0, -1]]).max()))
+    return out, te_p, endpoint_error, kT, dt
+
+
+def interpolation_experiment(data_dir="data", gap=20, seed=0, device="cpu", quick=False,
+                             labels=None, train: Optional[InterpTrainConfig] = None,
+                             hidden: int = 128) -> dict:
+    """Paper [B] on the stiff molecule: fill gaps of K steps at low / mid / high temperature.
+
+    Per temperature, one Bi-LSTM and one uni-directional LSTM are trained (per-temperature
+    models: each is z-scored with its own statistics) on the first 80% of every replica's
+    frames; all figures come from held-out segments tiling the last 20%.
+
+    Args:
+        data_dir: Dataset folder; stiff_{low,mid,high}.npz are generated there if missing (tiny
+            ones with quick=True, as `python data_gen.py --quick` writes into data/quick).
+        gap: K, steps between known frames (>= 2).
+        seed: Seeds network initialisation and batch order.
+        device: 'cpu', 'cuda' or 'auto'.
+        quick: Tiny data and 1 + 2 epochs: a smoke test of a few seconds.
+        labels: Temperatures to run (default all of STIFF_TEMPERATURES).
+        train: Training schedule (default InterpTrainConfig(seed=seed)).
+        hidden: LSTM hidden size.
+
+    Returns:
+        dict with ``mae[label][method]`` (position MAE over the interior of the gap, sigma;
+        methods bilstm, unilstm, hermite, linear), ``endpoint_error`` (max |x_hat - x| of the
+        Bi-LSTM at t0 and t1, positions and velocities), ``free_energy[label][method]``
+        (F of the C-H bond length: ``l1[method]``, ``max[method]`` (epsilon), the curves
+        ``F_true``, ``F[method]`` on ``centres``), ``mae_hydrogen[label][method]`` (MAE of the
+        light atoms alone), ``gap``, ``seconds``, ``vibration_period_steps`` (C-H stretch period
+        / dt) and the ``config`` used.
+    """
+    t_start = time.perf_counter()
+    gap = _check_gap(gap)
+    labels = list(STIFF_TEMPERATURES) if labels is None else list(labels)
+    if not labels or not set(labels) <= set(STIFF_TEMPERATURES):
+        raise ValueError(f"labels = {labels!r}; expected a non-empty subset of "
+                         f"{list(STIFF_TEMPERATURES)}")
+    train = train or (InterpTrainConfig(teacher_epochs=1, epochs=2, seed=seed) if quick
+                      else InterpTrainConfig(seed=seed))
+    if quick:
+        hidden = min(hidden, 32)
+    _ensure_stiff_data(data_dir, quick)
+    result = dict(mae={}, free_energy={}, mae_hydrogen={}, gap=gap, endpoint_error=0.0,
+                  config=dict(train=asdict(train), hidden=hidden, quick=quick))
+    for label in labels:
+        out, true, end_err, kT, dt = _run_temperature(
+            os.path.join(data_dir, f"stiff_{label}.npz"), label, gap, device, train, hidden)
+        inner = slice(1, gap)                                            # the missing frames
+        result["mae"][label] = {m: float(np.abs(p[:, inner] - true[:, inner]).mean())
+                                for m, p in out.items()}
+        result["mae_hydrogen"][label] = {m: float(np.abs(p[:, inner, 6:] - true[:, inner, 6:])
+                                                  .mean()) for m, p in out.items()}
+        result["free_energy"][label] = _free_energy_report(
+            _ch_bond_lengths(true[:, inner]),
+            {m: _ch_bond_lengths(p[:, inner]) for m, p in out.items()}, kT)
+        result["endpoint_error"] = max(result["endpoint_error"], end_err)
+        print(f"{label}: position MAE over the gap  " + "  ".join(
+            f"{m} {v:.5f}" for m, v in result["mae"][label].items()) +
+            f"   (Bi-LSTM endpoint error {end_err:.1e}; {time.perf_counter() - t_start:.0f}s)",
+            flush=True)
+    result["vibration_period_steps"] = StiffMoleculeModel().ch_period() / dt
+    result["seconds"] = time.perf_counter() - t_start
+    return result
+
+
+def gap_sweep(data_dir="data", gaps=(5, 10, 20, 40, 80), seed=0, device="cpu", quick=False,
+              labels=None) -> dict:
+    """Position MAE per method as the gap K grows (slower: one full experiment per K).
+
+    The training cost per epoch is about the same for every K (training segments start every
+    K / 4 frames, so fewer but longer rollouts as K grows).
+
+    Returns:
+        dict ``{"mae": {str(K): {label: {method: MAE}}}, "endpoint_error": float,
+        "seconds": float}`` (string keys, as JSON needs).
+    """
+    t0 = time.perf_counter()
+    out = dict(mae={}, endpoint_error=0.0)
+    for k in gaps:
+        res = interpolation_experiment(data_dir, k, seed, device, quick, labels)
+        out["mae"][str(int(k))] = res["mae"]
+        out["endpoint_error"] = max(out["endpoint_error"], res["endpoint_error"])
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+# -------------------------------------------------------------------------------------------------
+# 5. Property estimators (METHOD.md section 4: the conventions of MDAnalysis and freud)
 # -------------------------------------------------------------------------------------------------
 # All take numpy arrays [T, n, 3] of *unwrapped* positions (reduced LJ units) and return numpy.
 
@@ -2314,7 +2957,7 @@ def block_standard_error(x, n_blocks=None):
 
 
 # -------------------------------------------------------------------------------------------------
-# 5. Files: atomic writes, and loading without pickle
+# 6. Files: atomic writes, and loading without pickle
 # -------------------------------------------------------------------------------------------------
 # A crash half-way through writing must never leave a truncated file that a later run trusts, so
 # every file is written to a temporary name in the same folder and then renamed (atomic on POSIX).
@@ -2385,7 +3028,7 @@ def load_trajectory(path):
 
 
 # -------------------------------------------------------------------------------------------------
-# 6. Benchmark and command line
+# 7. Benchmark and command line
 # -------------------------------------------------------------------------------------------------
 
 
@@ -2451,11 +3094,12 @@ def _bench_partition(quick: bool) -> dict:
     return dict(workload="spectral_partition", atoms=n_atoms, parts=n_parts, seconds=seconds)
 
 
-def _ensure_data(data_dir: str, quick: bool, seed: int, device: str) -> None:
+def _ensure_data(data_dir: str, quick: bool, seed: int, device: str, only=None) -> None:
     """Run data_gen for whatever is missing (data_gen skips files that already exist)."""
     import data_gen   # the script beside this module; imported here to avoid a cycle
     data_gen.main((["--quick"] if quick else []) + ["--out", data_dir, "--seed", str(seed),
-                                                    "--device", device])
+                                                    "--device", device]
+                  + (["--only", only] if only else []))
 
 
 def md_ground_truth_summary(data_dir: str) -> dict:
@@ -2504,13 +3148,33 @@ def demo(args) -> int:
         if isinstance(entry, dict) and "diffusivity" in entry:
             d = ", ".join(f"D_{k} = {v['D']:.4f}" for k, v in entry["diffusivity"].items())
             print(f"  {name}: {d}")
+    print("\nPaper B: filling gaps of K = 20 MD steps in the stiff molecule's trajectories",
+          flush=True)
+    interp = interpolation_experiment(data_dir, gap=20, seed=args.seed, device=args.device,
+                                      quick=args.quick)
+    _print_interpolation_table(interp)
     out = os.path.join(args.out, "summary.json")
     previous = load_json(out) if os.path.exists(out) else {}
     previous["md_ground_truth"] = summary
+    previous["interpolation"] = interp
     save_json(out, previous)
-    print(f"\nwrote {out}. The learned CG simulator, Score GNN refinement and Bi-LSTM "
-          "interpolation are not built yet (see README.md, 'Status').")
+    print(f"\nwrote {out}. The learned CG simulator and Score GNN refinement are not built yet "
+          "(see README.md, 'Status').")
     return 0
+
+
+def _print_interpolation_table(res: dict) -> None:
+    """Position MAE per method and temperature, and the free-energy L1 of the C-H bond."""
+    methods = ("bilstm", "unilstm", "hermite", "linear")
+    print(f"  {'kT':>10} " + "".join(f"{m:>10}" for m in methods) + "   (position MAE, sigma)")
+    for label, row in res["mae"].items():
+        print(f"  {label + ' ' + str(STIFF_TEMPERATURES[label]):>10} "
+              + "".join(f"{row[m]:>10.5f}" for m in methods))
+    print(f"  {'F(C-H) L1':>10} " + "   ".join(
+        f"{lab}: " + " ".join(f"{res['free_energy'][lab]['l1'][m]:.3f}" for m in methods)
+        for lab in res["mae"]) + "   (kT units of epsilon, same method order)")
+    print(f"  Bi-LSTM endpoint error {res['endpoint_error']:.1e}; C-H period "
+          f"{res['vibration_period_steps']:.1f} MD steps; {res['seconds']:.0f}s")
 
 
 def main(argv=None) -> int:

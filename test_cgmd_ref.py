@@ -571,6 +571,214 @@ def test_positions_validation():
         C.random_polymer(3, np.random.default_rng(0))
 
 
+# ---- paper B: bi-directional interpolation -------------------------------------------------------
+
+def random_model(n_atoms=4, bidirectional=True, seed=0):
+    """An untrained interpolator with a non-zero head (so the network really moves the state)."""
+    torch.manual_seed(seed)
+    model = C.BiLSTMInterpolator(C.InterpolatorConfig(n_atoms=n_atoms, hidden=16,
+                                                  bidirectional=bidirectional))
+    torch.nn.init.normal_(model.head.weight, std=0.3)
+    torch.nn.init.normal_(model.head.bias, std=0.3)
+    return model.eval()
+
+
+def oscillator_segments(n_segments, gap, omega, dt, seed):
+    """Exact 3-D isotropic harmonic oscillator segments, [S, gap + 1, 1, 3] positions/velocities."""
+    rng = np.random.default_rng(seed)
+    amp = rng.uniform(0.5, 1.5, (n_segments, 1, 1, 3))
+    phase = rng.uniform(0, 2 * np.pi, (n_segments, 1, 1, 3))
+    t = dt * np.arange(gap + 1)[None, :, None, None]
+    return amp * np.cos(omega * t + phase), -amp * omega * np.sin(omega * t + phase)
+
+
+# ---- exact results -------------------------------------------------------------------------------
+
+def test_blend_pins_both_ends_for_any_network():
+    model = random_model()
+    g = torch.Generator().manual_seed(1)
+    z0, z1 = torch.randn(5, 24, generator=g), torch.randn(5, 24, generator=g)
+    fwd, bwd = model.passes(z0, z1, 7)
+    assert not torch.allclose(fwd, bwd)                   # the untrained passes disagree ...
+    z = model(z0, z1, 7)
+    assert z.shape == (5, 8, 24)
+    assert torch.equal(z[:, 0], z0) and torch.equal(z[:, -1], z1)   # ... yet both ends are exact
+    # Through the numpy API (z-scoring round trip in float32): still far below 1e-5.
+    rng = np.random.default_rng(2)
+    start = (rng.normal(size=(3, 4, 3)), rng.normal(size=(3, 4, 3)))
+    end = (rng.normal(size=(3, 4, 3)), rng.normal(size=(3, 4, 3)))
+    pos, vel = model.interpolate(start, end, 9)
+    assert pos.shape == vel.shape == (3, 10, 4, 3)
+    for got, want in [(pos[:, 0], start[0]), (vel[:, 0], start[1]), (pos[:, -1], end[0]),
+                      (vel[:, -1], end[1])]:
+        assert np.abs(got - want).max() < 1e-6
+
+
+def test_unidirectional_variant_starts_exactly_and_ignores_the_end():
+    model = random_model(bidirectional=False)
+    g = torch.Generator().manual_seed(3)
+    z0, z1, z2 = (torch.randn(4, 24, generator=g) for _ in range(3))
+    a, b = model(z0, z1, 6), model(z0, z2, 6)
+    assert torch.equal(a[:, 0], z0) and torch.equal(a, b)     # forward only: t1 not used
+    assert not torch.allclose(a[:, -1], z1)
+
+
+def test_adiabatic_blend_numpy_and_torch_agree():
+    rng = np.random.default_rng(0)
+    fwd, bwd = rng.normal(size=(11, 4, 3)), rng.normal(size=(11, 4, 3))
+    x = C.adiabatic_blend(fwd, bwd, time_axis=0)
+    assert np.array_equal(x[0], fwd[0]) and np.array_equal(x[-1], bwd[-1])
+    assert np.allclose(x[5], 0.5 * (fwd[5] + bwd[5]))    # lambda = 1/2 half way
+    xt = C.adiabatic_blend(torch.from_numpy(fwd), torch.from_numpy(bwd), time_axis=0)
+    assert np.allclose(xt.numpy(), x, atol=1e-15)
+
+
+class VerletOscillator(C.BiLSTMInterpolator):
+    """The network's step replaced by velocity Verlet for x'' = -omega^2 x (in z-space).
+
+    Verlet is exactly time-reversible (negate v, step, negate v: the step undone), so a backward
+    pass from the forward pass's own end state must retrace it, and the blend must equal it.
+    """
+
+    def __init__(self, omega, h):
+        super().__init__(C.InterpolatorConfig(n_atoms=1, hidden=4))
+        self.omega, self.h = omega, h
+
+    def step(self, z, hc):
+        x, v = z[:, :3], z[:, 3:]
+        v = v - 0.5 * self.h * self.omega ** 2 * x
+        x = x + self.h * v
+        v = v - 0.5 * self.h * self.omega ** 2 * x
+        return torch.cat([x, v], 1), hc
+
+
+def test_backward_pass_of_a_reversible_step_retraces_the_forward_one():
+    model = VerletOscillator(omega=2 * math.pi / 17, h=1.0)     # period 17 steps, as C-H
+    z0 = torch.randn(6, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    truth = model.rollout(z0, 30)                               # 30 steps: > one period
+    fwd, bwd = model.passes(truth[:, 0], truth[:, -1], 30)
+    assert torch.allclose(fwd, truth, atol=1e-12)
+    assert torch.allclose(bwd, truth, atol=1e-12)               # backward retraces forward
+    assert torch.allclose(model(truth[:, 0], truth[:, -1], 30), truth, atol=1e-12)
+    # Without the velocity flip the "backward" pass would run forward in time and miss.
+    wrong = model.rollout(truth[:, -1], 30).flip(1)
+    assert (wrong - truth).abs().max() > 0.1
+
+
+def test_hermite_reproduces_a_cubic_exactly():
+    rng = np.random.default_rng(0)
+    a, b, c, d = rng.normal(size=(4, 5, 3))                     # per atom and coordinate
+    t = np.linspace(0.3, 1.1, 9)
+    x = lambda s: a + b * s + c * s ** 2 + d * s ** 3           # noqa: E731
+    v = lambda s: b + 2 * c * s + 3 * d * s ** 2                # noqa: E731
+    got = C.hermite_interpolation(x(t[0]), v(t[0]), x(t[-1]), v(t[-1]), t)
+    assert got.shape == (9, 5, 3)
+    assert np.allclose(got, np.stack([x(s) for s in t]), atol=1e-12)
+
+
+def test_linear_interpolation_reproduces_a_line():
+    rng = np.random.default_rng(1)
+    start, velocity = rng.normal(size=(2, 5, 3))
+    got = C.linear_interpolation(start, start + 20 * velocity, 21)
+    assert got.shape == (21, 5, 3)
+    assert np.allclose(got, start + np.arange(21)[:, None, None] * velocity, atol=1e-12)
+    assert np.array_equal(got[0], start) and np.array_equal(got[-1], start + 20 * velocity)
+
+
+def test_segment_frame_recovers_a_known_rigid_motion():
+    _, ref = C.stiff_molecule()
+    masses = C.stiff_molecule()[0].masses
+    rng = np.random.default_rng(3)
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    q *= np.sign(np.linalg.det(q))                              # a proper rotation
+    moved = ref @ q.T + np.array([4.0, -2.0, 7.0])
+    com, rot = C.segment_frames(moved[None], moved[None], masses, ref)
+    assert np.isclose(np.linalg.det(rot[0]), 1.0)
+    pos = np.stack([moved, moved + 0.01])[None]                 # [1, 2, 12, 3]
+    vel = rng.normal(size=pos.shape)
+    p, v = C.to_frame(pos, vel, com, rot)
+    ref_c = ref - masses @ ref / masses.sum()
+    assert np.allclose(p[0, 0], ref_c, atol=1e-12)              # aligned onto the reference
+    back = C.from_frame(p, v, com, rot)
+    assert np.allclose(back[0], pos, atol=1e-12) and np.allclose(back[1], vel, atol=1e-12)
+
+
+def test_free_energy_difference_is_zero_for_identical_samples():
+    x = np.random.default_rng(0).normal(size=5000)
+    same = C.free_energy_difference(x, x, kT=0.3)
+    assert same["l1"] == 0 and same["max"] == 0
+    assert C.free_energy_difference(x, 1.3 * x, kT=0.3)["l1"] > 0.05     # too broad: detected
+
+
+# ---- learning ---------------------------------------------------------------------------------
+
+def test_briefly_trained_bilstm_beats_linear_on_a_harmonic_oscillator():
+    # Period 12 steps, gap 10: the straight line misses almost the whole oscillation.
+    omega, dt, gap = 2 * np.pi / (12 * 0.05), 0.05, 10
+    pos, vel = oscillator_segments(384, gap, omega, dt, seed=0)
+    test_pos, test_vel = oscillator_segments(64, gap, omega, dt, seed=1)
+    model = C.train_interpolator(pos, vel, C.InterpolatorConfig(n_atoms=1, hidden=32),
+                               C.InterpTrainConfig(teacher_epochs=2, epochs=6, batch_size=32,
+                                                 lr=1e-2, seed=0), label="[oscillator]")
+    p, _ = model.interpolate((test_pos[:, 0], test_vel[:, 0]), (test_pos[:, -1], test_vel[:, -1]),
+                             gap)
+    lin = np.moveaxis(C.linear_interpolation(test_pos[:, 0], test_pos[:, -1], gap + 1), 0, 1)
+    inner = slice(1, gap)
+    mae_lstm = np.abs(p[:, inner] - test_pos[:, inner]).mean()
+    mae_lin = np.abs(lin[:, inner] - test_pos[:, inner]).mean()
+    print(f"harmonic oscillator, gap {gap}: MAE Bi-LSTM {mae_lstm:.4f}, linear {mae_lin:.4f}")
+    assert mae_lstm < 0.5 * mae_lin
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+P, V = np.zeros((12, 3)), np.ones((12, 3))
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda m: C.linear_interpolation(P, P, 2), "n_frames"),                 # gap of 1 frame
+    (lambda m: C.linear_interpolation(P, P[:11], 5), "end"),                 # mismatched ends
+    (lambda m: C.hermite_interpolation(P, V, P, V, [0.0, 1.0]), "times"),
+    (lambda m: C.hermite_interpolation(P, V, P, V, [0.0, 2.0, 1.0]), "times"),
+    (lambda m: C.hermite_interpolation(P, V[:11], P, V, [0.0, 0.5, 1.0]), "v0"),
+    (lambda m: m.interpolate((P, V), (P, V), 1), "gap"),
+    (lambda m: m.interpolate((P, V), (P, V), 0), "gap"),
+    (lambda m: m.interpolate(P, (P, V), 5), r"start must be a \(positions, velocities\)"),
+    (lambda m: m.interpolate((P, V), P, 5), r"end must be a \(positions, velocities\)"),
+    (lambda m: m.interpolate((P, V[:11]), (P, V), 5), "velocities"),
+    (lambda m: m.interpolate((P, V), (P[:11], V[:11]), 5), "end"),
+    (lambda m: m.interpolate((P[:, :2], V[:, :2]), (P[:, :2], V[:, :2]), 5), "positions"),
+    (lambda m: m.interpolate((np.stack([P, P]), np.stack([V, V])), (P, V), 5), "end"),
+    (lambda m: C.train_interpolator(np.zeros((4, 6, 12, 3)), np.zeros((4, 5, 12, 3))),
+     "velocities"),
+    (lambda m: C.train_interpolator(np.zeros((4, 2, 12, 3)), np.zeros((4, 2, 12, 3))), "gap"),
+    (lambda m: C.interpolation_experiment(gap=1), "gap"),
+    (lambda m: C.interpolation_experiment(labels=["warm"]), "labels"),
+])
+def test_interpolation_bad_input_raises_naming_argument(call, match):
+    model = random_model(n_atoms=12)
+    with pytest.raises(ValueError, match=match):
+        call(model)
+
+
+# ---- smoke run of the experiment ----------------------------------------------------------------
+
+def test_quick_experiment_runs_end_to_end(tmp_path):
+    res = C.interpolation_experiment(str(tmp_path), quick=True, labels=["low", "high"])
+    assert set(res["mae"]) == {"low", "high"}
+    for label in res["mae"]:
+        assert set(res["mae"][label]) == {"bilstm", "unilstm", "hermite", "linear"}
+        assert all(np.isfinite(v) for v in res["mae"][label].values())
+        fe = res["free_energy"][label]
+        assert set(fe["l1"]) == set(fe["max"]) == {"bilstm", "unilstm", "hermite", "linear"}
+        assert len(fe["F_true"]) == len(fe["centres"]) == len(fe["F"]["bilstm"])
+    assert res["endpoint_error"] <= 1e-5
+    assert res["gap"] == 20 and 16 < res["vibration_period_steps"] < 18
+    sweep = C.gap_sweep(str(tmp_path), gaps=(5,), quick=True, labels=["mid"])
+    assert set(sweep["mae"]["5"]["mid"]) == {"bilstm", "unilstm", "hermite", "linear"}
+    C.save_json(tmp_path / "summary.json", {"interpolation": res, "gap_sweep": sweep})
+
+
 # ---- the scripts, end to end (tiny sizes) -------------------------------------------------------
 
 def _run(*args, cwd):
