@@ -3170,9 +3170,9 @@ def _print_interpolation_table(res: dict) -> None:
     for label, row in res["mae"].items():
         print(f"  {label + ' ' + str(STIFF_TEMPERATURES[label]):>10} "
               + "".join(f"{row[m]:>10.5f}" for m in methods))
-    print(f"  {'F(C-H) L1':>10} " + "   ".join(
+    print(f"  {'F(C-H)':>10} " + "   ".join(
         f"{lab}: " + " ".join(f"{res['free_energy'][lab]['l1'][m]:.3f}" for m in methods)
-        for lab in res["mae"]) + "   (kT units of epsilon, same method order)")
+        for lab in res["mae"]) + "   (mean |F - F_true|, epsilon; methods in the order above)")
     print(f"  Bi-LSTM endpoint error {res['endpoint_error']:.1e}; C-H period "
           f"{res['vibration_period_steps']:.1f} MD steps; {res['seconds']:.0f}s")
 
