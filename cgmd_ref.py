@@ -1093,12 +1093,15 @@ def stiff_molecule(model: StiffMoleculeModel = StiffMoleculeModel()):
 # Here the partition is written out, in three readable steps:
 #   1. recursive spectral bisection: order the atoms by the Fiedler vector (the eigenvector of
 #      the graph Laplacian L = D - A with the second-smallest eigenvalue, which varies slowly
-#      along the graph, so cutting it at a threshold cuts few bonds), and grow one half as a
-#      connected region in that order;
-#   2. parts are allotted to the halves in proportion to their size, recursively;
+#      along the graph, so cutting it at a threshold cuts few bonds) and take a connected half in
+#      that order; single-bond cuts (bridges: one depth-first search finds them all) compete as
+#      candidates. The parts are shared out to the two halves by size, recursively.
+#   2. greedy tree packing (Kundu & Misra [5]) where step 1 leaves a part over the size cap: a
+#      branched molecule has few balanced cuts, and packing a spanning tree bottom-up gives the
+#      fewest connected parts under the cap; the heaviest are then bisected up to n_parts.
 #   3. greedy boundary refinement (Fiduccia-Mattheyses style): move boundary atoms to a
 #      neighbouring part when that cuts fewer bonds, or evens out sizes at equal cut, never
-#      disconnecting a part or breaking the size limit.
+#      disconnecting a part or breaking the size cap.
 # Unlike METIS, every part comes out connected: a bead made of atoms that are not bonded to each
 # other would be physically meaningless.
 
@@ -1394,8 +1397,8 @@ def _partition(A, w, alloc, comp, rng, cap):
 def _partition_all(A, w, alloc, comp, rng, cap):
     labels = np.empty(A.shape[0], dtype=np.int64)
     offset = 0
-    for c, k in enumerate(alloc):           # one call per molecule (set-up, not per step)
-        nodes = np.flatnonzero(comp == c)
+    members = np.split(np.argsort(comp, kind="stable"), np.cumsum(np.bincount(comp))[:-1])
+    for nodes, k in zip(members, alloc):    # one call per molecule (set-up, not per step)
         if k == 1:
             labels[nodes] = offset
         else:
@@ -1409,9 +1412,10 @@ def spectral_partition(n_atoms: int, bonds, n_parts: int, *, masses=None, seed: 
                        imbalance: float = 0.10) -> np.ndarray:
     """Partition a bond graph into `n_parts` connected, balanced parts with few cut bonds.
 
-    Greedy spectral partitioning (recursive Fiedler bisection + boundary refinement; see the
-    section comment). Disconnected graphs are split per connected component, with parts allotted
-    in proportion to size and at least one per component.
+    Greedy spectral partitioning (recursive Fiedler / bridge bisection, greedy tree packing where
+    that breaks the size cap, boundary refinement; see the section comment). Disconnected graphs
+    are split per connected component, with parts allotted in proportion to size and at least
+    one per component.
 
     Args:
         n_atoms: number of atoms (graph nodes).
