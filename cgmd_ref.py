@@ -476,7 +476,7 @@ class PairList:
             # the minimum image is computed once here rather than with round() every step.
             L = self.system.box
             d = x.index_select(1, self.i) - x.index_select(1, self.j)
-            self.shift = torch.round(d / L).mul_(-L)
+            self.shift = _minimum_image(d, L) - d
 
     # -- using ------------------------------------------------------------------------------------
     def displacement_since_build(self, x: torch.Tensor):
@@ -529,8 +529,7 @@ class ForceField:
     def _bond_vectors(self, x):
         d = x.index_select(1, self.bi).sub_(x.index_select(1, self.bj))
         if self.system.box is not None:   # a bond never spans half a box, but be safe
-            L = self.system.box
-            d.sub_(L * torch.round(d / L))
+            d = _minimum_image(d, self.system.box)
         return d
 
     def forces(self, x: torch.Tensor) -> torch.Tensor:
@@ -569,6 +568,11 @@ class ForceField:
             r = self._bond_vectors(x).square().sum(0).sqrt()
             E.index_add_(0, self.replica_of_atom[self.bi], 0.5 * self.bk * (r - self.br0) ** 2)
         return E
+
+
+def _minimum_image(d: torch.Tensor, box: float) -> torch.Tensor:
+    """Displacements folded to their nearest periodic image in a cubic box of edge `box`."""
+    return d - box * torch.round(d / box)
 
 
 def _to_engine(positions: np.ndarray, device, dtype) -> torch.Tensor:
@@ -1622,7 +1626,7 @@ def cg_graph(positions, bonds, radius: float, *, box: Optional[float] = None) ->
         if 2 * radius > box:
             raise ValueError(f"radius={radius} exceeds half the box ({box / 2}); the minimum "
                              "image would miss neighbours")
-        d = d - box * torch.round(d / box)
+        d = _minimum_image(d, box)
     bonded = torch.zeros(n, n, dtype=torch.bool, device=x.device)
     bonded[b[:, 0], b[:, 1]] = True
     bonded[b[:, 1], b[:, 0]] = True
@@ -2960,6 +2964,27 @@ def block_standard_error(x, n_blocks=None):
     return sem
 
 
+
+def replica_mean_se(x):
+    """Mean of x [T, R] over time and R independent replicas, with its standard error.
+
+    Replicas are independent, so the spread of their time averages gives an honest error
+    (std / sqrt(R)); a single replica falls back to block averaging over time.
+    Returns (mean, se); se is NaN when neither is possible (R = 1 and T < 16).
+    """
+    x = _as_array(x, "x", ndim=2, expected="[T, n_replicas]")
+    per_replica = x.mean(0)
+    if len(per_replica) > 1:
+        return float(x.mean()), float(per_replica.std(ddof=1) / math.sqrt(len(per_replica)))
+    return float(x.mean()), (block_standard_error(x[:, 0]) if len(x) >= 16 else float("nan"))
+
+
+def molecule_rg2(positions, masses, offsets) -> list:
+    """R_g^2 of each molecule of a concatenate_systems() batch: a list of [...] arrays, one per
+    molecule, molecule k being atoms offsets[k] .. offsets[k + 1] - 1 of positions [..., n, 3]."""
+    return [radius_of_gyration_sq(positions[..., a:b, :], masses[a:b])
+            for a, b in zip(offsets[:-1], offsets[1:])]
+
 # -------------------------------------------------------------------------------------------------
 # 6. Files: atomic writes, and loading without pickle
 # -------------------------------------------------------------------------------------------------
@@ -3113,19 +3138,16 @@ def md_ground_truth_summary(data_dir: str) -> dict:
     short run as long as the training trajectories; for the test electrolytes: diffusivities
     per species. These are the targets and the baseline of the learned simulators.
     """
-    long, offsets = (lambda t: (t[0], t[1]["atom_offsets"]))(
-        load_trajectory(os.path.join(data_dir, "polymer_test_long.npz")))
+    long, extra = load_trajectory(os.path.join(data_dir, "polymer_test_long.npz"))
     short, _ = load_trajectory(os.path.join(data_dir, "polymer_test_short.npz"))
-    m = long.system.masses
+    offsets, m = extra["atom_offsets"], long.system.masses
     rows = []
-    for k, (a, b) in enumerate(zip(offsets[:-1], offsets[1:])):
-        truth = radius_of_gyration_sq(long.positions[:, :, a:b], m[a:b])        # [T, R]
-        est = radius_of_gyration_sq(short.positions[:, :, a:b], m[a:b]).mean()   # R = 1
-        se = truth.mean(0).std(ddof=1) / math.sqrt(truth.shape[1]) if truth.shape[1] > 1 \
-            else float("nan")
-        rows.append(dict(polymer=k, n_atoms=int(b - a), rg2_truth=float(truth.mean()),
-                         rg2_truth_se=float(se), rg2_short_md=float(est),
-                         short_md_rel_error=float(abs(est - truth.mean()) / truth.mean())))
+    for k, (truth, est) in enumerate(zip(molecule_rg2(long.positions, m, offsets),      # [T, R]
+                                         molecule_rg2(short.positions, m, offsets))):   # R = 1
+        mean, se = replica_mean_se(truth)
+        rows.append(dict(polymer=k, n_atoms=int(offsets[k + 1] - offsets[k]), rg2_truth=mean,
+                         rg2_truth_se=se, rg2_short_md=float(est.mean()),
+                         short_md_rel_error=float(abs(est.mean() - mean) / mean)))
     return dict(polymer=rows, short_md_rg2_median_rel_error=float(
         np.median([r["short_md_rel_error"] for r in rows])))
 

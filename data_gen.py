@@ -104,15 +104,10 @@ def gen_polymers(cfg, out, seed, force, device, meta):
 def rg2_convergence(traj, offsets):
     """Per polymer: <R_g^2>, its standard error from independent replicas, relaxation time."""
     rows = []
-    m = traj.system.masses
-    for a, b in zip(offsets[:-1], offsets[1:]):
-        rg2 = C.radius_of_gyration_sq(traj.positions[:, :, a:b], m[a:b])      # [T, R]
-        per_replica = rg2.mean(0)
-        se = per_replica.std(ddof=1) / np.sqrt(len(per_replica)) if len(per_replica) > 1 \
-            else C.block_standard_error(rg2[:, 0]) if len(rg2) >= 16 else float("nan")
+    for rg2 in C.molecule_rg2(traj.positions, traj.system.masses, offsets):    # each [T, R]
+        mean, se = C.replica_mean_se(rg2)
         tau = np.mean([C.relaxation_time(rg2[:, r], traj.time[1]) for r in range(rg2.shape[1])])
-        rows.append(dict(rg2=float(rg2.mean()), se=float(se), rel_se=float(se / rg2.mean()),
-                         relaxation_time=float(tau)))
+        rows.append(dict(rg2=mean, se=se, rel_se=se / mean, relaxation_time=float(tau)))
     worst = max(r["rel_se"] for r in rows)
     print(f"  ground-truth <R_g^2>: worst relative standard error {100 * worst:.2f}% "
           f"(target < 2%)")

@@ -1087,6 +1087,20 @@ def test_fes_reuses_pca_basis():
 # ---------------------------------------------------- block averaging ----
 
 
+def test_replica_mean_se_and_molecule_rg2():
+    rng = np.random.default_rng(0)
+    x = rng.normal(2.0, 1.0, (400, 16))                  # 16 independent replicas
+    mean, se = C.replica_mean_se(x)
+    assert mean == pytest.approx(x.mean())
+    assert se == pytest.approx(x.mean(0).std(ddof=1) / 4)
+    one_mean, one_se = C.replica_mean_se(x[:, :1])       # one replica: block averaging
+    assert one_se == pytest.approx(C.block_standard_error(x[:, 0]))
+    pos = rng.normal(size=(5, 7, 3))
+    masses = rng.uniform(0.5, 2.0, 7)
+    parts = C.molecule_rg2(pos, masses, [0, 3, 7])
+    assert np.allclose(parts[1], C.radius_of_gyration_sq(pos[:, 3:], masses[3:]))
+
+
 def test_block_sem_iid():
     n = 2 ** 17
     x = np.random.default_rng(13).normal(size=n)
