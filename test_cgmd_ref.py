@@ -1174,3 +1174,239 @@ SERIES = np.random.default_rng(17).normal(size=100)
 def test_bad_input_raises_naming_argument(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+# ---- the learned CG simulator (paper A, issue 4) -----------------------------------------------
+
+def _two_polymers(seed=0):
+    """A CG system of two small class I polymers (isolated molecules) and a CG frame of it."""
+    rng = np.random.default_rng(seed)
+    polymers = [C.random_polymer(1, rng) for _ in range(2)]
+    system, _ = C.concatenate_systems([p[0] for p in polymers])
+    x = np.concatenate([p[1] for p in polymers])
+    cg = C.cg_system(system, 4.0)
+    return system, cg, x
+
+
+def _dynamics_model(correlated=True, seed=0):
+    torch.manual_seed(seed)
+    cfg = C.DynamicsConfig(latent=16, n_steps=2, correlated=correlated,
+                           embedding=C.EmbeddingConfig(latent=16, n_steps=2))
+    return C.DynamicsGNN(cfg).double().eval()
+
+
+def _history(cg, B=2, K=3, seed=0):
+    """[B, K + 1, n, 3] float64 histories: beads on a random walk around a random shape."""
+    g = torch.Generator().manual_seed(seed)
+    base = 2.0 * torch.randn(1, 1, cg.n_beads, 3, generator=g, dtype=torch.float64)
+    return base + 0.3 * torch.randn(B, K + 1, cg.n_beads, 3, generator=g,
+                                    dtype=torch.float64).cumsum(1)
+
+
+@pytest.mark.parametrize("correlated", [True, False])
+def test_dynamics_mean_equivariant_std_invariant_under_rotation_and_translation(correlated):
+    _, cg, _ = _two_polymers()
+    model = _dynamics_model(correlated)
+    h = _history(cg)
+    Q = torch.as_tensor(Rotation.random(random_state=3).as_matrix())
+    shift = torch.tensor([3.0, -7.0, 0.5], dtype=torch.float64)
+    with torch.no_grad():
+        d0 = model(h, cg)
+        d1 = model(h @ Q.T + shift, cg)
+    assert torch.allclose(d1.mean, d0.mean @ Q.T, atol=1e-5)
+    assert torch.allclose(d1.std(), d0.std(), atol=1e-5)
+    assert torch.allclose(d1.covariance(), d0.covariance(), atol=1e-5)
+    assert d0.std().min() >= d0.std_min                                 # the floor holds
+
+
+def test_dynamics_permutation_equivariant():
+    _, cg, _ = _two_polymers()
+    model = _dynamics_model()
+    h = _history(cg)
+    perm = np.random.default_rng(1).permutation(cg.n_beads)
+    inv = np.argsort(perm)                                               # new index of old bead
+    cg_p = C.CGSystem(atom_types=cg.atom_types, bonds=cg.bonds, bond_type=cg.bond_type,
+                      labels=inv[cg.labels], bead_mass=cg.bead_mass[perm],
+                      cg_bonds=np.sort(inv[cg.cg_bonds], axis=1), molecule=cg.molecule[perm])
+    with torch.no_grad():
+        d0, d1 = model(h, cg), model(h[:, :, perm], cg_p)
+    assert torch.allclose(d1.mean, d0.mean[:, perm], atol=1e-10)
+    assert torch.allclose(d1.std(), d0.std()[:, perm], atol=1e-10)
+    cov0 = d0.covariance()
+    assert torch.allclose(d1.covariance(), cov0[:, perm][:, :, perm], atol=1e-10)
+
+
+def test_dynamics_batched_equals_one_by_one():
+    _, cg, _ = _two_polymers()
+    model = _dynamics_model()
+    h = _history(cg, B=3)
+    with torch.no_grad():
+        d = model(h, cg)
+        for b in range(3):
+            one = model(h[b:b + 1], cg)
+            assert torch.allclose(d.mean[b], one.mean[0], atol=1e-12)
+            assert torch.allclose(d.covariance()[b], one.covariance()[0], atol=1e-12)
+
+
+def test_step_distribution_nll_matches_torch_distributions():
+    _, cg, _ = _two_polymers()
+    h = _history(cg, B=2)
+    target = torch.randn(2, cg.n_beads, 3, dtype=torch.float64, generator=torch.Generator()
+                         .manual_seed(5))
+    with torch.no_grad():
+        d = _dynamics_model(correlated=False)(h, cg)
+        ref = -torch.distributions.Normal(d.mean, d.std()[..., None]).log_prob(target).mean()
+        assert torch.allclose(d.nll(target), ref, atol=1e-10)
+        d = _dynamics_model(correlated=True)(h, cg)
+        cov = d.covariance()
+        mvn = torch.distributions.MultivariateNormal(d.mean.transpose(1, 2),
+                                                     covariance_matrix=cov[:, None])
+        ref = -mvn.log_prob(target.transpose(1, 2)).sum() / target.numel()
+        assert torch.allclose(d.nll(target), ref, atol=1e-10)
+    # gaussian_nll on known values: N(0, 2^2) at x = 2 gives log 2 + log(2 pi)/2 + 1/2
+    val = C.gaussian_nll(torch.zeros(1), torch.full((1,), 2.0), torch.full((1,), 2.0))
+    assert float(val) == pytest.approx(math.log(2) + 0.5 * math.log(2 * math.pi) + 0.5)
+
+
+def test_step_distribution_samples_have_its_covariance():
+    """The sparse sampler (S z via the edge list) and the dense covariance agree: 4000 draws,
+    tolerance 5 standard errors of a sample covariance (sqrt(2 / n) relative)."""
+    _, cg, _ = _two_polymers()
+    with torch.no_grad():
+        d = _dynamics_model()(_history(cg, B=1), cg)
+        gen = torch.Generator().manual_seed(0)
+        a = torch.stack([d.sample(gen)[0] for _ in range(4000)])        # [S, n, 3]
+    dev = (a - d.mean[0]).permute(0, 2, 1).reshape(-1, cg.n_beads)      # [S * 3, n]
+    emp = dev.T @ dev / len(dev)
+    cov = d.covariance()[0]
+    scale = torch.sqrt(torch.diagonal(cov)[:, None] * torch.diagonal(cov)[None])
+    assert float(((emp - cov) / scale).abs().max()) < 5 * math.sqrt(2 / len(dev))
+    assert float(cov[0, 1].abs()) > 0                                    # correlated for real
+
+
+def test_euler_bookkeeping_exact_in_a_rollout():
+    """A model whose step distribution is a fixed acceleration: the rollout must be the exact
+    constant-acceleration trajectory x_n = x_0 + n v + n (n + 1) / 2 a (dyadic numbers)."""
+    _, cg, _ = _two_polymers()
+    a = torch.full((1, cg.n_beads, 3), 0.25, dtype=torch.float64)
+
+    class Fixed(C.DynamicsGNN):
+        def forward(self, history, cg, embedding=None, pairs=None):
+            return C.StepDistribution(mean=a.expand(len(history), -1, -1),
+                                      scale=torch.zeros(len(history), cg.n_beads,
+                                                        dtype=torch.float64),
+                                      edge_scale=None, graph=None, std_min=0.0)
+
+    model = Fixed(C.DynamicsConfig(n_history=1, latent=8, n_steps=1,
+                                   embedding=C.EmbeddingConfig(latent=8, n_steps=1))).double()
+    x0 = torch.zeros(1, cg.n_beads, 3, dtype=torch.float64)
+    v = torch.full_like(x0, 0.5)
+    frames = C.rollout(model, cg, torch.stack([x0 - v, x0], dim=1), 6)
+    n = np.arange(7)[:, None, None, None]
+    assert np.array_equal(frames, x0.numpy() + n * v.numpy() + n * (n + 1) / 2 * 0.25)
+    xs = torch.as_tensor(frames[:3])
+    assert torch.equal(C.time_integrated_acceleration(xs[0], xs[1], xs[2]), a.expand_as(xs[0]))
+
+
+def _tiny_training_data():
+    polymers = [C.random_polymer(1, np.random.default_rng(2)) for _ in range(2)]
+    system, _ = C.concatenate_systems([p[0] for p in polymers])
+    x = np.concatenate([p[1] for p in polymers])
+    tr = C.simulate(system, np.stack([x, x]), 1200, dt=0.005, save_every=20, seed=0)
+    cg = C.cg_system(system, 4.0)
+    return cg, C.coarse_grain(tr.positions, cg.labels, system.masses)   # [61, 2, n, 3]
+
+
+def test_tiny_training_lowers_the_loss_and_rollout_stays_finite(tmp_path):
+    cg, x = _tiny_training_data()
+    cfg = C.DynamicsConfig(latent=16, n_steps=1, embedding=C.EmbeddingConfig(latent=16,
+                                                                             n_steps=1))
+    train = C.DynamicsTrainConfig(stride=2, n_iterations=60, lr=3e-3, noise=(0.01, 0.001))
+    h = torch.as_tensor(np.stack([x[t - 6:t + 1:2, r] for t in (20, 40) for r in (0, 1)]))
+    target = C.time_integrated_acceleration(h[:, -2], h[:, -1],
+                                            torch.as_tensor(np.stack(
+                                                [x[t + 2, r] for t in (20, 40) for r in (0, 1)])))
+    def nll(model):
+        with torch.no_grad():
+            return float(model(h.float(), cg).nll(target.float()))
+    untrained = C.train_dynamics(x, cg, cfg, C.DynamicsTrainConfig(stride=2, n_iterations=1,
+                                                                     lr=1e-12), label=None)
+    trained = C.train_dynamics(x, cg, cfg, train, label=None)
+    assert nll(trained) < nll(untrained) - 0.2
+    frames = C.rollout(trained, cg, h[:2], 200)
+    assert frames.shape == (201, 2, cg.n_beads, 3) and np.isfinite(frames).all()
+    # checkpoint round trip: same tensors, same outputs, same config
+    path = tmp_path / "dyn.pt"
+    C.save_checkpoint(path, trained)
+    back = C.load_checkpoint(path, expected_config=cfg)
+    for (k, v), (k2, v2) in zip(trained.state_dict().items(), back.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    assert nll(back) == nll(trained)
+    other = C.DynamicsConfig(latent=32, n_steps=1, embedding=C.EmbeddingConfig(latent=16,
+                                                                               n_steps=1))
+    with pytest.raises(ValueError, match="latent"):
+        C.load_checkpoint(path, expected_config=other)
+    torch.save({"kind": "something else"}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="not a DynamicsGNN checkpoint"):
+        C.load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_rollout_names_the_step_where_it_blows_up():
+    _, cg, _ = _two_polymers()
+    model = _dynamics_model()
+    model.acc_scale.fill_(float("inf"))
+    with pytest.raises(C.SimulationBlowUp, match="step 1"):
+        C.rollout(model, cg, _history(cg, B=1), 5)
+
+
+def test_pair_graph_keeps_radius_edges_inside_molecules_and_all_bonds():
+    system, cg, x = _two_polymers()
+    xb = torch.as_tensor(C.coarse_grain(x, cg.labels, system.masses))[None]
+    pairs = torch.as_tensor(cg.candidate_pairs())
+    g = C.pair_graph(xb, pairs, torch.as_tensor(cg.cg_bonds), 2.5)
+    s, r = g.senders.numpy(), g.receivers.numpy()
+    assert np.all(cg.molecule[s] == cg.molecule[r])
+    d = np.linalg.norm(xb[0].numpy()[s] - xb[0].numpy()[r], axis=1)
+    bonded = {tuple(b) for b in cg.cg_bonds} | {tuple(b[::-1]) for b in cg.cg_bonds}
+    expect = {(i, j) for i, j in cg.candidate_pairs()
+              if np.linalg.norm(xb[0, i] - xb[0, j]) < 2.5 or (i, j) in bonded}
+    assert set(zip(s.tolist(), r.tolist())) == expect
+    assert np.allclose(g.distance[:, 0].numpy(), d)
+    assert {(i, j) for i, j, t in zip(s, r, g.edge_type.numpy()) if t} == bonded
+
+
+def test_rg2_regressor_fits_its_training_molecules():
+    rng = np.random.default_rng(4)
+    system, _ = C.concatenate_systems([C.random_polymer(1, rng)[0] for _ in range(6)])
+    target = np.bincount(system.molecule).astype(float) ** 0.8 / 4      # grows with size
+    model = C.train_rg2_regressor(system, target, n_iterations=200)
+    with torch.no_grad():
+        pred = torch.exp(model(system)).numpy()
+    assert np.max(np.abs(pred / target - 1)) < 0.1
+
+
+def test_polymer_experiment_quick_smoke(tmp_path):
+    res = C.polymer_experiment(str(tmp_path / "d"), quick=True, stability_steps=20,
+                               checkpoint=str(tmp_path / "m.pt"))
+    assert set(res["rg2_rel_error"]) == {"learned", "short_md", "supervised_gnn"}
+    assert set(res["relaxation_time_rel_error"]) == {"learned", "short_md"}
+    assert res["n_test"] == len(res["per_polymer"]) == 2 and res["speedup"] > 0
+    assert res["stability"]["finite"] and os.path.exists(tmp_path / "m.pt")
+    json.dumps(res, allow_nan=False)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda m, cg, h: m(h[:, 1:], cg), "n_history"),
+    (lambda m, cg, h: m(h[..., :2], cg), "history"),
+    (lambda m, cg, h: m(h[:, :, 1:], cg), "beads"),
+    (lambda m, cg, h: C.rollout(m, cg, h[0], 3), "history"),
+    (lambda m, cg, h: C.rollout(m, cg, h, 0), "n_steps"),
+    (lambda m, cg, h: m(h, cg).nll(torch.zeros(1, 3)), "target"),
+    (lambda m, cg, h: C.train_dynamics(np.zeros((5, 1, cg.n_beads, 3)), cg, m.cfg), "frames"),
+    (lambda m, cg, h: C.train_dynamics(np.zeros((50, 1, 3, 3)), cg, m.cfg), "beads"),
+    (lambda m, cg, h: C.DynamicsConfig(radius=-1.0), "radius"),
+])
+def test_learned_simulator_bad_input(call, match):
+    _, cg, _ = _two_polymers()
+    with pytest.raises(ValueError, match=match):
+        call(_dynamics_model(), cg, _history(cg))
+
+
