@@ -2296,6 +2296,53 @@ def _fes_difference(truth_frames, frames, kT=1.0, n_bins=20, cutoff=3.0) -> dict
                 F=np.where(np.isfinite(est), est, -1).tolist(), empty_bins_are=-1)
 
 
+def _stability_check(model, cg, history, n_steps, seed, x_truth) -> dict:
+    """A long rollout from `history`: finite, and how long the CG bonds get (vs the MD frames)."""
+    out = dict(steps=n_steps)
+    if not n_steps:
+        return out
+    t0 = time.perf_counter()
+    frames = rollout(model, cg, history, n_steps, seed=seed, label="stability rollout")
+    b = cg.cg_bonds
+    bond = np.linalg.norm(frames[:, :, b[:, 0]] - frames[:, :, b[:, 1]], axis=-1)
+    bond_true = np.linalg.norm(x_truth[:, :, b[:, 0]] - x_truth[:, :, b[:, 1]], axis=-1)
+    out.update(finite=bool(np.isfinite(frames).all()), max_bond=float(bond.max()),
+               max_bond_truth=float(bond_true.max()), mean_bond=float(bond.mean()),
+               mean_bond_truth=float(bond_true.mean()), seconds=time.perf_counter() - t0)
+    return out
+
+
+def _relaxation(series, dt) -> float:
+    """Mean over replicas of the R_g^2 relaxation time of series [T, R]."""
+    return float(np.mean([relaxation_time(series[:, r], dt) for r in range(series.shape[1])]))
+
+
+def _polymer_row(k, truth, learned, short, supervised, n_beads, frame_dt, m) -> dict:
+    """Figures of test polymer k: R_g^2 series truth [F, R] (frames frame_dt apart), learned
+    [T, R] (m frames apart), short [F_short]; supervised: the regressor's <R_g^2>."""
+    step_tau = m * frame_dt
+    t_rg2, t_se = replica_mean_se(truth)
+    row = dict(polymer=k, n_beads=n_beads, rg2_truth=t_rg2, rg2_truth_se=t_se,
+               rg2_learned=float(learned.mean()), rg2_short_md=float(short.mean()),
+               rg2_supervised_gnn=supervised,
+               relaxation_time_truth=_relaxation(truth, frame_dt),
+               relaxation_time_truth_at_step=_relaxation(truth[::m], step_tau),
+               relaxation_time_learned=_relaxation(learned, step_tau),
+               relaxation_time_short_md=_relaxation(short[:, None], frame_dt),
+               rg2_distribution_l1=dict(learned=_distribution_l1(learned, truth),
+                                        short_md=_distribution_l1(short, truth)),
+               rg2_acf=dict(lag_tau=(np.arange(25) * step_tau).tolist(),
+                            truth=autocorrelation(truth[::m, 0])[:25].tolist(),
+                            learned=autocorrelation(learned[:, 0])[:25].tolist()))
+    for est in ("learned", "short_md", "supervised_gnn"):
+        row[f"rg2_rel_error_{est}"] = abs(row[f"rg2_{est}"] - t_rg2) / t_rg2
+    row["relaxation_time_rel_error_learned"] = abs(
+        row["relaxation_time_learned"] / row["relaxation_time_truth_at_step"] - 1)
+    row["relaxation_time_rel_error_short_md"] = abs(
+        row["relaxation_time_short_md"] / row["relaxation_time_truth"] - 1)
+    return row
+
+
 def polymer_experiment(data_dir="data", seed=0, device="cpu", quick=False,
                        cfg: Optional[DynamicsConfig] = None,
                        train: Optional[DynamicsTrainConfig] = None, atoms_per_bead=4.0,
@@ -2354,8 +2401,6 @@ def polymer_experiment(data_dir="data", seed=0, device="cpu", quick=False,
     # ground truth (long MD) and the short-MD estimate (as long as one training trajectory)
     truth = cg_rg2(x_long, cg_te)                                        # each [F, R]
     short_rg2 = [r[:, 0] for r in cg_rg2(x_short[:x_tr.shape[0]], cg_te)]
-    relax = lambda series, dt: float(np.mean([relaxation_time(series[:, r], dt)   # noqa: E731
-                                              for r in range(series.shape[1])]))
 
     # the learned simulator
     print(f"training the Dynamics GNN on {tr.positions.shape[1]} x {tr.time[-1]:g} tau of "
@@ -2380,43 +2425,12 @@ def polymer_experiment(data_dir="data", seed=0, device="cpu", quick=False,
     with torch.no_grad():
         supervised = torch.exp(regressor(short.system)).numpy()
 
-    # stability: one long rollout of every test polymer
-    stability = dict(steps=stability_steps)
-    if stability_steps:
-        t0 = time.perf_counter()
-        long_run = rollout(model, cg_te, history[:1], stability_steps, seed=seed + 1,
-                           label="stability rollout")
-        b = cg_te.cg_bonds
-        bond = np.linalg.norm(long_run[:, :, b[:, 0]] - long_run[:, :, b[:, 1]], axis=-1)
-        bond_true = np.linalg.norm(x_long[:, :, b[:, 0]] - x_long[:, :, b[:, 1]], axis=-1)
-        stability.update(finite=bool(np.isfinite(long_run).all()), max_bond=float(bond.max()),
-                         max_bond_truth=float(bond_true.max()), mean_bond=float(bond.mean()),
-                         mean_bond_truth=float(bond_true.mean()),
-                         seconds=time.perf_counter() - t0)
+    stability = _stability_check(model, cg_te, history[:1], stability_steps, seed + 1, x_long)
     md_seconds_per_tau = _md_seconds_per_tau(long, 1.0 if quick else 5.0, device)
 
-    rows = []
-    for k in range(n_test):
-        t_rg2, t_se = replica_mean_se(truth[k])
-        row = dict(polymer=k, n_beads=int((cg_te.molecule == k).sum()), rg2_truth=t_rg2,
-                   rg2_truth_se=t_se, rg2_learned=float(learned[k].mean()),
-                   rg2_short_md=float(short_rg2[k].mean()), rg2_supervised_gnn=float(supervised[k]),
-                   relaxation_time_truth=relax(truth[k], frame_dt),
-                   relaxation_time_truth_at_step=relax(truth[k][::m], step_tau),
-                   relaxation_time_learned=relax(learned[k], step_tau),
-                   relaxation_time_short_md=relax(short_rg2[k][:, None], frame_dt),
-                   rg2_distribution_l1=dict(learned=_distribution_l1(learned[k], truth[k]),
-                                            short_md=_distribution_l1(short_rg2[k], truth[k])),
-                   rg2_acf=dict(lag_tau=(np.arange(25) * step_tau).tolist(),
-                                truth=autocorrelation(truth[k][::m, 0])[:25].tolist(),
-                                learned=autocorrelation(learned[k][:, 0])[:25].tolist()))
-        for est in ("learned", "short_md", "supervised_gnn"):
-            row[f"rg2_rel_error_{est}"] = abs(row[f"rg2_{est}"] - t_rg2) / t_rg2
-        row["relaxation_time_rel_error_learned"] = abs(
-            row["relaxation_time_learned"] / row["relaxation_time_truth_at_step"] - 1)
-        row["relaxation_time_rel_error_short_md"] = abs(
-            row["relaxation_time_short_md"] / row["relaxation_time_truth"] - 1)
-        rows.append(row)
+    rows = [_polymer_row(k, truth[k], learned[k], short_rg2[k], float(supervised[k]),
+                         int((cg_te.molecule == k).sum()), frame_dt, m)
+            for k in range(n_test)]
     sel0 = np.flatnonzero(cg_te.molecule == 0)
     med = lambda key: float(np.median([r[key] for r in rows]))             # noqa: E731
     return dict(
