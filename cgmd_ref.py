@@ -2121,13 +2121,7 @@ def train_dynamics(cg_positions, cg: CGSystem, cfg: DynamicsConfig = DynamicsCon
         opt, (train.lr_final / train.lr) ** (1 / max(train.n_iterations, 1)))
     t0, t_print, smooth = time.perf_counter(), time.perf_counter(), None
     for it in range(1, train.n_iterations + 1):
-        t = torch.randint(K * m, F - m, (train.batch_size,), generator=gen)
-        r = torch.randint(0, R, (train.batch_size,), generator=gen)
-        frames = xt[(t[:, None] + offsets).to(dev), r[:, None].to(dev)]  # [B, K + 2, n, 3]
-        sigma = levels[torch.randint(0, len(levels), (train.batch_size,), generator=gen)]
-        noise = torch.randn(frames[:, :-1].shape, generator=gen, dtype=dtype)
-        hist = frames[:, :-1] + (sigma[:, None, None, None] * noise).to(dev)
-        target = time_integrated_acceleration(hist[:, -2], hist[:, -1], frames[:, -1])
+        hist, target = _noisy_batch(xt, offsets, levels, train.batch_size, gen)
         loss = model(hist, cg, pairs=pairs).nll(target)
         opt.zero_grad()
         loss.backward()
@@ -2141,6 +2135,20 @@ def train_dynamics(cg_positions, cg: CGSystem, cfg: DynamicsConfig = DynamicsCon
             print(f"  {label}: iteration {it}/{train.n_iterations}  NLL {smooth:.4f}  "
                   f"{rate:.1f} it/s  ETA {(train.n_iterations - it) / rate:.0f}s", flush=True)
     return model.eval()
+
+
+def _noisy_batch(x, offsets, levels, batch_size: int, gen):
+    """One training batch from frames x [F, R, n, 3]: random (frame t, replica r), the history
+    x[t + offsets[:-1]] with Gaussian noise (std drawn per sample from `levels`), and the target
+    a = x[t + offsets[-1]] - 2 x~_t + x~_{t-s} from the *noisy* history."""
+    F, R = x.shape[:2]
+    t = torch.randint(-int(offsets[0]), F - int(offsets[-1]), (batch_size,), generator=gen)
+    r = torch.randint(0, R, (batch_size,), generator=gen)
+    frames = x[(t[:, None] + offsets).to(x.device), r[:, None].to(x.device)]  # [B, K + 2, n, 3]
+    sigma = levels[torch.randint(0, len(levels), (batch_size,), generator=gen)]
+    noise = torch.randn(frames[:, :-1].shape, generator=gen, dtype=x.dtype)
+    hist = frames[:, :-1] + (sigma[:, None, None, None] * noise).to(x.device)
+    return hist, time_integrated_acceleration(hist[:, -2], hist[:, -1], frames[:, -1])
 
 
 @torch.no_grad()
