@@ -41,8 +41,8 @@ SIZES = {
                  stiff_steps=10_000, stiff_replicas=4),
     "quick": dict(n_train_polymers=4, train_replicas=1, short_tau=5.0, n_test_polymers=2,
                   long_replicas=2, long_tau=10.0, burn_in_tau=1.0,
-                  electrolyte_short_tau=2.0, electrolyte_train_replicas=1,
-                  electrolyte_long_tau=4.0, electrolyte_long_replicas=1,
+                  electrolyte_short_tau=4.0, electrolyte_train_replicas=1,
+                  electrolyte_long_tau=6.0, electrolyte_long_replicas=1,
                   stiff_steps=400, stiff_replicas=1),
 }
 DT = 0.005
@@ -152,7 +152,7 @@ def diffusivities(traj):
     pos = traj.positions if traj.positions.ndim == 4 else traj.positions[:, None]
     for name, sel in (("polymer", traj.system.types <= 1), ("cation", traj.system.types == 2),
                       ("anion", traj.system.types == 3)):
-        if sel.sum() == 0 or len(pos) < 6:
+        if sel.sum() == 0 or len(pos) < 11:        # too short for the 20-60% lag window
             continue
         D = [C.diffusion_coefficient(pos[:, r][:, sel], traj.time[1]) for r in range(pos.shape[1])]
         se = np.std(D, ddof=1) / np.sqrt(len(D)) if len(D) > 1 else float("nan")

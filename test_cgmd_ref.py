@@ -438,12 +438,16 @@ def test_cg_graph_radius_edges_match_brute_force_with_images():
                 xi, xj = np.mod(x[f, i], box), np.mod(x[f, j], box)   # then 27 images suffice
                 d = np.min(np.linalg.norm(xi - xj + shifts, axis=1))
                 bonded = {i, j} in ({0, 1}, {1, 2}, {5, 30})
+                if bonded:                                 # bonds: unwrapped difference
+                    d = np.linalg.norm(x[f, i] - x[f, j])
                 if d < radius or bonded:
-                    expected.add((f * n + i, f * n + j, int(bonded)))
-    got = set(zip(g.senders.tolist(), g.receivers.tolist(), g.edge_type.tolist()))
+                    expected.add((f * n + i, f * n + j, int(bonded), round(d, 9)))
+    got = set(zip(g.senders.tolist(), g.receivers.tolist(), g.edge_type.tolist(),
+                  np.round(g.distance[:, 0].numpy(), 9).tolist()))
     assert got == expected
     assert torch.allclose(g.distance[:, 0], g.displacement.norm(dim=1))
-    assert float(g.distance.max()) <= box * math.sqrt(3) / 2 + 1e-9
+    radius_edges = g.edge_type == 0
+    assert float(g.distance[radius_edges].max()) < radius
 
 
 def test_batched_graphs_equal_one_by_one():
@@ -1319,7 +1323,7 @@ def test_tiny_training_lowers_the_loss_and_rollout_stays_finite(tmp_path):
     cg, x = _tiny_training_data()
     cfg = C.DynamicsConfig(latent=16, n_steps=1, embedding=C.EmbeddingConfig(latent=16,
                                                                              n_steps=1))
-    train = C.DynamicsTrainConfig(stride=2, n_iterations=60, lr=3e-3, noise=(0.01, 0.001))
+    train = C.TrainConfig(stride=2, n_iterations=60, lr=3e-3, noise=(0.01, 0.001))
     h = torch.as_tensor(np.stack([x[t - 6:t + 1:2, r] for t in (20, 40) for r in (0, 1)]))
     target = C.time_integrated_acceleration(h[:, -2], h[:, -1],
                                             torch.as_tensor(np.stack(
@@ -1327,7 +1331,7 @@ def test_tiny_training_lowers_the_loss_and_rollout_stays_finite(tmp_path):
     def nll(model):
         with torch.no_grad():
             return float(model(h.float(), cg).nll(target.float()))
-    untrained = C.train_dynamics(x, cg, cfg, C.DynamicsTrainConfig(stride=2, n_iterations=1,
+    untrained = C.train_dynamics(x, cg, cfg, C.TrainConfig(stride=2, n_iterations=1,
                                                                      lr=1e-12), label=None)
     trained = C.train_dynamics(x, cg, cfg, train, label=None)
     assert nll(trained) < nll(untrained) - 0.2
@@ -1345,7 +1349,7 @@ def test_tiny_training_lowers_the_loss_and_rollout_stays_finite(tmp_path):
     with pytest.raises(ValueError, match="latent"):
         C.load_checkpoint(path, expected_config=other)
     torch.save({"kind": "something else"}, tmp_path / "bad.pt")
-    with pytest.raises(ValueError, match="not a DynamicsGNN checkpoint"):
+    with pytest.raises(ValueError, match="not a DynamicsGNN or ScoreGNN checkpoint"):
         C.load_checkpoint(tmp_path / "bad.pt")
 
 
