@@ -1414,3 +1414,179 @@ def test_learned_simulator_bad_input(call, match):
         call(_dynamics_model(), cg, _history(cg))
 
 
+
+
+# ---- Score GNN refinement and the electrolyte (paper A, section 4) ------------------------------
+
+
+def _free_beads(n):
+    """A CG system of n unbonded one-atom beads in open space: no edges, every bead alone."""
+    z = np.zeros(0, dtype=np.int64)
+    return C.CGSystem(atom_types=np.zeros(n, dtype=np.int64), bonds=z.reshape(0, 2),
+                      bond_type=z, labels=np.arange(n), bead_mass=np.ones(n),
+                      cg_bonds=z.reshape(0, 2), molecule=np.arange(n), box=None)
+
+
+def _random_walk(n_frames=200, n_replicas=4, n_beads=16, step=0.5, seed=0):
+    """Frames [F, R, n, 3] of independent Gaussian random walks: p(x_{t+1} | x_t) = N(x_t, step^2)."""
+    rng = np.random.default_rng(seed)
+    return np.cumsum(step * rng.standard_normal((n_frames, n_replicas, n_beads, 3)), axis=0)
+
+
+@pytest.fixture(scope="module")
+def gaussian_score():
+    """A Score GNN trained on random walks (step 0.5): its exact score is -(x - x_t)/(0.25 + s^2)."""
+    x, cg = _random_walk(), _free_beads(16)
+    cfg = C.ScoreConfig(latent=16, n_steps=1, sigmas=(1.0, 0.05), n_levels=10,
+                        embedding=C.EmbeddingConfig(latent=8, n_steps=1))
+    train = C.TrainConfig(stride=1, batch_size=16, n_iterations=800, lr=3e-3, lr_final=3e-4,
+                          noise=(1e-4, 1e-5), seed=1)
+    return C.train_score(x, cg, cfg, train, label=None), cg
+
+
+def test_score_gnn_learns_the_closed_form_score_of_gaussian_steps(gaussian_score):
+    model, cg = gaussian_score
+    hist = torch.as_tensor(_random_walk(n_frames=2, n_replicas=64, seed=5)).transpose(0, 1)
+    g = torch.Generator().manual_seed(0)
+    for sigma in (1.0, 0.5, 0.3):     # lambda = sigma^2 weighs small sigma little: not tested
+        x = hist[:, -1] + math.sqrt(0.25 + sigma ** 2) * torch.randn(
+            hist[:, -1].shape, generator=g, dtype=torch.float64)
+        with torch.no_grad():
+            s = model(x.float(), hist.float(), sigma, cg).double()
+        exact = -(x - hist[:, -1]) / (0.25 + sigma ** 2)
+        assert float((s - exact).norm() / exact.norm()) < 0.1, sigma
+
+
+def test_annealed_langevin_reproduces_the_gaussian_variance():
+    """p(x) = N(0, v): exact score -x/v; the chain ends at variance v + sigma_L^2 (its smoothing)
+    up to the discretisation bias of Langevin at step alpha_L (v / (1 - alpha_L / 2v))."""
+    v, sig = 0.25, np.geomspace(1.0, 0.05, 10)
+    x0 = 3.0 * torch.randn(20000, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    out = C.annealed_langevin(lambda x, s: -x / (v + s ** 2), x0, sig, n_steps_each=40,
+                              step_size=0.2 * 0.05 ** 2,
+                              generator=torch.Generator().manual_seed(2))
+    target = v + 0.05 ** 2
+    se = target * math.sqrt(2 / len(out))                    # SE of a Gaussian sample variance
+    assert abs(float(out.var()) - target) < 5 * se + 0.01 * target
+
+
+def test_annealed_langevin_with_the_trained_score_reproduces_the_variance(gaussian_score):
+    model, cg = gaussian_score
+    hist = torch.as_tensor(_random_walk(n_frames=2, n_replicas=200, seed=7)).transpose(0, 1)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        x = C.annealed_langevin(lambda y, s: model(y, hist.float(), s, cg),
+                                hist[:, -1].float(), np.geomspace(1.0, 0.05, 10),
+                                n_steps_each=20, step_size=0.2 * 0.05 ** 2, generator=g)
+    var = float(((x.double() - hist[:, -1]) ** 2).mean())
+    assert abs(var / (0.25 + 0.05 ** 2) - 1) < 0.1
+
+
+def test_score_gnn_is_rotation_equivariant_and_translation_invariant():
+    _, cg, _ = _two_polymers()
+    torch.manual_seed(0)
+    model = C.ScoreGNN(C.ScoreConfig(latent=16, n_steps=2, radius=3.0)).double().eval()
+    h = _history(cg, K=1)
+    x = h[:, -1] + 0.2 * torch.randn(h[:, -1].shape, dtype=torch.float64)
+    Q = torch.as_tensor(Rotation.random(random_state=5).as_matrix())
+    shift = torch.tensor([1.0, 2.0, -3.0], dtype=torch.float64)
+    with torch.no_grad():
+        s = model(x, h, 0.3, cg)
+        s_rot = model(x @ Q.T + shift, h @ Q.T + shift, 0.3, cg)
+    assert float(s.abs().max()) > 1e-3                   # not trivially zero
+    assert torch.allclose(s_rot, s @ Q.T, atol=1e-10)
+
+
+@pytest.fixture(scope="module")
+def electrolyte_score():
+    """A Score GNN trained for a few seconds on a small CG electrolyte trajectory."""
+    system, x = small_electrolyte()
+    tr = C.simulate(system, x, 12000, dt=0.005, save_every=100, seed=1)
+    cg = C.cg_system(system, 4.0)
+    xs = C.coarse_grain(tr.positions, cg.labels, system.masses)[:, None]
+    cfg = C.ScoreConfig(latent=16, n_steps=2, radius=2.0, sigmas=(1.0, 0.05), n_levels=10)
+    train = C.TrainConfig(stride=2, batch_size=8, n_iterations=500, lr=3e-3, seed=0)
+    return C.train_score(xs, cg, cfg, train, label=None), cg, xs
+
+
+def test_refinement_separates_two_overlapping_beads(electrolyte_score):
+    model, cg, xs = electrolyte_score
+    species = C.bead_species(cg)
+    ions = np.flatnonzero(species != "polymer")
+    hist = torch.as_tensor(xs[-5:-1:2, 0], dtype=torch.float32)[None]   # [1, 2, n, 3]
+    frame = hist[0, -1].clone()
+    i, j = ions[0], ions[1]
+    d = C._minimum_image(frame[j] - frame[i], cg.box)
+    frame[j] = frame[i] + 0.3 * d / d.norm()              # j on top of i: 0.3 sigma apart
+    R = 16
+    start = frame.repeat(R, 1, 1)
+    ref = C.RefineConfig(sigmas=(0.5, 0.1), n_levels=6, step_size=5e-3, denoise=True)
+
+    def separation(score):
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            out = C.annealed_langevin(score, start, ref.levels(), step_size=ref.step_size,
+                                      denoise=True, generator=g)
+        return C._minimum_image(out[:, j] - out[:, i], cg.box).norm(dim=-1)
+    refined = separation(lambda y, s: model(y, hist.expand(R, -1, -1, -1), s, cg))
+    noise_only = separation(lambda y, s: torch.zeros_like(y))
+    assert float(refined.median()) > 0.8                 # no longer a collision
+    assert float(refined.median()) > float(noise_only.median()) + 0.2
+
+
+def test_bead_species_of_an_electrolyte():
+    system, _ = C.electrolyte(4, 12, 24)
+    cg = C.cg_system(system, 4.0)
+    sp = C.bead_species(cg)
+    assert (sp == "cation").sum() == 24 and (sp == "anion").sum() == 24
+    assert (sp == "polymer").sum() == cg.n_beads - 48 == 12          # 3 beads per chain
+    ions = np.flatnonzero(sp != "polymer")
+    assert np.array_equal(system.types[np.argsort(cg.labels)][-48:], np.repeat([2, 3], 24))
+    assert np.all(np.bincount(cg.labels)[ions] == 1)
+
+
+def test_electrolyte_experiment_quick_smoke(tmp_path):
+    res = C.electrolyte_experiment(str(tmp_path / "d"), quick=True, n_replicas=2,
+                                   checkpoint_dir=str(tmp_path))
+    for key in ("diffusivity_log10_mae", "rdf_l1"):
+        assert set(res[key]) == {"learned", "learned_no_score", "short_md"}
+    assert set(res["collision_rate"]) == {"ground_truth", "learned", "learned_no_score"}
+    assert res["n_test"] == len(res["per_system"]) == 2 and res["speedup"] > 0
+    assert os.path.exists(tmp_path / "electrolyte_score_gnn.pt")
+    back = C.load_checkpoint(tmp_path / "electrolyte_score_gnn.pt",
+                             expected_config=C.ScoreConfig(**res["config"]["score"]))
+    assert isinstance(back, C.ScoreGNN)
+    json.dumps(res, allow_nan=False)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: C.annealed_langevin(lambda x, s: x, torch.zeros(3), [0.1, 0.5]), "decreasing"),
+    (lambda: C.annealed_langevin(lambda x, s: x, torch.zeros(3), [0.5, -0.1]), "positive"),
+    (lambda: C.annealed_langevin(lambda x, s: x, torch.zeros(3), [0.5, 0.1], step_size=0.0),
+     "step_size"),
+    (lambda: C.RefineConfig(step_size=-1e-3), "step_size"),
+    (lambda: C.RefineConfig(sigmas=(0.1, 0.1)), "decreasing"),
+    (lambda: C.ScoreConfig(sigmas=(0.01, 1.0)), "decreasing"),
+    (lambda: C.pair_graph(torch.zeros(1, 4, 3), torch.tensor([[0, 1]]),
+                          torch.zeros(0, 2, dtype=torch.long), 3.0, box=5.0), "box"),
+    (lambda: C.train_score([np.zeros((30, 1, 4, 3))], [_free_beads(4), _free_beads(4)]),
+     "one array per system"),
+    (lambda: C.train_score(np.zeros((30, 1, 4, 3)), _free_beads(5)), "beads"),
+])
+def test_score_and_refinement_bad_input(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_score_gnn_and_rollout_refuse_mismatched_shapes():
+    _, cg, _ = _two_polymers()
+    model = C.ScoreGNN(C.ScoreConfig(latent=8, n_steps=1, n_history=2)).double()
+    h = _history(cg, K=2)
+    with pytest.raises(ValueError, match="expected"):
+        model(h[:, -1, :-1], h, 0.1, cg)
+    dyn = _dynamics_model()                               # n_history 3 >= 2: fine
+    frames = C.rollout(dyn, cg, _history(cg, K=3), 1, score=model)
+    assert np.isfinite(frames).all()
+    short = C.DynamicsGNN(C.DynamicsConfig(n_history=1, latent=8, n_steps=1)).double()
+    with pytest.raises(ValueError, match="n_history"):
+        C.rollout(short, cg, _history(cg, K=1), 1, score=model)
