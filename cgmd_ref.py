@@ -2804,6 +2804,37 @@ def _load_cg(path, atoms_per_bead, seed):
     return (x if x.ndim == 4 else x[:, None]), cg, traj
 
 
+def _electrolyte_test(data_dir, k, model, score, refine, m, atoms_per_bead, n_replicas,
+                      collision_threshold, seed, device, quick):
+    """Judge the learned simulator on test electrolyte k: rollouts with and without the Score GNN
+    from the short run's first frames, against the long and the short MD. Returns (row of
+    _electrolyte_row, seconds per tau of each method, learned steps, MD time step)."""
+    x_long, cg, long = _load_cg(os.path.join(data_dir, f"electrolyte_test_{k}_long.npz"),
+                                atoms_per_bead, seed)
+    x_short = _load_cg(os.path.join(data_dir, f"electrolyte_test_{k}_short.npz"),
+                       atoms_per_bead, seed)[0]
+    species, K = bead_species(cg), model.cfg.n_history
+    frame_dt = float(long.time[1] - long.time[0])
+    step_tau, fit = m * frame_dt, ((0.0, 1.0) if quick else (0.2, 0.6))
+    n_steps = int(round((long.time[-1] - long.time[0]) / step_tau))
+    history = np.repeat(x_short[0:(K + 1) * m:m, 0][None], n_replicas, axis=0)  # [R, K+1, n, 3]
+    frames, seconds = {}, {}
+    for name, sc in (("learned", score), ("learned_no_score", None)):
+        t0 = time.perf_counter()
+        frames[name] = rollout(model, cg, history, n_steps, seed=seed + 1, score=sc,
+                               refine=refine, label=f"{name} rollout, system {k}")
+        seconds[name] = (time.perf_counter() - t0) / (n_steps * step_tau)
+    seconds["md"] = _md_seconds_per_tau(long, 1.0 if quick else 5.0, device, n_replicas)
+    stats = lambda f, dt: _transport_and_structure(f, dt, cg, species, fit,   # noqa: E731
+                                                   collision_threshold)
+    truth = stats(x_long[::m], step_tau)                 # structure at the learned step ...
+    truth["D"] = _diffusivities(x_long, frame_dt, species, fit)   # ... D from every frame
+    row = _electrolyte_row(k, cg, truth, stats(frames["learned"][1:], step_tau),
+                           stats(frames["learned_no_score"][1:], step_tau),
+                           stats(x_short, frame_dt), frame_dt, step_tau)
+    return row, seconds, n_steps, long.info["dt"]
+
+
 def electrolyte_experiment(data_dir="data", seed=0, device="cpu", quick=False,
                            cfg: Optional[DynamicsConfig] = None,
                            score_cfg: Optional[ScoreConfig] = None,
@@ -2873,32 +2904,16 @@ def electrolyte_experiment(data_dir="data", seed=0, device="cpu", quick=False,
     if checkpoint_dir:
         save_checkpoint(os.path.join(checkpoint_dir, "electrolyte_dynamics_gnn.pt"), model)
         save_checkpoint(os.path.join(checkpoint_dir, "electrolyte_score_gnn.pt"), score)
-    K, m = cfg.n_history, train.stride
-    frame_dt = float(sets[0][2].time[1] - sets[0][2].time[0])
-    step_tau, fit = m * frame_dt, ((0.0, 1.0) if quick else (0.2, 0.6))
+    m = train.stride
+    step_tau = m * float(sets[0][2].time[1] - sets[0][2].time[0])
     rows, timing = [], dict(md=[], learned=[], learned_no_score=[])
     for k in test_ids:
-        x_long, cg, long = _load_cg(os.path.join(data_dir, f"electrolyte_test_{k}_long.npz"),
-                                    atoms_per_bead, seed)
-        x_short = _load_cg(os.path.join(data_dir, f"electrolyte_test_{k}_short.npz"),
-                           atoms_per_bead, seed)[0]
-        species = bead_species(cg)
-        R, n_steps = n_replicas, int(round((long.time[-1] - long.time[0]) / step_tau))
-        history = np.repeat(x_short[0:(K + 1) * m:m, 0][None], R, axis=0)  # [R, K + 1, n, 3]
-        frames = {}
-        for name, sc in (("learned", score), ("learned_no_score", None)):
-            t0 = time.perf_counter()
-            frames[name] = rollout(model, cg, history, n_steps, seed=seed + 1, score=sc,
-                                   refine=refine, label=f"{name} rollout, system {k}")
-            timing[name].append((time.perf_counter() - t0) / (n_steps * step_tau))
-        timing["md"].append(_md_seconds_per_tau(long, 1.0 if quick else 5.0, device, R))
-        stats = lambda f, dt: _transport_and_structure(f, dt, cg, species, fit,   # noqa: E731
-                                                       collision_threshold)
-        truth = stats(x_long[::m], step_tau)             # structure at the learned step ...
-        truth["D"] = _diffusivities(x_long, frame_dt, species, fit)   # ... D from every frame
-        rows.append(_electrolyte_row(k, cg, truth, stats(frames["learned"][1:], step_tau),
-                                     stats(frames["learned_no_score"][1:], step_tau),
-                                     stats(x_short, frame_dt), frame_dt, step_tau))
+        row, seconds, n_steps, md_dt = _electrolyte_test(
+            data_dir, k, model, score, refine, m, atoms_per_bead, n_replicas,
+            collision_threshold, seed, device, quick)
+        rows.append(row)
+        for key, v in seconds.items():
+            timing[key].append(v)
     mean = lambda key: float(np.mean([r[key] for r in rows]))                # noqa: E731
     sec = {k: float(np.mean(v)) for k, v in timing.items()}
     methods = ("learned", "learned_no_score", "short_md")
@@ -2910,7 +2925,7 @@ def electrolyte_experiment(data_dir="data", seed=0, device="cpu", quick=False,
         seconds_per_tau=sec, speedup=sec["md"] / sec["learned"],
         speedup_no_score=sec["md"] / sec["learned_no_score"], n_test=len(rows),
         per_system=rows, learned_step_tau=step_tau,
-        md_steps_per_learned_step=int(round(step_tau / long.info["dt"])), n_replicas=R,
+        md_steps_per_learned_step=int(round(step_tau / md_dt)), n_replicas=n_replicas,
         rollout_steps=n_steps, score_evaluations_per_step=refine.n_levels * refine.n_steps_each
         + int(refine.denoise), collision_threshold=collision_threshold,
         train_seconds=train_seconds, seconds=time.perf_counter() - t_start,
