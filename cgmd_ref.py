@@ -2572,7 +2572,7 @@ def _fes_difference(truth_frames, frames, kT=1.0, n_bins=20, cutoff=3.0) -> dict
     except ValueError:                      # not one sample inside the truth's range
         est = np.full_like(true["F"], np.inf)
     both = (true["F"] < cutoff) & np.isfinite(est)
-    return dict(mean_abs_diff=float(np.abs(est - true["F"])[both].mean()) if both.any()
+    return dict(mean_abs_diff=float(np.abs(est[both] - true["F"][both]).mean()) if both.any()
                 else None, coverage=float(both.sum() / max((true["F"] < cutoff).sum(), 1)),
                 F_true=np.where(np.isfinite(true["F"]), true["F"], -1).tolist(),
                 F=np.where(np.isfinite(est), est, -1).tolist(), empty_bins_are=-1)
@@ -2835,6 +2835,22 @@ def _electrolyte_test(data_dir, k, model, score, refine, m, atoms_per_bead, n_re
     return row, seconds, n_steps, long.info["dt"]
 
 
+def _electrolyte_configs(quick, seed, cfg, score_cfg, train, refine):
+    """The electrolyte experiment's configs: those given, else the defaults (tiny when quick).
+    Defaults: learned step 10 tau (stride 10 frames of 1 tau), K = 2, [A]'s per-bead noise."""
+    if quick:
+        small = EmbeddingConfig(latent=8, n_steps=1)
+        cfg = cfg or DynamicsConfig(n_history=1, latent=8, n_steps=1, radius=2.5, embedding=small)
+        score_cfg = score_cfg or ScoreConfig(latent=8, n_steps=1, embedding=small)
+        train = train or TrainConfig(stride=1, n_iterations=10, seed=seed)
+        refine = refine or RefineConfig(n_levels=2)
+    return (cfg or DynamicsConfig(n_history=2, latent=32, n_steps=3, radius=2.5,
+                                  correlated=False),
+            score_cfg or ScoreConfig(latent=32, n_steps=2, radius=2.0),
+            train or TrainConfig(stride=10, n_iterations=2500, seed=seed),
+            refine or RefineConfig())
+
+
 def electrolyte_experiment(data_dir="data", seed=0, device="cpu", quick=False,
                            cfg: Optional[DynamicsConfig] = None,
                            score_cfg: Optional[ScoreConfig] = None,
@@ -2870,16 +2886,8 @@ def electrolyte_experiment(data_dir="data", seed=0, device="cpu", quick=False,
         dict of the figures (see README, "Score GNN refinement"), JSON-ready.
     """
     t_start = time.perf_counter()
-    if quick:
-        small = EmbeddingConfig(latent=8, n_steps=1)
-        cfg = cfg or DynamicsConfig(n_history=1, latent=8, n_steps=1, radius=2.5, embedding=small)
-        score_cfg = score_cfg or ScoreConfig(latent=8, n_steps=1, embedding=small)
-        train = train or TrainConfig(stride=1, n_iterations=10, seed=seed)
-        refine = refine or RefineConfig(n_levels=2)
-    cfg = cfg or DynamicsConfig(n_history=2, latent=32, n_steps=3, radius=2.5, correlated=False)
-    score_cfg = score_cfg or ScoreConfig(latent=32, n_steps=2, radius=2.0)
-    train = train or TrainConfig(stride=10, n_iterations=2500, seed=seed)
-    refine = refine or RefineConfig()
+    cfg, score_cfg, train, refine = _electrolyte_configs(quick, seed, cfg, score_cfg, train,
+                                                         refine)
     names = sorted(os.path.basename(p)[:-4] for p in glob.glob(os.path.join(
         data_dir, "electrolyte_*.npz")))
     train_names = [n for n in names if n.startswith("electrolyte_train_")]
