@@ -2026,17 +2026,11 @@ class DynamicsGNN(torch.nn.Module):
             raise ValueError(f"history has {T} frames; this model takes n_history + 1 = {K + 1}")
         if n != cg.n_beads:
             raise ValueError(f"history has {n} beads; the CG system has {cg.n_beads}")
-        dev, dt = history.device, history.dtype
-        emb = self.bead_embedding(cg) if embedding is None else embedding
-        if pairs is None:
-            pairs = torch.as_tensor(cg.candidate_pairs(), device=dev)
-        bonds = torch.as_tensor(cg.cg_bonds, device=dev).reshape(-1, 2)
-        g = pair_graph(history[:, -1], pairs, bonds, self.cfg.radius, box=cg.box)
-        vel = (history[:, 1:] - history[:, :-1]).flip(1) / self.vel_scale.to(dt)  # newest first
-        v = vel.permute(0, 2, 1, 3).reshape(B * n, K, 3)                # [N, K, 3]
-        mass = torch.as_tensor(cg.bead_mass, device=dev, dtype=dt) / self.mass_scale.to(dt)
-        node = torch.cat([emb.to(dt).repeat(B, 1), mass.repeat(B)[:, None], v.norm(dim=-1),
-                          (v[:, 1:] * v[:, :1]).sum(-1)], dim=1)
+        dt = history.dtype
+        g, beads = _graph_and_beads(self, history[:, -1], cg, embedding, pairs)
+        vel = (history[:, 1:] - history[:, :-1]).flip(1) / self.vel_scale.to(dt)
+        v = vel.permute(0, 2, 1, 3).reshape(B * n, K, 3)                # [N, K, 3], newest first
+        node = torch.cat([beads, v.norm(dim=-1), (v[:, 1:] * v[:, :1]).sum(-1)], dim=1)
         u = (g.displacement / g.distance)[:, None]                       # [E, 1, 3]
         edge = torch.cat([g.distance / self.cfg.radius, g.edge_type[:, None].to(dt),
                           (u * v[g.senders]).sum(-1), (u * v[g.receivers]).sum(-1)], dim=1)
@@ -2046,6 +2040,22 @@ class DynamicsGNN(torch.nn.Module):
                                 scale=a * torch.nn.functional.softplus(s).reshape(B, n),
                                 edge_scale=a * es[:, 0] if self.cfg.correlated else None,
                                 graph=g, std_min=float(a) * self.cfg.std_min)
+
+
+def _graph_and_beads(model, frame, cg: CGSystem, embedding=None, pairs=None):
+    """What the Dynamics and Score GNNs both build from a frame [B, n, 3]: its CG graph
+    (pair_graph, model.cfg.radius, cg.box) and the per-node bead features [B n, latent + 1]
+    (the bead embedding, then the bead mass over model.mass_scale). `embedding` and `pairs`
+    (cg.candidate_pairs() as a tensor) may be passed in to save recomputing them per call."""
+    dev, dt = frame.device, frame.dtype
+    emb = model.bead_embedding(cg) if embedding is None else embedding
+    if pairs is None:
+        pairs = torch.as_tensor(cg.candidate_pairs(), device=dev)
+    bonds = torch.as_tensor(cg.cg_bonds, device=dev).reshape(-1, 2)
+    g = pair_graph(frame, pairs, bonds, model.cfg.radius, box=cg.box)
+    mass = torch.as_tensor(cg.bead_mass, device=dev, dtype=dt) / model.mass_scale.to(dt)
+    B = frame.shape[0]
+    return g, torch.cat([emb.to(dt).repeat(B, 1), mass.repeat(B)[:, None]], dim=1)
 
 
 def time_integrated_acceleration(x_prev, x, x_next):
@@ -2103,12 +2113,26 @@ def train_dynamics(cg_positions, cg, cfg: DynamicsConfig = DynamicsConfig(),
     """
     K, m = cfg.n_history, _positive_int(train.stride, "stride")
     sets = _training_sets(cg_positions, cg, (K + 1) * m)
-    dev = resolve_device(device)
-    torch.manual_seed(train.seed)
-    gen = torch.Generator().manual_seed(train.seed)
+    torch.manual_seed(train.seed)                       # the weights' initialisation
     model = DynamicsGNN(cfg)
-    model.vel_scale.fill_(_rms([x[m:] - x[:-m] for x, _ in sets]))
     model.acc_scale.fill_(_rms([x[2 * m:] - 2 * x[m:-m] + x[:-2 * m] for x, _ in sets]))
+    model, batch = _training_setup(model, sets, K, m, train, device, dtype)
+
+    def loss(it):
+        hist, x_next, c, pairs = batch(it)
+        target = time_integrated_acceleration(hist[:, -2], hist[:, -1], x_next)
+        return model(hist, c, pairs=pairs).nll(target)
+    return _fit(model, loss, train, label, "NLL")
+
+
+def _training_setup(model, sets, K: int, m: int, train, device, dtype):
+    """What train_dynamics and train_score share: fit the model's velocity and mass scales to
+    the data, move it to `device` / `dtype`, and return (model, batch) where batch(iteration)
+    gives (noisy history [B, K + 1, n, 3], next frame [B, n, 3], CGSystem, candidate pairs) from
+    the training systems in turn (_noisy_batch, history noise from train.noise)."""
+    dev = resolve_device(device)
+    gen = torch.Generator().manual_seed(train.seed)
+    model.vel_scale.fill_(_rms([x[m:] - x[:-m] for x, _ in sets]))
     model.mass_scale.fill_(float(np.mean(np.concatenate([c.bead_mass for _, c in sets]))))
     model = model.to(device=dev, dtype=dtype)
     data = [(torch.as_tensor(x, dtype=dtype, device=dev), c,
@@ -2116,12 +2140,11 @@ def train_dynamics(cg_positions, cg, cfg: DynamicsConfig = DynamicsConfig(),
     offsets = torch.arange(-K, 2) * m                                   # history ... t, then t + s
     levels = _geometric_grid(train.noise, train.n_noise_levels, dtype)
 
-    def loss(it):
+    def batch(it):
         x, c, pairs = data[it % len(data)]
-        hist, x_next = _noisy_batch(x, offsets, levels, train.batch_size, gen)
-        target = time_integrated_acceleration(hist[:, -2], hist[:, -1], x_next)
-        return model(hist, c, pairs=pairs).nll(target)
-    return _fit(model, loss, train, label, "NLL")
+        return _noisy_batch(x, offsets, levels, train.batch_size, gen) + (c, pairs)
+    batch.generator = gen
+    return model, batch
 
 
 def _training_sets(cg_positions, cg, min_frames: int) -> list:
@@ -2366,22 +2389,16 @@ class ScoreGNN(torch.nn.Module):
                 or x.ndim != 3 or x.shape[-1] != 3 or x.shape[1] != cg.n_beads:
             raise ValueError(f"x has shape {tuple(x.shape)} and history {tuple(history.shape)}; "
                              f"expected [B, {cg.n_beads}, 3] and [B, {K + 1}, {cg.n_beads}, 3]")
-        B, n, _ = x.shape
-        dev, dt = x.device, x.dtype
-        sigma = torch.as_tensor(sigma, dtype=dt, device=dev).expand(B)
-        emb = self.bead_embedding(cg) if embedding is None else embedding
-        if pairs is None:
-            pairs = torch.as_tensor(cg.candidate_pairs(), device=dev)
-        bonds = torch.as_tensor(cg.cg_bonds, device=dev).reshape(-1, 2)
-        g = pair_graph(x, pairs, bonds, self.cfg.radius, box=cg.box)
+        (B, n, _), dt = x.shape, x.dtype
+        sigma = torch.as_tensor(sigma, dtype=dt, device=x.device).expand(B)
+        g, beads = _graph_and_beads(self, x, cg, embedding, pairs)
         vs = self.vel_scale.to(dt)
         vecs = torch.cat([(x - history[:, -1])[:, None],
                           (history[:, 1:] - history[:, :-1]).flip(1)], 1) / vs  # [B, K+1, n, 3]
         v = vecs.permute(0, 2, 1, 3).reshape(B * n, K + 1, 3)           # d, then v^1 .. v^K
-        mass = torch.as_tensor(cg.bead_mass, device=dev, dtype=dt) / self.mass_scale.to(dt)
         log_sigma = torch.log(sigma / vs).repeat_interleave(n)
-        node = torch.cat([emb.to(dt).repeat(B, 1), mass.repeat(B)[:, None], log_sigma[:, None],
-                          v.norm(dim=-1), (v[:, 1:] * v[:, :1]).sum(-1)], dim=1)
+        node = torch.cat([beads, log_sigma[:, None], v.norm(dim=-1),
+                          (v[:, 1:] * v[:, :1]).sum(-1)], dim=1)
         u = (g.displacement / g.distance.clamp_min(1e-6))
         edge = torch.cat([g.distance / self.cfg.radius, g.edge_type[:, None].to(dt),
                           (u * v[g.senders, 0]).sum(-1, keepdim=True),
@@ -2403,24 +2420,15 @@ def train_score(cg_positions, cg, cfg: ScoreConfig = ScoreConfig(),
     train = train or TrainConfig()
     K, m = cfg.n_history, _positive_int(train.stride, "stride")
     sets = _training_sets(cg_positions, cg, (K + 1) * m)
-    dev = resolve_device(device)
-    torch.manual_seed(train.seed)
-    gen = torch.Generator().manual_seed(train.seed)
-    model = ScoreGNN(cfg)
-    model.vel_scale.fill_(_rms([x[m:] - x[:-m] for x, _ in sets]))
-    model.mass_scale.fill_(float(np.mean(np.concatenate([c.bead_mass for _, c in sets]))))
-    model = model.to(device=dev, dtype=dtype)
-    data = [(torch.as_tensor(x, dtype=dtype, device=dev), c,
-             torch.as_tensor(c.candidate_pairs(), device=dev)) for x, c in sets]
-    offsets = torch.arange(-K, 2) * m
-    history_noise = _geometric_grid(train.noise, train.n_noise_levels, dtype)
-    levels = _geometric_grid(cfg.sigmas, cfg.n_levels, dtype)
+    torch.manual_seed(train.seed)                       # the weights' initialisation
+    model, batch = _training_setup(ScoreGNN(cfg), sets, K, m, train, device, dtype)
+    gen, levels = batch.generator, _geometric_grid(cfg.sigmas, cfg.n_levels, dtype)
 
     def loss(it):
-        x, c, pairs = data[it % len(data)]
-        hist, x_next = _noisy_batch(x, offsets, history_noise, train.batch_size, gen)
-        sigma = levels[torch.randint(0, len(levels), (len(hist),), generator=gen)].to(dev)
-        z = torch.randn(x_next.shape, generator=gen, dtype=dtype).to(dev)
+        hist, x_next, c, pairs = batch(it)
+        sigma = levels[torch.randint(0, len(levels), (len(hist),), generator=gen)].to(
+            hist.device)
+        z = torch.randn(x_next.shape, generator=gen, dtype=dtype).to(hist.device)
         score = model(x_next + sigma[:, None, None] * z, hist, sigma, c, pairs=pairs)
         return ((sigma[:, None, None] * score + z) ** 2).sum(-1).mean()
     return _fit(model, loss, train, label, "DSM loss")
@@ -2451,7 +2459,7 @@ class RefineConfig:
         _positive(self.step_size, "step_size")
 
     def levels(self) -> np.ndarray:
-        return np.geomspace(self.sigmas[0], self.sigmas[-1], self.n_levels)
+        return _geometric_grid(self.sigmas, self.n_levels).numpy()
 
 
 def annealed_langevin(score, x, sigmas, *, n_steps_each: int = 1, step_size: float = 2e-4,
@@ -2537,6 +2545,14 @@ def cg_rg2(positions, cg: CGSystem) -> list:
     """R_g^2 of each molecule's CG beads: a list of [...] arrays (positions [..., n_beads, 3])."""
     offsets = np.concatenate([[0], np.cumsum(np.bincount(cg.molecule))])
     return molecule_rg2(positions, cg.bead_mass, offsets)
+
+
+def _load_cg(path, atoms_per_bead, seed):
+    """(CG positions [F, R, n, 3], CGSystem, Trajectory) of a saved trajectory."""
+    traj = load_trajectory(path)[0]
+    cg = cg_system(traj.system, atoms_per_bead, seed=seed)
+    x = coarse_grain(traj.positions, cg.labels, traj.system.masses)
+    return (x if x.ndim == 4 else x[:, None]), cg, traj
 
 
 def _md_seconds_per_tau(traj: Trajectory, tau: float, device, n_replicas=None) -> float:
@@ -2670,11 +2686,9 @@ def polymer_experiment(data_dir="data", seed=0, device="cpu", quick=False,
     if not all(os.path.exists(f) for f in files.values()):
         print(f"generating polymer data in {data_dir}", flush=True)
         _ensure_data(data_dir, quick, seed=0, device="cpu", only="polymers")
-    tr, short, long = (load_trajectory(files[k])[0] for k in ("train", "test_short", "test_long"))
-    cg_tr = cg_system(tr.system, atoms_per_bead, seed=seed)
-    cg_te = cg_system(short.system, atoms_per_bead, seed=seed)
-    x_tr, x_short, x_long = (coarse_grain(t.positions, cg.labels, t.system.masses)
-                             for t, cg in ((tr, cg_tr), (short, cg_te), (long, cg_te)))
+    x_tr, cg_tr, tr = _load_cg(files["train"], atoms_per_bead, seed)
+    x_short, cg_te, short = _load_cg(files["test_short"], atoms_per_bead, seed)
+    x_long, _, long = _load_cg(files["test_long"], atoms_per_bead, seed)   # same polymers
     frame_dt = float(tr.time[1] - tr.time[0])
     K, m = cfg.n_history, train.stride
     step_tau = m * frame_dt
@@ -2794,14 +2808,6 @@ def _electrolyte_row(k, cg, truth, learned, no_score, short, frame_dt, step_tau)
             row["collision_rate"][m] = float(v["collisions"].mean())
             row["collisions_over_time"][m] = v["collisions"].tolist()
     return row
-
-
-def _load_cg(path, atoms_per_bead, seed):
-    """(CG positions [F, R, n, 3], CGSystem, Trajectory) of a saved trajectory."""
-    traj = load_trajectory(path)[0]
-    cg = cg_system(traj.system, atoms_per_bead, seed=seed)
-    x = coarse_grain(traj.positions, cg.labels, traj.system.masses)
-    return (x if x.ndim == 4 else x[:, None]), cg, traj
 
 
 def _electrolyte_test(data_dir, k, model, score, refine, m, atoms_per_bead, n_replicas,
