@@ -44,6 +44,7 @@ is about twice as fast on a CPU as [n, 3].
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import heapq
 import json
@@ -173,6 +174,25 @@ def resolve_device(device: str = "cpu") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} asked for, but torch sees no CUDA GPU; use 'cpu'")
     return dev
+
+
+@contextlib.contextmanager
+def reproducible_training():
+    """Make training repeat bit for bit on a multi-threaded CPU.
+
+    The backward pass of a gather x[index] adds gradients back with index_put(accumulate=True),
+    whose multi-threaded CPU kernel adds in whatever order the threads finish; training amplifies
+    those last-bit differences until two runs with the same seed disagree in the second digit.
+    torch's deterministic mode sorts the indices first (measured: no slower on 2 cores). Only
+    warnings, not errors, for ops without a deterministic version (some CUDA kernels).
+    """
+    previous = (torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
 
 # -------------------------------------------------------------------------------------------------
@@ -2186,12 +2206,13 @@ def _fit(model, loss, train, label, what: str = "loss"):
         opt, (train.lr_final / train.lr) ** (1 / max(train.n_iterations, 1)))
     t0, t_print, smooth = time.perf_counter(), time.perf_counter(), None
     for it in range(1, train.n_iterations + 1):
-        value = loss(it)
-        opt.zero_grad()
-        value.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), train.clip)
-        opt.step()
-        sched.step()
+        with reproducible_training():
+            value = loss(it)
+            opt.zero_grad()
+            value.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train.clip)
+            opt.step()
+            sched.step()
         smooth = value.item() if smooth is None else 0.98 * smooth + 0.02 * value.item()
         now = time.perf_counter()
         if label is not None and (now - t_print > 10 or it == train.n_iterations):
@@ -2530,11 +2551,12 @@ def train_rg2_regressor(system: System, rg2, n_iterations: int = 300, lr: float 
     model = Rg2Regressor()
     target = torch.log(torch.as_tensor(rg2, dtype=torch.float32))
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    for _ in range(_positive_int(n_iterations, "n_iterations")):
-        loss = ((model(system) - target) ** 2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    with reproducible_training():
+        for _ in range(_positive_int(n_iterations, "n_iterations")):
+            loss = ((model(system) - target) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
     return model.eval()
 
 
@@ -3327,8 +3349,9 @@ def train_interpolator(positions, velocities, cfg: InterpolatorConfig = Interpol
     gen = torch.Generator().manual_seed(train.seed)
     opt = torch.optim.Adam(model.parameters(), lr=train.lr)
     t0 = time.perf_counter()
-    _teacher_forcing(model, z, weights, opt, gen, train, label, t0)
-    _rollout_training(model, z, gap, weights, opt, gen, train, label, t0)
+    with reproducible_training():
+        _teacher_forcing(model, z, weights, opt, gen, train, label, t0)
+        _rollout_training(model, z, gap, weights, opt, gen, train, label, t0)
     return model.eval()
 
 
