@@ -18,21 +18,28 @@ and the work they build on:
       461 (1989) (block averaging).
   [4] Calandrini et al. "nMoldyn". Collection SFN 12, 201 (2011) (FFT mean-squared displacement).
   [5] Kundu, Misra. "A linear tree partitioning algorithm". SIAM J. Comput. 6, 151 (1977).
+  [6] Song, Ermon. "Generative Modeling by Estimating Gradients of the Data Distribution".
+      NeurIPS 2019, arXiv:1907.05600 (noise-conditional score networks, annealed Langevin).
 
-Sections, in the order data flows:
-  1. MD engine: System, pair lists, forces, BAOAB Langevin integrator, simulate(), Trajectory
+Sections, in the order data flows (paper ideas marked [A] / [B]):
+  0. Helpers: argument checks, device / dtype choice, reproducible training
+  1. MD engine: System, pair lists, forces, BAOAB Langevin integrator [1], simulate(), Trajectory
   2. The three toy worlds: LJ fluid, single-chain polymers (class I / II), a polymer
      electrolyte, a small stiff molecule
-  3. Coarse-graining: greedy spectral partitioning, the CG mapping, CG graphs, message passing
-     and the Embedding GNN
-  4. Paper A: the learned CG simulator (geometric Dynamics GNN with correlated Gaussian noise,
-     training, rollout, checkpoints, the supervised baseline, the polymer experiment)
-  5. Paper B: bi-directional interpolation (linear and Hermite baselines, the Bi-LSTM with its
-     adiabatic blend, training, the stiff-molecule experiment)
-  6. Property estimators: R_g^2, autocorrelation, MSD / diffusion, g(r), collisions, free energy
-     surfaces, block-averaging errors
-  7. Files: atomic .npz / JSON writing, loading without pickle
-  8. Benchmark and command line (`python cgmd_ref.py bench`)
+  3. Files: atomic .npz / JSON writing, loading without pickle
+  4. Coarse-graining [A]: greedy spectral partitioning [5] (in place of METIS), the CG mapping,
+     CG graphs, message passing [2] and the Embedding GNN
+  5. [A] the learned CG simulator: geometric Dynamics GNN with a Gaussian step distribution,
+     training, rollout, checkpoints, the supervised <R_g^2> baseline
+  6. [A] the Score GNN: denoising score matching [6], annealed Langevin refinement
+  7. [B] bi-directional interpolation: linear and Hermite baselines, the Bi-LSTM with its
+     adiabatic blend, training
+  8. Property estimators: R_g^2, autocorrelation, MSD / diffusion [4], g(r), collisions, free
+     energy surfaces, block-averaging errors [3]
+  9. Experiments: MD ground truth, [A] polymers, [A] electrolyte, [B] stiff molecule
+ 10. Figures (when matplotlib is installed)
+ 11. Benchmark and command line: `python cgmd_ref.py [--quick] [--seed N] [--device auto]`,
+     `python cgmd_ref.py bench`
 
 Conventions. Reduced Lennard-Jones units everywhere (sigma = epsilon = m = k_B = 1; time unit tau).
 Arrays handed to users are numpy, shaped [n_frames, (n_replicas,) n_atoms, 3]; positions are
@@ -342,7 +349,6 @@ def concatenate_systems(systems, isolated: bool = True):
         epsilon=s0.epsilon, sigma=s0.sigma, r_cut=s0.r_cut, box=None,
         molecule=np.concatenate([s.molecule + o for s, o in zip(systems, mol_offsets)]),
         isolated_molecules=isolated), offsets
-
 
 
 def subsystem(system: System, start: int, stop: int) -> System:
@@ -1114,7 +1120,78 @@ def stiff_molecule(model: StiffMoleculeModel = StiffMoleculeModel()):
 
 
 # -------------------------------------------------------------------------------------------------
-# 3. Coarse-graining: greedy spectral partitioning, the CG mapping, CG graphs, the Embedding GNN
+# 3. Files: atomic writes, and loading without pickle
+# -------------------------------------------------------------------------------------------------
+# A crash half-way through writing must never leave a truncated file that a later run trusts, so
+# every file is written to a temporary name in the same folder and then renamed (atomic on POSIX).
+# Arrays are stored as .npz of plain numeric arrays and read with allow_pickle=False.
+
+
+def atomic_write(path, write) -> None:
+    """Call write(file_object) on a temporary file beside `path`, then rename it into place."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_json(path, obj) -> None:
+    """Write `obj` as indented JSON, atomically."""
+    atomic_write(path, lambda fh: fh.write(json.dumps(obj, indent=2, sort_keys=True).encode()))
+
+
+def load_json(path):
+    """Read a JSON file (the counterpart of save_json)."""
+    with open(path) as fh:
+        return json.load(fh)
+
+
+_SYSTEM_FIELDS = ("types", "masses", "bonds", "bond_k", "bond_r0", "epsilon", "sigma", "molecule")
+
+
+def save_trajectory(path, traj: Trajectory, **extra_arrays) -> None:
+    """Write a Trajectory (and any extra named arrays) to an .npz file, atomically.
+
+    Positions and velocities are stored as float32 (plenty for analysis, half the disk);
+    energies and time as float64. The System is stored field by field.
+    """
+    s = traj.system
+    arrays = dict(positions=traj.positions.astype(np.float32),
+                  velocities=traj.velocities.astype(np.float32), time=traj.time,
+                  potential_energy=traj.potential_energy, kinetic_energy=traj.kinetic_energy,
+                  r_cut=np.float64(s.r_cut), box=np.float64(np.nan if s.box is None else s.box),
+                  isolated_molecules=np.bool_(s.isolated_molecules),
+                  info_json=np.frombuffer(json.dumps(traj.info).encode(), dtype=np.uint8))
+    arrays.update({f"system_{k}": getattr(s, k) for k in _SYSTEM_FIELDS})
+    arrays.update(extra_arrays)
+    atomic_write(path, lambda fh: np.savez_compressed(fh, **arrays))
+
+
+def load_trajectory(path):
+    """Read a file written by save_trajectory. Returns (Trajectory, dict of extra arrays)."""
+    with np.load(path, allow_pickle=False) as z:
+        data = {k: z[k] for k in z.files}
+    box = float(data.pop("box"))
+    system = System(**{k: data.pop(f"system_{k}") for k in _SYSTEM_FIELDS},
+                    r_cut=float(data.pop("r_cut")), box=None if np.isnan(box) else box,
+                    isolated_molecules=bool(data.pop("isolated_molecules")))
+    traj = Trajectory(*(data.pop(k).astype(np.float64) if k in ("positions", "velocities")
+                        else data.pop(k) for k in ("positions", "velocities", "time",
+                                                   "potential_energy", "kinetic_energy")),
+                      system=system, info=json.loads(data.pop("info_json").tobytes().decode()))
+    return traj, data
+
+
+# -------------------------------------------------------------------------------------------------
+# 4. Coarse-graining: greedy spectral partitioning, the CG mapping, CG graphs, the Embedding GNN
 # -------------------------------------------------------------------------------------------------
 # [A] turns each molecule's bond graph into beads with METIS (n_parts = n_atoms / cg_level).
 # Here the partition is written out, in three readable steps:
@@ -1784,7 +1861,7 @@ class EmbeddingGNN(torch.nn.Module):
 
 
 # -------------------------------------------------------------------------------------------------
-# 4. Paper A: the learned CG simulator (Dynamics GNN), and the polymer experiment
+# 5. Paper A: the learned CG simulator (Dynamics GNN)
 # -------------------------------------------------------------------------------------------------
 # One *learned step* replaces hundreds of MD steps (METHOD.md section 2). Given the last K + 1 CG
 # frames x_{t-K} .. x_t, spaced one learned step apart, the Dynamics GNN returns a Gaussian over
@@ -1803,7 +1880,7 @@ class EmbeddingGNN(torch.nn.Module):
 #
 # Order: the fixed CG system and its graphs -> the shared encode-process-decode network -> the
 # step distribution -> the Dynamics GNN -> training -> rollout -> checkpoints -> the supervised
-# baseline -> the polymer experiment.
+# baseline (a GNN that predicts <R_g^2> without simulating). The experiments are in section 9.
 
 # ---- a CG system: what stays fixed along a trajectory ---------------------------------------
 
@@ -2332,7 +2409,50 @@ def load_checkpoint(path, expected_config=None, device="cpu"):
     return model.to(resolve_device(device)).eval()
 
 
-# ---- the Score GNN: denoising score matching and annealed Langevin refinement ------------------
+# ---- the supervised baseline: <R_g^2> straight from the fine graph ----------------------------
+
+
+class Rg2Regressor(torch.nn.Module):
+    """Predicts log <R_g^2> of each molecule from chemistry alone (no simulation): an Embedding
+    GNN on the fine bond graph, the mean over the molecule's atoms with log(n_atoms), an MLP."""
+
+    def __init__(self, cfg: EmbeddingConfig = EmbeddingConfig(latent=32, n_steps=3)):
+        super().__init__()
+        self.embedding = EmbeddingGNN(cfg)
+        self.head = mlp(cfg.latent + 1, cfg.latent, 1)
+
+    def forward(self, system: System) -> torch.Tensor:
+        """-> [n_molecules] predicted log <R_g^2> (of the CG beads, the quantity it is fit to)."""
+        mol = torch.as_tensor(system.molecule, dtype=torch.long)
+        n_mol = int(mol.max()) + 1
+        h = self.embedding(system.types, system.bonds, bond_types(system), mol, n_mol)
+        size = torch.log(torch.bincount(mol, minlength=n_mol).to(h.dtype))
+        return self.head(torch.cat([h, size[:, None]], dim=1))[:, 0]
+
+
+def train_rg2_regressor(system: System, rg2, n_iterations: int = 300, lr: float = 3e-3,
+                        seed: int = 0) -> Rg2Regressor:
+    """Fit an Rg2Regressor to the molecules of `system` and their measured <R_g^2> [n_molecules]
+    (mean squared error of the log, full batch, Adam)."""
+    rg2 = _as_array(rg2, "rg2", ndim=1)
+    if len(rg2) != int(system.molecule.max()) + 1 or np.any(rg2 <= 0):
+        raise ValueError(f"rg2 has {len(rg2)} entries; expected one positive value per molecule")
+    torch.manual_seed(seed)
+    model = Rg2Regressor()
+    target = torch.log(torch.as_tensor(rg2, dtype=torch.float32))
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    with reproducible_training():
+        for _ in range(_positive_int(n_iterations, "n_iterations")):
+            loss = ((model(system) - target) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+# -------------------------------------------------------------------------------------------------
+# 6. Paper A: the Score GNN (denoising score matching, annealed Langevin refinement)
+# -------------------------------------------------------------------------------------------------
 # A sampled learned step is only as good as the Gaussian it came from: at a large step in a dense
 # liquid, independent draws drop beads on top of each other ("collisions") and stretch bonds.
 # [A] follows each Dynamics-GNN step with a few steps of annealed Langevin dynamics driven by a
@@ -2519,459 +2639,8 @@ def annealed_langevin(score, x, sigmas, *, n_steps_each: int = 1, step_size: flo
     return x
 
 
-# ---- the supervised baseline: <R_g^2> straight from the fine graph ----------------------------
-
-
-class Rg2Regressor(torch.nn.Module):
-    """Predicts log <R_g^2> of each molecule from chemistry alone (no simulation): an Embedding
-    GNN on the fine bond graph, the mean over the molecule's atoms with log(n_atoms), an MLP."""
-
-    def __init__(self, cfg: EmbeddingConfig = EmbeddingConfig(latent=32, n_steps=3)):
-        super().__init__()
-        self.embedding = EmbeddingGNN(cfg)
-        self.head = mlp(cfg.latent + 1, cfg.latent, 1)
-
-    def forward(self, system: System) -> torch.Tensor:
-        """-> [n_molecules] predicted log <R_g^2> (of the CG beads, the quantity it is fit to)."""
-        mol = torch.as_tensor(system.molecule, dtype=torch.long)
-        n_mol = int(mol.max()) + 1
-        h = self.embedding(system.types, system.bonds, bond_types(system), mol, n_mol)
-        size = torch.log(torch.bincount(mol, minlength=n_mol).to(h.dtype))
-        return self.head(torch.cat([h, size[:, None]], dim=1))[:, 0]
-
-
-def train_rg2_regressor(system: System, rg2, n_iterations: int = 300, lr: float = 3e-3,
-                        seed: int = 0) -> Rg2Regressor:
-    """Fit an Rg2Regressor to the molecules of `system` and their measured <R_g^2> [n_molecules]
-    (mean squared error of the log, full batch, Adam)."""
-    rg2 = _as_array(rg2, "rg2", ndim=1)
-    if len(rg2) != int(system.molecule.max()) + 1 or np.any(rg2 <= 0):
-        raise ValueError(f"rg2 has {len(rg2)} entries; expected one positive value per molecule")
-    torch.manual_seed(seed)
-    model = Rg2Regressor()
-    target = torch.log(torch.as_tensor(rg2, dtype=torch.float32))
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    with reproducible_training():
-        for _ in range(_positive_int(n_iterations, "n_iterations")):
-            loss = ((model(system) - target) ** 2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval()
-
-
-# ---- the polymer experiment -------------------------------------------------------------------
-
-
-def cg_rg2(positions, cg: CGSystem) -> list:
-    """R_g^2 of each molecule's CG beads: a list of [...] arrays (positions [..., n_beads, 3])."""
-    offsets = np.concatenate([[0], np.cumsum(np.bincount(cg.molecule))])
-    return molecule_rg2(positions, cg.bead_mass, offsets)
-
-
-def _load_cg(path, atoms_per_bead, seed):
-    """(CG positions [F, R, n, 3], CGSystem, Trajectory) of a saved trajectory."""
-    traj = load_trajectory(path)[0]
-    cg = cg_system(traj.system, atoms_per_bead, seed=seed)
-    x = coarse_grain(traj.positions, cg.labels, traj.system.masses)
-    return (x if x.ndim == 4 else x[:, None]), cg, traj
-
-
-def _md_seconds_per_tau(traj: Trajectory, tau: float, device, n_replicas=None) -> float:
-    """Wall time per simulated tau of simulate() on the system of `traj`, from its last frame,
-    with its replicas (or n_replicas of them, its replicas repeated)."""
-    dt = traj.info["dt"]
-    n = max(1, int(round(tau / dt)))
-    x, v = traj.positions[-1], traj.velocities[-1]
-    if n_replicas is not None:
-        x, v = (np.resize(a, (n_replicas,) + a.shape[-2:]) for a in (x, v))
-    simulate(traj.system, x, 20, dt=dt, velocities=v, save_every=20, device=device)   # warm-up
-    t0 = time.perf_counter()
-    simulate(traj.system, x, n, dt=dt, velocities=v, save_every=n, device=device)
-    return (time.perf_counter() - t0) / (n * dt)
-
-
-def _distribution_l1(samples, truth, n_bins=30) -> float:
-    """L1 distance (0..2) between histograms of two samples on the truth's 0.5-99.5% range."""
-    lo, hi = np.quantile(truth, [0.005, 0.995])
-    p = np.histogram(np.clip(samples, lo, hi), bins=n_bins, range=(lo, hi))[0]
-    q = np.histogram(np.clip(truth, lo, hi), bins=n_bins, range=(lo, hi))[0]
-    return float(np.abs(p / p.sum() - q / q.sum()).sum())
-
-
-def _fes_difference(truth_frames, frames, kT=1.0, n_bins=20, cutoff=3.0) -> dict:
-    """Free-energy surfaces on the truth's first two principal components of the bead-bead
-    distances; mean |F - F_true| over bins with F_true < cutoff kT that both visit."""
-    ft, f = pairwise_distance_features(truth_frames), pairwise_distance_features(frames)
-    true = free_energy_surface(ft, kT, n_bins)
-    rng = [[true["x_edges"][0], true["x_edges"][-1]], [true["y_edges"][0], true["y_edges"][-1]]]
-    try:
-        est = free_energy_surface(f, kT, n_bins, pca=true, range=rng)["F"]
-    except ValueError:                      # not one sample inside the truth's range
-        est = np.full_like(true["F"], np.inf)
-    both = (true["F"] < cutoff) & np.isfinite(est)
-    return dict(mean_abs_diff=float(np.abs(est[both] - true["F"][both]).mean()) if both.any()
-                else None, coverage=float(both.sum() / max((true["F"] < cutoff).sum(), 1)),
-                F_true=np.where(np.isfinite(true["F"]), true["F"], -1).tolist(),
-                F=np.where(np.isfinite(est), est, -1).tolist(), empty_bins_are=-1)
-
-
-def _stability_check(model, cg, history, n_steps, seed, x_truth) -> dict:
-    """A long rollout from `history`: finite, and how long the CG bonds get (vs the MD frames)."""
-    out = dict(steps=n_steps)
-    if not n_steps:
-        return out
-    t0 = time.perf_counter()
-    frames = rollout(model, cg, history, n_steps, seed=seed, label="stability rollout")
-    b = cg.cg_bonds
-    bond = np.linalg.norm(frames[:, :, b[:, 0]] - frames[:, :, b[:, 1]], axis=-1)
-    bond_true = np.linalg.norm(x_truth[:, :, b[:, 0]] - x_truth[:, :, b[:, 1]], axis=-1)
-    out.update(finite=bool(np.isfinite(frames).all()), max_bond=float(bond.max()),
-               max_bond_truth=float(bond_true.max()), mean_bond=float(bond.mean()),
-               mean_bond_truth=float(bond_true.mean()), seconds=time.perf_counter() - t0)
-    return out
-
-
-def _relaxation(series, dt) -> float:
-    """Mean over replicas of the R_g^2 relaxation time of series [T, R]."""
-    return float(np.mean([relaxation_time(series[:, r], dt) for r in range(series.shape[1])]))
-
-
-def _polymer_row(k, truth, learned, short, supervised, n_beads, frame_dt, m) -> dict:
-    """Figures of test polymer k: R_g^2 series truth [F, R] (frames frame_dt apart), learned
-    [T, R] (m frames apart), short [F_short]; supervised: the regressor's <R_g^2>."""
-    step_tau = m * frame_dt
-    t_rg2, t_se = replica_mean_se(truth)
-    row = dict(polymer=k, n_beads=n_beads, rg2_truth=t_rg2, rg2_truth_se=t_se,
-               rg2_learned=float(learned.mean()), rg2_short_md=float(short.mean()),
-               rg2_supervised_gnn=supervised,
-               relaxation_time_truth=_relaxation(truth, frame_dt),
-               relaxation_time_truth_at_step=_relaxation(truth[::m], step_tau),
-               relaxation_time_learned=_relaxation(learned, step_tau),
-               relaxation_time_short_md=_relaxation(short[:, None], frame_dt),
-               rg2_distribution_l1=dict(learned=_distribution_l1(learned, truth),
-                                        short_md=_distribution_l1(short, truth)),
-               rg2_acf=dict(lag_tau=(np.arange(25) * step_tau).tolist(),
-                            truth=autocorrelation(truth[::m, 0])[:25].tolist(),
-                            learned=autocorrelation(learned[:, 0])[:25].tolist()))
-    for est in ("learned", "short_md", "supervised_gnn"):
-        row[f"rg2_rel_error_{est}"] = abs(row[f"rg2_{est}"] - t_rg2) / t_rg2
-    row["relaxation_time_rel_error_learned"] = abs(
-        row["relaxation_time_learned"] / row["relaxation_time_truth_at_step"] - 1)
-    row["relaxation_time_rel_error_short_md"] = abs(
-        row["relaxation_time_short_md"] / row["relaxation_time_truth"] - 1)
-    return row
-
-
-def polymer_experiment(data_dir="data", seed=0, device="cpu", quick=False,
-                       cfg: Optional[DynamicsConfig] = None,
-                       train: Optional[TrainConfig] = None, atoms_per_bead=4.0,
-                       burn_in_tau=20.0, stability_steps=10_000, checkpoint=None) -> dict:
-    """Paper [A]'s polymer claim: trained on short class I runs, judged on unseen class II.
-
-    Steps: coarse-grain every dataset (atoms_per_bead atoms per bead); train the Dynamics GNN on
-    the short class I trajectories; roll it out on the class II polymers with as many replicas
-    and as much simulated time per replica as the long ground truth (after `burn_in_tau`, as the
-    MD had), all polymers in one batch; compare with the long MD, with MD as short as the
-    training runs, and with a GNN that predicts <R_g^2> from the fine graph alone. A separate
-    rollout of `stability_steps` learned steps (one replica) checks long-run stability.
-
-    R_g^2 here is that of the CG beads (mass-weighted), for truth and every estimate alike. The
-    learned simulator sees one frame per learned step, so its R_g^2 relaxation time is compared
-    with the truth's computed from frames subsampled to the same step (the trapezoid integral
-    of the ACF depends on the sampling); the full-resolution value is reported beside it.
-
-    Args:
-        data_dir: folder of the polymer datasets (generated with data_gen if missing).
-        seed: seeds the CG mapping, the training and the rollouts.
-        device: 'cpu', 'cuda' or 'auto'.
-        quick: tiny data and a few iterations (smoke test of seconds).
-        cfg, train: model and training configs (defaults: DynamicsConfig(),
-            TrainConfig(seed=seed); quick shrinks both).
-        atoms_per_bead: CG level.
-        burn_in_tau: learned-rollout time discarded before measuring.
-        stability_steps: length of the stability rollout (0: skip it).
-        checkpoint: path to save the trained model to (None: not saved).
-
-    Returns:
-        dict of the figures (see README, "The learned CG simulator"), JSON-ready.
-    """
-    t_start = time.perf_counter()
-    if quick:
-        cfg = cfg or DynamicsConfig(latent=16, n_steps=1,
-                                    embedding=EmbeddingConfig(latent=16, n_steps=1))
-        train = train or TrainConfig(stride=2, n_iterations=20, seed=seed)
-        stability_steps = min(stability_steps, 50)
-    cfg, train = cfg or DynamicsConfig(), train or TrainConfig(seed=seed)
-    files = {k: os.path.join(data_dir, f"polymer_{k}.npz") for k in ("train", "test_short",
-                                                                     "test_long")}
-    if not all(os.path.exists(f) for f in files.values()):
-        print(f"generating polymer data in {data_dir}", flush=True)
-        _ensure_data(data_dir, quick, seed=0, device="cpu", only="polymers")
-    x_tr, cg_tr, tr = _load_cg(files["train"], atoms_per_bead, seed)
-    x_short, cg_te, short = _load_cg(files["test_short"], atoms_per_bead, seed)
-    x_long, _, long = _load_cg(files["test_long"], atoms_per_bead, seed)   # same polymers
-    frame_dt = float(tr.time[1] - tr.time[0])
-    K, m = cfg.n_history, train.stride
-    step_tau = m * frame_dt
-    n_test = int(cg_te.molecule.max()) + 1
-
-    # ground truth (long MD) and the short-MD estimate (as long as one training trajectory)
-    truth = cg_rg2(x_long, cg_te)                                        # each [F, R]
-    short_rg2 = [r[:, 0] for r in cg_rg2(x_short[:x_tr.shape[0]], cg_te)]
-
-    # the learned simulator
-    print(f"training the Dynamics GNN on {tr.positions.shape[1]} x {tr.time[-1]:g} tau of "
-          f"{int(cg_tr.molecule.max()) + 1} class I polymers ({cg_tr.n_beads} beads)", flush=True)
-    t0 = time.perf_counter()
-    model = train_dynamics(x_tr, cg_tr, cfg, train, device=device)
-    train_seconds = time.perf_counter() - t0
-    if checkpoint:
-        save_checkpoint(checkpoint, model)
-    R = x_long.shape[1]
-    n_burn = int(round(burn_in_tau / step_tau))
-    n_steps = n_burn + int(round((long.time[-1] - long.time[0]) / step_tau))
-    history = np.repeat(x_short[0:(K + 1) * m:m, 0][None], R, axis=0)   # [R, K + 1, n, 3]
-    t0 = time.perf_counter()
-    frames = rollout(model, cg_te, history, n_steps, seed=seed, label="learned rollout")
-    learned_seconds_per_tau = (time.perf_counter() - t0) / (n_steps * step_tau)
-    learned = cg_rg2(frames[n_burn:], cg_te)
-
-    # the supervised baseline: trained on the class I polymers' <R_g^2> from their short runs
-    train_rg2 = np.array([r.mean() for r in cg_rg2(x_tr, cg_tr)])
-    regressor = train_rg2_regressor(tr.system, train_rg2, seed=seed)
-    with torch.no_grad():
-        supervised = torch.exp(regressor(short.system)).numpy()
-
-    stability = _stability_check(model, cg_te, history[:1], stability_steps, seed + 1, x_long)
-    md_seconds_per_tau = _md_seconds_per_tau(long, 1.0 if quick else 5.0, device)
-
-    rows = [_polymer_row(k, truth[k], learned[k], short_rg2[k], float(supervised[k]),
-                         int((cg_te.molecule == k).sum()), frame_dt, m)
-            for k in range(n_test)]
-    sel0 = np.flatnonzero(cg_te.molecule == 0)
-    med = lambda key: float(np.median([r[key] for r in rows]))             # noqa: E731
-    return dict(
-        rg2_rel_error={e: med(f"rg2_rel_error_{e}") for e in ("learned", "short_md",
-                                                               "supervised_gnn")},
-        relaxation_time_rel_error={e: med(f"relaxation_time_rel_error_{e}")
-                                   for e in ("learned", "short_md")},
-        rg2_distribution_l1={e: float(np.median([r["rg2_distribution_l1"][e] for r in rows]))
-                             for e in ("learned", "short_md")},
-        seconds_per_tau=dict(md=md_seconds_per_tau, learned=learned_seconds_per_tau),
-        speedup=md_seconds_per_tau / learned_seconds_per_tau, n_test=n_test, per_polymer=rows,
-        free_energy_surface_polymer0=_fes_difference(
-            x_long[::m, :, sel0].reshape(-1, len(sel0), 3),
-            frames[n_burn:, :, sel0].reshape(-1, len(sel0), 3)),
-        stability=stability, learned_step_tau=step_tau, md_steps_per_learned_step=int(round(
-            step_tau / long.info["dt"])), n_replicas=R, rollout_steps=n_steps,
-        train_seconds=train_seconds, seconds=time.perf_counter() - t_start,
-        config=dict(model=asdict(cfg), train=asdict(train), atoms_per_bead=atoms_per_bead,
-                    quick=quick, seed=seed))
-
-
-# ---- the electrolyte experiment: Score GNN refinement on a dense periodic system ----------------
-
-ELECTROLYTE_SPECIES = ("cation", "anion", "polymer")
-ELECTROLYTE_RDF_PAIRS = (("cation", "cation"), ("cation", "anion"), ("cation", "polymer"))
-
-
-def bead_species(cg: CGSystem) -> np.ndarray:
-    """[n_beads] names from ELECTROLYTE_SPECIES: a bead of one cation (anion) atom is a cation
-    (anion) bead, every other bead a polymer bead."""
-    first = np.full(cg.n_beads, -1)
-    first[cg.labels[::-1]] = cg.atom_types[::-1]           # the type of each bead's first atom
-    size = np.bincount(cg.labels, minlength=cg.n_beads)
-    names = np.array(["polymer"] * cg.n_beads, dtype=object)
-    names[(size == 1) & (first == 2)], names[(size == 1) & (first == 3)] = "cation", "anion"
-    return names.astype(str)
-
-
-def _transport_and_structure(frames, dt, cg, species, fit, threshold, n_bins=30) -> dict:
-    """D per species, the three RDFs and the collision rate per frame of frames [T, R, n, 3]
-    (unwrapped, `dt` apart). Collisions: non-bonded bead pairs closer than `threshold`."""
-    T, R = frames.shape[:2]
-    flat = frames.reshape(T * R, cg.n_beads, 3)
-    rdf = {}
-    for a, b in ELECTROLYTE_RDF_PAIRS:
-        r, g = radial_distribution(flat[:, species == a], cg.box, cg.box / 2, n_bins,
-                                   None if a == b else flat[:, species == b])
-        rdf[f"{a}-{b}"] = g
-    coll = collision_rate(flat, threshold, box=cg.box, exclude=cg.cg_bonds).reshape(T, R)
-    return dict(D=_diffusivities(frames, dt, species, fit), rdf=rdf, r=r,
-                collisions=coll.mean(1))
-
-
-def _diffusivities(frames, dt, species, fit) -> dict:
-    """D of each species from frames [T, R, n, 3] (mean over replicas)."""
-    return {s: float(np.mean([diffusion_coefficient(frames[:, r][:, species == s], dt,
-                                                    fit_start=fit[0], fit_stop=fit[1])
-                              for r in range(frames.shape[1])])) for s in ELECTROLYTE_SPECIES}
-
-
-def _electrolyte_row(k, cg, truth, learned, no_score, short, frame_dt, step_tau) -> dict:
-    """Figures of test system k from the _transport_and_structure dicts of each method."""
-    dr = truth["r"][1] - truth["r"][0]
-    methods = dict(learned=learned, learned_no_score=no_score, short_md=short)
-    row = dict(system=k, n_beads=cg.n_beads, box=cg.box,
-               D={"ground_truth": truth["D"], **{m: v["D"] for m, v in methods.items()}},
-               rdf=dict(r=truth["r"].tolist(), ground_truth={p: g.tolist() for p, g in
-                                                             truth["rdf"].items()}),
-               collision_rate={"ground_truth": float(truth["collisions"].mean())},
-               collisions_over_time=dict(time_tau=(np.arange(len(learned["collisions"]))
-                                                   * step_tau).tolist()))
-    for m, v in methods.items():
-        row[f"diffusivity_log10_error_{m}"] = float(np.mean(
-            [abs(np.log10(v["D"][s] / truth["D"][s])) for s in ELECTROLYTE_SPECIES]))
-        row[f"rdf_l1_{m}"] = float(np.mean([np.abs(v["rdf"][p] - truth["rdf"][p]).sum() * dr
-                                            for p in truth["rdf"]]))
-        row["rdf"][m] = {p: g.tolist() for p, g in v["rdf"].items()}
-        if m != "short_md":
-            row["collision_rate"][m] = float(v["collisions"].mean())
-            row["collisions_over_time"][m] = v["collisions"].tolist()
-    return row
-
-
-def _electrolyte_test(data_dir, k, model, score, refine, m, atoms_per_bead, n_replicas,
-                      collision_threshold, seed, device, quick):
-    """Judge the learned simulator on test electrolyte k: rollouts with and without the Score GNN
-    from the short run's first frames, against the long and the short MD. Returns (row of
-    _electrolyte_row, seconds per tau of each method, learned steps, MD time step)."""
-    x_long, cg, long = _load_cg(os.path.join(data_dir, f"electrolyte_test_{k}_long.npz"),
-                                atoms_per_bead, seed)
-    x_short = _load_cg(os.path.join(data_dir, f"electrolyte_test_{k}_short.npz"),
-                       atoms_per_bead, seed)[0]
-    species, K = bead_species(cg), model.cfg.n_history
-    frame_dt = float(long.time[1] - long.time[0])
-    step_tau, fit = m * frame_dt, ((0.0, 1.0) if quick else (0.2, 0.6))
-    n_steps = int(round((long.time[-1] - long.time[0]) / step_tau))
-    history = np.repeat(x_short[0:(K + 1) * m:m, 0][None], n_replicas, axis=0)  # [R, K+1, n, 3]
-    frames, seconds = {}, {}
-    for name, sc in (("learned", score), ("learned_no_score", None)):
-        t0 = time.perf_counter()
-        frames[name] = rollout(model, cg, history, n_steps, seed=seed + 1, score=sc,
-                               refine=refine, label=f"{name} rollout, system {k}")
-        seconds[name] = (time.perf_counter() - t0) / (n_steps * step_tau)
-    seconds["md"] = _md_seconds_per_tau(long, 1.0 if quick else 5.0, device, n_replicas)
-    stats = lambda f, dt: _transport_and_structure(f, dt, cg, species, fit,   # noqa: E731
-                                                   collision_threshold)
-    truth = stats(x_long[::m], step_tau)                 # structure at the learned step ...
-    truth["D"] = _diffusivities(x_long, frame_dt, species, fit)   # ... D from every frame
-    row = _electrolyte_row(k, cg, truth, stats(frames["learned"][1:], step_tau),
-                           stats(frames["learned_no_score"][1:], step_tau),
-                           stats(x_short, frame_dt), frame_dt, step_tau)
-    return row, seconds, n_steps, long.info["dt"]
-
-
-def _electrolyte_configs(quick, seed, cfg, score_cfg, train, refine):
-    """The electrolyte experiment's configs: those given, else the defaults (tiny when quick).
-    Defaults: learned step 10 tau (stride 10 frames of 1 tau), K = 2, [A]'s per-bead noise."""
-    if quick:
-        small = EmbeddingConfig(latent=8, n_steps=1)
-        cfg = cfg or DynamicsConfig(n_history=1, latent=8, n_steps=1, radius=2.5, embedding=small)
-        score_cfg = score_cfg or ScoreConfig(latent=8, n_steps=1, embedding=small)
-        train = train or TrainConfig(stride=1, n_iterations=10, seed=seed)
-        refine = refine or RefineConfig(n_levels=2)
-    return (cfg or DynamicsConfig(n_history=2, latent=32, n_steps=3, radius=2.5,
-                                  correlated=False),
-            score_cfg or ScoreConfig(latent=32, n_steps=2, radius=2.0),
-            train or TrainConfig(stride=10, n_iterations=2500, seed=seed),
-            refine or RefineConfig())
-
-
-def electrolyte_experiment(data_dir="data", seed=0, device="cpu", quick=False,
-                           cfg: Optional[DynamicsConfig] = None,
-                           score_cfg: Optional[ScoreConfig] = None,
-                           train: Optional[TrainConfig] = None,
-                           refine: Optional[RefineConfig] = None, atoms_per_bead=4.0,
-                           n_replicas=24, collision_threshold=0.8, checkpoint_dir=None) -> dict:
-    """Paper [A]'s electrolyte claim: Score GNN refinement, on compositions never trained on.
-
-    Steps: coarse-grain every electrolyte (polymer chains atoms_per_bead atoms per bead, ions
-    single beads); train the Dynamics GNN and the Score GNN on the short trajectories of the
-    training compositions; on each unseen test composition roll out `n_replicas` replicas for as
-    long as the long MD, once with and once without refinement (same seed); compare diffusivities
-    (MSD of the unwrapped CG positions, fitted over 20-60% of the lags), the cation-cation,
-    cation-anion and cation-polymer RDFs, and the collision rate (non-bonded bead pairs closer
-    than `collision_threshold` sigma) with the long MD and with MD as short as the training runs.
-    The MD is judged at the learned step (its frames subsampled), so every method's RDF and
-    collision rate come from frames one learned step apart.
-
-    Args:
-        data_dir: folder of the electrolyte datasets (generated with data_gen if missing).
-        seed: seeds the CG mapping, the training and the rollouts.
-        device: 'cpu', 'cuda' or 'auto'.
-        quick: tiny data and a few iterations (smoke test of seconds).
-        cfg, score_cfg, train, refine: model, training and refinement configs (defaults below;
-            quick shrinks them).
-        atoms_per_bead: CG level of the chains.
-        n_replicas: learned replicas per test system, all in one batch; the MD it replaces is
-            timed on as many replicas (its per-tau cost grows in proportion).
-        collision_threshold: bead-bead distance that counts as a collision, sigma.
-        checkpoint_dir: folder to save both trained models to (None: not saved).
-
-    Returns:
-        dict of the figures (see README, "Score GNN refinement"), JSON-ready.
-    """
-    t_start = time.perf_counter()
-    cfg, score_cfg, train, refine = _electrolyte_configs(quick, seed, cfg, score_cfg, train,
-                                                         refine)
-    names = sorted(os.path.basename(p)[:-4] for p in glob.glob(os.path.join(
-        data_dir, "electrolyte_*.npz")))
-    train_names = [n for n in names if n.startswith("electrolyte_train_")]
-    test_ids = sorted(n[len("electrolyte_test_"):-len("_long")] for n in names
-                      if n.endswith("_long"))
-    if not train_names or not test_ids:
-        print(f"generating electrolyte data in {data_dir}", flush=True)
-        _ensure_data(data_dir, quick, seed=0, device="cpu", only="electrolyte")
-        return electrolyte_experiment(data_dir, seed, device, quick, cfg, score_cfg, train,
-                                      refine, atoms_per_bead, n_replicas, collision_threshold,
-                                      checkpoint_dir)
-    sets = [_load_cg(os.path.join(data_dir, n + ".npz"), atoms_per_bead, seed)
-            for n in train_names]
-    xs, cgs = [s[0] for s in sets], [s[1] for s in sets]
-    print(f"training the Dynamics and Score GNNs on {len(sets)} electrolytes "
-          f"({', '.join(str(c.n_beads) for c in cgs)} beads), "
-          f"{sum(x.shape[1] for x in xs)} x {sets[0][2].time[-1]:g} tau", flush=True)
-    t0 = time.perf_counter()
-    model = train_dynamics(xs, cgs, cfg, train, device=device)
-    score = train_score(xs, cgs, score_cfg, train, device=device)
-    train_seconds = time.perf_counter() - t0
-    if checkpoint_dir:
-        save_checkpoint(os.path.join(checkpoint_dir, "electrolyte_dynamics_gnn.pt"), model)
-        save_checkpoint(os.path.join(checkpoint_dir, "electrolyte_score_gnn.pt"), score)
-    m = train.stride
-    step_tau = m * float(sets[0][2].time[1] - sets[0][2].time[0])
-    rows, timing = [], dict(md=[], learned=[], learned_no_score=[])
-    for k in test_ids:
-        row, seconds, n_steps, md_dt = _electrolyte_test(
-            data_dir, k, model, score, refine, m, atoms_per_bead, n_replicas,
-            collision_threshold, seed, device, quick)
-        rows.append(row)
-        for key, v in seconds.items():
-            timing[key].append(v)
-    mean = lambda key: float(np.mean([r[key] for r in rows]))                # noqa: E731
-    sec = {k: float(np.mean(v)) for k, v in timing.items()}
-    methods = ("learned", "learned_no_score", "short_md")
-    return dict(
-        diffusivity_log10_mae={m: mean(f"diffusivity_log10_error_{m}") for m in methods},
-        rdf_l1={m: mean(f"rdf_l1_{m}") for m in methods},
-        collision_rate={m: float(np.mean([r["collision_rate"][m] for r in rows]))
-                        for m in ("ground_truth", "learned", "learned_no_score")},
-        seconds_per_tau=sec, speedup=sec["md"] / sec["learned"],
-        speedup_no_score=sec["md"] / sec["learned_no_score"], n_test=len(rows),
-        per_system=rows, learned_step_tau=step_tau,
-        md_steps_per_learned_step=int(round(step_tau / md_dt)), n_replicas=n_replicas,
-        rollout_steps=n_steps, score_evaluations_per_step=refine.n_levels * refine.n_steps_each
-        + int(refine.denoise), collision_threshold=collision_threshold,
-        train_seconds=train_seconds, seconds=time.perf_counter() - t_start,
-        config=dict(model=asdict(cfg), score=asdict(score_cfg), train=asdict(train),
-                    refine=asdict(refine), atoms_per_bead=atoms_per_bead, quick=quick,
-                    seed=seed))
-
-
 # -------------------------------------------------------------------------------------------------
-# 5. Paper B: bi-directional interpolation of MD trajectories
+# 7. Paper B: bi-directional interpolation of MD trajectories
 # -------------------------------------------------------------------------------------------------
 # Setting (METHOD.md section 3). A cheap MD run keeps only every K-th frame; the K - 1 frames in
 # between are to be reconstructed from the two known end states x(t0), x(t1), where a state is
@@ -2986,7 +2655,7 @@ def electrolyte_experiment(data_dir="data", seed=0, device="cpu", quick=False,
 # here, not in [B]) a cubic Hermite spline through both end states with their velocities.
 #
 # Order of the section: baselines -> a segment's frame of reference -> the model (time reversal,
-# adiabatic blend, Bi-LSTM) -> training -> the experiment on the stiff molecule (and a sweep over K).
+# adiabatic blend, Bi-LSTM) -> training. The experiment on the stiff molecule is in section 9.
 # Shapes: a segment is [gap + 1, n_atoms, 3] (frames t0 ... t1, K = gap steps of dt apart), a batch of
 # them [n_segments, gap + 1, n_atoms, 3]; inside the network a state is a flat z-scored vector
 # [batch, 6 n_atoms] = (positions, velocities). Reduced LJ units: positions sigma, velocities
@@ -3397,221 +3066,8 @@ def _rollout_training(model, z, gap, weights, opt, gen, train, label, t0) -> Non
               f"{total / count:.5f} ({time.perf_counter() - t0:.1f}s)", flush=True)
 
 
-# ---- the experiment: the stiff molecule at three temperatures -----------------------------------
-
-
-def _segments(traj_positions, traj_velocities, gap, first, stop, stride):
-    """Cut ``[n_frames, n_replicas, n_atoms, 3]`` into ``[n_segments, gap + 1, n_atoms, 3]``.
-
-    Segment s covers frames starts[s] ... starts[s] + gap, all inside [first, stop).
-    """
-    starts = np.arange(first, stop - gap, stride)
-    idx = starts[:, None] + np.arange(gap + 1)                           # [S, gap + 1]
-
-    def cut(a):                                                          # [S, K+1, R, n, 3]
-        seg = np.moveaxis(a[idx], 2, 1)                                  # [S, R, K+1, n, 3]
-        return seg.reshape(-1, *seg.shape[2:])
-    return cut(traj_positions), cut(traj_velocities)
-
-
-def split_segments(traj, gap, train_fraction=0.8, train_stride=None):
-    """Time split of every replica: training segments early, held-out segments late.
-
-    Training segments start every `train_stride` frames (default K / 4: overlapping, more data,
-    and about the same cost per epoch for any K) in the first `train_fraction` of the frames.
-    Held-out segments tile the rest end to end every K frames (the setting of [B]: every K-th
-    frame is known), after a buffer of K frames so no held-out frame borders a training frame.
-
-    Returns:
-        ((train positions, velocities), (test positions, velocities)), each
-        ``[n_segments, gap + 1, n_atoms, 3]``.
-    """
-    n_frames = traj.positions.shape[0]
-    n_train = int(train_fraction * n_frames)
-    stride = train_stride or max(1, gap // 4)
-    train = _segments(traj.positions, traj.velocities, gap, 0, n_train, stride)
-    test = _segments(traj.positions, traj.velocities, gap, n_train + gap, n_frames, gap)
-    if len(train[0]) == 0 or len(test[0]) == 0:
-        raise ValueError(f"gap = {gap} leaves no training or held-out segment in {n_frames} "
-                         "frames; use a smaller gap or longer trajectories")
-    return train, test
-
-
-def _ch_bond_lengths(positions):
-    """C-H bond lengths of the stiff molecule, ``[..., 12, 3]`` -> ``[..., 6]`` (H i+6 on C i)."""
-    return np.linalg.norm(positions[..., 6:, :] - positions[..., :6, :], axis=-1)
-
-
-def free_energy_difference(true_values, values, kT, n_bins=30):
-    """Compare F = -kT ln p of a 1-D coordinate between true and interpolated frames.
-
-    Bins span the central 99% of the true values. p is the count per bin over the *total*
-    number of samples (mass outside the window is missing, not renormalised away); an empty bin
-    is given one count, so a method that never visits a bin pays a large but finite penalty.
-    F is shifted by the true minimum.
-
-    Args:
-        true_values, values: Samples of the coordinate (any shapes; flattened).
-        kT: Thermal energy (epsilon).
-        n_bins: Histogram bins.
-
-    Returns:
-        dict: ``l1`` (mean |F - F_true| over bins, units epsilon), ``max``, ``centres``,
-        ``F_true``, ``F`` (each ``[n_bins]``).
-    """
-    edges = np.linspace(*np.percentile(true_values, [0.5, 99.5]), n_bins + 1)
-
-    def free_energy(x):
-        counts = np.histogram(x, edges)[0]
-        return -kT * np.log(np.maximum(counts, 1) / x.size)
-    kT = _positive(kT, "kT")
-    f_true, f = free_energy(np.ravel(true_values)), free_energy(np.ravel(values))
-    shift = f_true.min()
-    diff = np.abs(f - f_true)
-    return dict(l1=float(diff.mean()), max=float(diff.max()),
-                centres=(0.5 * (edges[1:] + edges[:-1])).tolist(),
-                F_true=(f_true - shift).tolist(), F=(f - shift).tolist())
-
-
-def _free_energy_report(true_values, values_by_method, kT):
-    """free_energy_difference for each method, gathered as {l1: {method: ..}, max: .., F: ..}."""
-    per = {m: free_energy_difference(true_values, v, kT) for m, v in values_by_method.items()}
-    first = next(iter(per.values()))
-    return dict(coordinate="C-H bond length (sigma)", centres=first["centres"],
-                F_true=first["F_true"], l1={m: r["l1"] for m, r in per.items()},
-                max={m: r["max"] for m, r in per.items()}, F={m: r["F"] for m, r in per.items()})
-
-
-def _ensure_stiff_data(data_dir: str, quick: bool) -> None:
-    """Generate the stiff-molecule datasets into data_dir if one is missing."""
-    missing = [lab for lab in STIFF_TEMPERATURES
-               if not os.path.exists(os.path.join(data_dir, f"stiff_{lab}.npz"))]
-    if missing:
-        print(f"generating stiff-molecule data in {data_dir} (missing: {missing})", flush=True)
-        _ensure_data(data_dir, quick, seed=0, device="cpu", only="stiff")
-
-
-def _run_temperature(path, label, gap, device, train_cfg, hidden):
-    """Train Bi- and uni-directional LSTMs at one temperature; interpolate the held-out gaps.
-
-    Returns (per-method interpolated positions ``[S, K + 1, n, 3]`` in the lab frame,
-    true positions ``[S, K + 1, n, 3]``, endpoint error of the Bi-LSTM, kT, frame dt).
-    """
-    traj, _ = load_trajectory(path)
-    kT, dt = STIFF_TEMPERATURES[label], float(traj.time[1] - traj.time[0])
-    (tr_p, tr_v), (te_p, te_v) = split_segments(traj, gap)
-    _, reference = stiff_molecule()
-    masses = traj.system.masses
-    # Each segment in its own frame (fixed from its two ends): see segment_frames.
-    com, rot = segment_frames(tr_p[:, 0], tr_p[:, -1], masses, reference)
-    tr_p, tr_v = to_frame(tr_p, tr_v, com, rot)
-    com, rot = segment_frames(te_p[:, 0], te_p[:, -1], masses, reference)
-    fr_p, fr_v = to_frame(te_p, te_v, com, rot)
-    print(f"{label} (kT = {kT}): {len(tr_p)} training / {len(te_p)} held-out segments of "
-          f"K = {gap} steps", flush=True)
-    out = {"linear": np.moveaxis(linear_interpolation(te_p[:, 0], te_p[:, -1], gap + 1), 0, 1),
-           "hermite": np.moveaxis(hermite_interpolation(
-               te_p[:, 0], te_v[:, 0], te_p[:, -1], te_v[:, -1], dt * np.arange(gap + 1)), 0, 1)}
-    endpoint_error = 0.0
-    for name, bidirectional in (("bilstm", True), ("unilstm", False)):
-        cfg = InterpolatorConfig(n_atoms=traj.positions.shape[-2], hidden=hidden,
-                                 bidirectional=bidirectional)
-        model = train_interpolator(tr_p, tr_v, cfg, train_cfg, device, f"[{label} {name}]")
-        p, v = model.interpolate((fr_p[:, 0], fr_v[:, 0]), (fr_p[:, -1], fr_v[:, -1]), gap)
-        p, v = from_frame(p, v, com, rot)                               # back to the lab frame
-        out[name] = p
-        if bidirectional:
-            endpoint_error = max(float(np.abs(p[:, [0, -1]] - te_p[:, [0, -1]]).max()),
-                                 float(np.abs(v[:, [0, -1]] - te_v[:, [0, -1]]).max()))
-    return out, te_p, endpoint_error, kT, dt
-
-
-def interpolation_experiment(data_dir="data", gap=20, seed=0, device="cpu", quick=False,
-                             labels=None, train: Optional[InterpTrainConfig] = None,
-                             hidden: int = 128) -> dict:
-    """Paper [B] on the stiff molecule: fill gaps of K steps at low / mid / high temperature.
-
-    Per temperature, one Bi-LSTM and one uni-directional LSTM are trained (per-temperature
-    models: each is z-scored with its own statistics) on the first 80% of every replica's
-    frames; all figures come from held-out segments tiling the last 20%.
-
-    Args:
-        data_dir: Dataset folder; stiff_{low,mid,high}.npz are generated there if missing (tiny
-            ones with quick=True, as `python data_gen.py --quick` writes into data/quick).
-        gap: K, steps between known frames (>= 2).
-        seed: Seeds network initialisation and batch order.
-        device: 'cpu', 'cuda' or 'auto'.
-        quick: Tiny data and 1 + 2 epochs: a smoke test of a few seconds.
-        labels: Temperatures to run (default all of STIFF_TEMPERATURES).
-        train: Training schedule (default InterpTrainConfig(seed=seed)).
-        hidden: LSTM hidden size.
-
-    Returns:
-        dict with ``mae[label][method]`` (position MAE over the interior of the gap, sigma;
-        methods bilstm, unilstm, hermite, linear), ``endpoint_error`` (max |x_hat - x| of the
-        Bi-LSTM at t0 and t1, positions and velocities), ``free_energy[label][method]``
-        (F of the C-H bond length: ``l1[method]``, ``max[method]`` (epsilon), the curves
-        ``F_true``, ``F[method]`` on ``centres``), ``mae_hydrogen[label][method]`` (MAE of the
-        light atoms alone), ``gap``, ``seconds``, ``vibration_period_steps`` (C-H stretch period
-        / dt) and the ``config`` used.
-    """
-    t_start = time.perf_counter()
-    gap = _check_gap(gap)
-    labels = list(STIFF_TEMPERATURES) if labels is None else list(labels)
-    if not labels or not set(labels) <= set(STIFF_TEMPERATURES):
-        raise ValueError(f"labels = {labels!r}; expected a non-empty subset of "
-                         f"{list(STIFF_TEMPERATURES)}")
-    train = train or (InterpTrainConfig(teacher_epochs=1, epochs=2, seed=seed) if quick
-                      else InterpTrainConfig(seed=seed))
-    if quick:
-        hidden = min(hidden, 32)
-    _ensure_stiff_data(data_dir, quick)
-    result = dict(mae={}, free_energy={}, mae_hydrogen={}, gap=gap, endpoint_error=0.0,
-                  config=dict(train=asdict(train), hidden=hidden, quick=quick))
-    for label in labels:
-        out, true, end_err, kT, dt = _run_temperature(
-            os.path.join(data_dir, f"stiff_{label}.npz"), label, gap, device, train, hidden)
-        inner = slice(1, gap)                                            # the missing frames
-        result["mae"][label] = {m: float(np.abs(p[:, inner] - true[:, inner]).mean())
-                                for m, p in out.items()}
-        result["mae_hydrogen"][label] = {m: float(np.abs(p[:, inner, 6:] - true[:, inner, 6:])
-                                                  .mean()) for m, p in out.items()}
-        result["free_energy"][label] = _free_energy_report(
-            _ch_bond_lengths(true[:, inner]),
-            {m: _ch_bond_lengths(p[:, inner]) for m, p in out.items()}, kT)
-        result["endpoint_error"] = max(result["endpoint_error"], end_err)
-        print(f"{label}: position MAE over the gap  " + "  ".join(
-            f"{m} {v:.5f}" for m, v in result["mae"][label].items()) +
-            f"   (Bi-LSTM endpoint error {end_err:.1e}; {time.perf_counter() - t_start:.0f}s)",
-            flush=True)
-    result["vibration_period_steps"] = StiffMoleculeModel().ch_period() / dt
-    result["seconds"] = time.perf_counter() - t_start
-    return result
-
-
-def gap_sweep(data_dir="data", gaps=(5, 10, 20, 40, 80), seed=0, device="cpu", quick=False,
-              labels=None) -> dict:
-    """Position MAE per method as the gap K grows (slower: one full experiment per K).
-
-    The training cost per epoch is about the same for every K (training segments start every
-    K / 4 frames, so fewer but longer rollouts as K grows).
-
-    Returns:
-        dict ``{"mae": {str(K): {label: {method: MAE}}}, "endpoint_error": float,
-        "seconds": float}`` (string keys, as JSON needs).
-    """
-    t0 = time.perf_counter()
-    out = dict(mae={}, endpoint_error=0.0)
-    for k in gaps:
-        res = interpolation_experiment(data_dir, k, seed, device, quick, labels)
-        out["mae"][str(int(k))] = res["mae"]
-        out["endpoint_error"] = max(out["endpoint_error"], res["endpoint_error"])
-    out["seconds"] = time.perf_counter() - t0
-    return out
-
-
 # -------------------------------------------------------------------------------------------------
-# 6. Property estimators (METHOD.md section 4: the conventions of MDAnalysis and freud)
+# 8. Property estimators (METHOD.md section 4: the conventions of MDAnalysis and freud)
 # -------------------------------------------------------------------------------------------------
 # All take numpy arrays [T, n, 3] of *unwrapped* positions (reduced LJ units) and return numpy.
 
@@ -4194,7 +3650,6 @@ def block_standard_error(x, n_blocks=None):
     return sem
 
 
-
 def replica_mean_se(x):
     """Mean of x [T, R] over time and R independent replicas, with its standard error.
 
@@ -4216,78 +3671,671 @@ def molecule_rg2(positions, masses, offsets) -> list:
             for a, b in zip(offsets[:-1], offsets[1:])]
 
 # -------------------------------------------------------------------------------------------------
-# 7. Files: atomic writes, and loading without pickle
+# 9. Experiments: the papers' claims, each beside its baseline
 # -------------------------------------------------------------------------------------------------
-# A crash half-way through writing must never leave a truncated file that a later run trusts, so
-# every file is written to a temporary name in the same folder and then renamed (atomic on POSIX).
-# Arrays are stored as .npz of plain numeric arrays and read with allow_pickle=False.
+# Each experiment reads the datasets that data_gen.py wrote (generating missing ones), trains its
+# models, judges them on held-out systems against the long MD ground truth and against a cheaper
+# baseline (short MD, no Score GNN, straight lines and splines), and returns a JSON-ready dict.
+# Every number is measured in the run; the demo (section 11) prints them and writes
+# results/summary.json.
+
+# ---- the MD ground truth, and the short-MD baseline every learned simulator must beat -----------
 
 
-def atomic_write(path, write) -> None:
-    """Call write(file_object) on a temporary file beside `path`, then rename it into place."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def _ensure_data(data_dir: str, quick: bool, seed: int, device: str, only=None) -> None:
+    """Run data_gen for whatever is missing (data_gen skips files that already exist)."""
+    import data_gen   # the script beside this module; imported here to avoid a cycle
+    data_gen.main((["--quick"] if quick else []) + ["--out", data_dir, "--seed", str(seed),
+                                                    "--device", device]
+                  + (["--only", only] if only else []))
 
 
-def save_json(path, obj) -> None:
-    """Write `obj` as indented JSON, atomically."""
-    atomic_write(path, lambda fh: fh.write(json.dumps(obj, indent=2, sort_keys=True).encode()))
+def md_ground_truth_summary(data_dir: str) -> dict:
+    """What the datasets say: long ground truth beside the short-MD estimate it must beat.
 
-
-def load_json(path):
-    """Read a JSON file (the counterpart of save_json)."""
-    with open(path) as fh:
-        return json.load(fh)
-
-
-_SYSTEM_FIELDS = ("types", "masses", "bonds", "bond_k", "bond_r0", "epsilon", "sigma", "molecule")
-
-
-def save_trajectory(path, traj: Trajectory, **extra_arrays) -> None:
-    """Write a Trajectory (and any extra named arrays) to an .npz file, atomically.
-
-    Positions and velocities are stored as float32 (plenty for analysis, half the disk);
-    energies and time as float64. The System is stored field by field.
+    For each test polymer: <R_g^2> from the long runs (with its standard error) and from one
+    short run as long as the training trajectories; for the test electrolytes: diffusivities
+    per species. These are the targets and the baseline of the learned simulators.
     """
-    s = traj.system
-    arrays = dict(positions=traj.positions.astype(np.float32),
-                  velocities=traj.velocities.astype(np.float32), time=traj.time,
-                  potential_energy=traj.potential_energy, kinetic_energy=traj.kinetic_energy,
-                  r_cut=np.float64(s.r_cut), box=np.float64(np.nan if s.box is None else s.box),
-                  isolated_molecules=np.bool_(s.isolated_molecules),
-                  info_json=np.frombuffer(json.dumps(traj.info).encode(), dtype=np.uint8))
-    arrays.update({f"system_{k}": getattr(s, k) for k in _SYSTEM_FIELDS})
-    arrays.update(extra_arrays)
-    atomic_write(path, lambda fh: np.savez_compressed(fh, **arrays))
+    long, extra = load_trajectory(os.path.join(data_dir, "polymer_test_long.npz"))
+    short, _ = load_trajectory(os.path.join(data_dir, "polymer_test_short.npz"))
+    offsets, m = extra["atom_offsets"], long.system.masses
+    rows = []
+    for k, (truth, est) in enumerate(zip(molecule_rg2(long.positions, m, offsets),      # [T, R]
+                                         molecule_rg2(short.positions, m, offsets))):   # R = 1
+        mean, se = replica_mean_se(truth)
+        rows.append(dict(polymer=k, n_atoms=int(offsets[k + 1] - offsets[k]), rg2_truth=mean,
+                         rg2_truth_se=se, rg2_short_md=float(est.mean()),
+                         short_md_rel_error=float(abs(est.mean() - mean) / mean)))
+    return dict(polymer=rows, short_md_rg2_median_rel_error=float(
+        np.median([r["short_md_rel_error"] for r in rows])))
 
 
-def load_trajectory(path):
-    """Read a file written by save_trajectory. Returns (Trajectory, dict of extra arrays)."""
-    with np.load(path, allow_pickle=False) as z:
-        data = {k: z[k] for k in z.files}
-    box = float(data.pop("box"))
-    system = System(**{k: data.pop(f"system_{k}") for k in _SYSTEM_FIELDS},
-                    r_cut=float(data.pop("r_cut")), box=None if np.isnan(box) else box,
-                    isolated_molecules=bool(data.pop("isolated_molecules")))
-    traj = Trajectory(*(data.pop(k).astype(np.float64) if k in ("positions", "velocities")
-                        else data.pop(k) for k in ("positions", "velocities", "time",
-                                                   "potential_energy", "kinetic_energy")),
-                      system=system, info=json.loads(data.pop("info_json").tobytes().decode()))
-    return traj, data
+# ---- paper A: the polymer experiment (unseen class II chains) -----------------------------------
+
+
+def cg_rg2(positions, cg: CGSystem) -> list:
+    """R_g^2 of each molecule's CG beads: a list of [...] arrays (positions [..., n_beads, 3])."""
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(cg.molecule))])
+    return molecule_rg2(positions, cg.bead_mass, offsets)
+
+
+def _load_cg(path, atoms_per_bead, seed):
+    """(CG positions [F, R, n, 3], CGSystem, Trajectory) of a saved trajectory."""
+    traj = load_trajectory(path)[0]
+    cg = cg_system(traj.system, atoms_per_bead, seed=seed)
+    x = coarse_grain(traj.positions, cg.labels, traj.system.masses)
+    return (x if x.ndim == 4 else x[:, None]), cg, traj
+
+
+def _md_seconds_per_tau(traj: Trajectory, tau: float, device, n_replicas=None) -> float:
+    """Wall time per simulated tau of simulate() on the system of `traj`, from its last frame,
+    with its replicas (or n_replicas of them, its replicas repeated)."""
+    dt = traj.info["dt"]
+    n = max(1, int(round(tau / dt)))
+    x, v = traj.positions[-1], traj.velocities[-1]
+    if n_replicas is not None:
+        x, v = (np.resize(a, (n_replicas,) + a.shape[-2:]) for a in (x, v))
+    simulate(traj.system, x, 20, dt=dt, velocities=v, save_every=20, device=device)   # warm-up
+    t0 = time.perf_counter()
+    simulate(traj.system, x, n, dt=dt, velocities=v, save_every=n, device=device)
+    return (time.perf_counter() - t0) / (n * dt)
+
+
+def _distribution_l1(samples, truth, n_bins=30) -> float:
+    """L1 distance (0..2) between histograms of two samples on the truth's 0.5-99.5% range."""
+    lo, hi = np.quantile(truth, [0.005, 0.995])
+    p = np.histogram(np.clip(samples, lo, hi), bins=n_bins, range=(lo, hi))[0]
+    q = np.histogram(np.clip(truth, lo, hi), bins=n_bins, range=(lo, hi))[0]
+    return float(np.abs(p / p.sum() - q / q.sum()).sum())
+
+
+def _fes_difference(truth_frames, frames, kT=1.0, n_bins=20, cutoff=3.0) -> dict:
+    """Free-energy surfaces on the truth's first two principal components of the bead-bead
+    distances; mean |F - F_true| over bins with F_true < cutoff kT that both visit."""
+    ft, f = pairwise_distance_features(truth_frames), pairwise_distance_features(frames)
+    true = free_energy_surface(ft, kT, n_bins)
+    rng = [[true["x_edges"][0], true["x_edges"][-1]], [true["y_edges"][0], true["y_edges"][-1]]]
+    try:
+        est = free_energy_surface(f, kT, n_bins, pca=true, range=rng)["F"]
+    except ValueError:                      # not one sample inside the truth's range
+        est = np.full_like(true["F"], np.inf)
+    both = (true["F"] < cutoff) & np.isfinite(est)
+    return dict(mean_abs_diff=float(np.abs(est[both] - true["F"][both]).mean()) if both.any()
+                else None, coverage=float(both.sum() / max((true["F"] < cutoff).sum(), 1)),
+                F_true=np.where(np.isfinite(true["F"]), true["F"], -1).tolist(),
+                F=np.where(np.isfinite(est), est, -1).tolist(), empty_bins_are=-1)
+
+
+def _stability_check(model, cg, history, n_steps, seed, x_truth) -> dict:
+    """A long rollout from `history`: finite, and how long the CG bonds get (vs the MD frames)."""
+    out = dict(steps=n_steps)
+    if not n_steps:
+        return out
+    t0 = time.perf_counter()
+    frames = rollout(model, cg, history, n_steps, seed=seed, label="stability rollout")
+    b = cg.cg_bonds
+    bond = np.linalg.norm(frames[:, :, b[:, 0]] - frames[:, :, b[:, 1]], axis=-1)
+    bond_true = np.linalg.norm(x_truth[:, :, b[:, 0]] - x_truth[:, :, b[:, 1]], axis=-1)
+    out.update(finite=bool(np.isfinite(frames).all()), max_bond=float(bond.max()),
+               max_bond_truth=float(bond_true.max()), mean_bond=float(bond.mean()),
+               mean_bond_truth=float(bond_true.mean()), seconds=time.perf_counter() - t0)
+    return out
+
+
+def _relaxation(series, dt) -> float:
+    """Mean over replicas of the R_g^2 relaxation time of series [T, R]."""
+    return float(np.mean([relaxation_time(series[:, r], dt) for r in range(series.shape[1])]))
+
+
+def _polymer_row(k, truth, learned, short, supervised, n_beads, frame_dt, m) -> dict:
+    """Figures of test polymer k: R_g^2 series truth [F, R] (frames frame_dt apart), learned
+    [T, R] (m frames apart), short [F_short]; supervised: the regressor's <R_g^2>."""
+    step_tau = m * frame_dt
+    t_rg2, t_se = replica_mean_se(truth)
+    row = dict(polymer=k, n_beads=n_beads, rg2_truth=t_rg2, rg2_truth_se=t_se,
+               rg2_learned=float(learned.mean()), rg2_short_md=float(short.mean()),
+               rg2_supervised_gnn=supervised,
+               relaxation_time_truth=_relaxation(truth, frame_dt),
+               relaxation_time_truth_at_step=_relaxation(truth[::m], step_tau),
+               relaxation_time_learned=_relaxation(learned, step_tau),
+               relaxation_time_short_md=_relaxation(short[:, None], frame_dt),
+               rg2_distribution_l1=dict(learned=_distribution_l1(learned, truth),
+                                        short_md=_distribution_l1(short, truth)),
+               rg2_acf=dict(lag_tau=(np.arange(25) * step_tau).tolist(),
+                            truth=autocorrelation(truth[::m, 0])[:25].tolist(),
+                            learned=autocorrelation(learned[:, 0])[:25].tolist()))
+    for est in ("learned", "short_md", "supervised_gnn"):
+        row[f"rg2_rel_error_{est}"] = abs(row[f"rg2_{est}"] - t_rg2) / t_rg2
+    row["relaxation_time_rel_error_learned"] = abs(
+        row["relaxation_time_learned"] / row["relaxation_time_truth_at_step"] - 1)
+    row["relaxation_time_rel_error_short_md"] = abs(
+        row["relaxation_time_short_md"] / row["relaxation_time_truth"] - 1)
+    return row
+
+
+def polymer_experiment(data_dir="data", seed=0, device="cpu", quick=False,
+                       cfg: Optional[DynamicsConfig] = None,
+                       train: Optional[TrainConfig] = None, atoms_per_bead=4.0,
+                       burn_in_tau=20.0, stability_steps=10_000, checkpoint=None) -> dict:
+    """Paper [A]'s polymer claim: trained on short class I runs, judged on unseen class II.
+
+    Steps: coarse-grain every dataset (atoms_per_bead atoms per bead); train the Dynamics GNN on
+    the short class I trajectories; roll it out on the class II polymers with as many replicas
+    and as much simulated time per replica as the long ground truth (after `burn_in_tau`, as the
+    MD had), all polymers in one batch; compare with the long MD, with MD as short as the
+    training runs, and with a GNN that predicts <R_g^2> from the fine graph alone. A separate
+    rollout of `stability_steps` learned steps (one replica) checks long-run stability.
+
+    R_g^2 here is that of the CG beads (mass-weighted), for truth and every estimate alike. The
+    learned simulator sees one frame per learned step, so its R_g^2 relaxation time is compared
+    with the truth's computed from frames subsampled to the same step (the trapezoid integral
+    of the ACF depends on the sampling); the full-resolution value is reported beside it.
+
+    Args:
+        data_dir: folder of the polymer datasets (generated with data_gen if missing).
+        seed: seeds the CG mapping, the training and the rollouts.
+        device: 'cpu', 'cuda' or 'auto'.
+        quick: tiny data and a few iterations (smoke test of seconds).
+        cfg, train: model and training configs (defaults: DynamicsConfig(),
+            TrainConfig(seed=seed); quick shrinks both).
+        atoms_per_bead: CG level.
+        burn_in_tau: learned-rollout time discarded before measuring.
+        stability_steps: length of the stability rollout (0: skip it).
+        checkpoint: path to save the trained model to (None: not saved).
+
+    Returns:
+        dict of the figures (see README, "The learned CG simulator"), JSON-ready.
+    """
+    t_start = time.perf_counter()
+    if quick:
+        cfg = cfg or DynamicsConfig(latent=16, n_steps=1,
+                                    embedding=EmbeddingConfig(latent=16, n_steps=1))
+        train = train or TrainConfig(stride=2, n_iterations=20, seed=seed)
+        stability_steps = min(stability_steps, 50)
+    cfg, train = cfg or DynamicsConfig(), train or TrainConfig(seed=seed)
+    files = {k: os.path.join(data_dir, f"polymer_{k}.npz") for k in ("train", "test_short",
+                                                                     "test_long")}
+    if not all(os.path.exists(f) for f in files.values()):
+        print(f"generating polymer data in {data_dir}", flush=True)
+        _ensure_data(data_dir, quick, seed=0, device="cpu", only="polymers")
+    x_tr, cg_tr, tr = _load_cg(files["train"], atoms_per_bead, seed)
+    x_short, cg_te, short = _load_cg(files["test_short"], atoms_per_bead, seed)
+    x_long, _, long = _load_cg(files["test_long"], atoms_per_bead, seed)   # same polymers
+    frame_dt = float(tr.time[1] - tr.time[0])
+    K, m = cfg.n_history, train.stride
+    step_tau = m * frame_dt
+    n_test = int(cg_te.molecule.max()) + 1
+
+    # ground truth (long MD) and the short-MD estimate (as long as one training trajectory)
+    truth = cg_rg2(x_long, cg_te)                                        # each [F, R]
+    short_rg2 = [r[:, 0] for r in cg_rg2(x_short[:x_tr.shape[0]], cg_te)]
+
+    # the learned simulator
+    print(f"training the Dynamics GNN on {tr.positions.shape[1]} x {tr.time[-1]:g} tau of "
+          f"{int(cg_tr.molecule.max()) + 1} class I polymers ({cg_tr.n_beads} beads)", flush=True)
+    t0 = time.perf_counter()
+    model = train_dynamics(x_tr, cg_tr, cfg, train, device=device)
+    train_seconds = time.perf_counter() - t0
+    if checkpoint:
+        save_checkpoint(checkpoint, model)
+    R = x_long.shape[1]
+    n_burn = int(round(burn_in_tau / step_tau))
+    n_steps = n_burn + int(round((long.time[-1] - long.time[0]) / step_tau))
+    history = np.repeat(x_short[0:(K + 1) * m:m, 0][None], R, axis=0)   # [R, K + 1, n, 3]
+    t0 = time.perf_counter()
+    frames = rollout(model, cg_te, history, n_steps, seed=seed, label="learned rollout")
+    learned_seconds_per_tau = (time.perf_counter() - t0) / (n_steps * step_tau)
+    learned = cg_rg2(frames[n_burn:], cg_te)
+
+    # the supervised baseline: trained on the class I polymers' <R_g^2> from their short runs
+    train_rg2 = np.array([r.mean() for r in cg_rg2(x_tr, cg_tr)])
+    regressor = train_rg2_regressor(tr.system, train_rg2, seed=seed)
+    with torch.no_grad():
+        supervised = torch.exp(regressor(short.system)).numpy()
+
+    stability = _stability_check(model, cg_te, history[:1], stability_steps, seed + 1, x_long)
+    md_seconds_per_tau = _md_seconds_per_tau(long, 1.0 if quick else 5.0, device)
+
+    rows = [_polymer_row(k, truth[k], learned[k], short_rg2[k], float(supervised[k]),
+                         int((cg_te.molecule == k).sum()), frame_dt, m)
+            for k in range(n_test)]
+    sel0 = np.flatnonzero(cg_te.molecule == 0)
+    med = lambda key: float(np.median([r[key] for r in rows]))             # noqa: E731
+    return dict(
+        rg2_rel_error={e: med(f"rg2_rel_error_{e}") for e in ("learned", "short_md",
+                                                               "supervised_gnn")},
+        relaxation_time_rel_error={e: med(f"relaxation_time_rel_error_{e}")
+                                   for e in ("learned", "short_md")},
+        rg2_distribution_l1={e: float(np.median([r["rg2_distribution_l1"][e] for r in rows]))
+                             for e in ("learned", "short_md")},
+        seconds_per_tau=dict(md=md_seconds_per_tau, learned=learned_seconds_per_tau),
+        speedup=md_seconds_per_tau / learned_seconds_per_tau, n_test=n_test, per_polymer=rows,
+        free_energy_surface_polymer0=_fes_difference(
+            x_long[::m, :, sel0].reshape(-1, len(sel0), 3),
+            frames[n_burn:, :, sel0].reshape(-1, len(sel0), 3)),
+        stability=stability, learned_step_tau=step_tau, md_steps_per_learned_step=int(round(
+            step_tau / long.info["dt"])), n_replicas=R, rollout_steps=n_steps,
+        train_seconds=train_seconds, seconds=time.perf_counter() - t_start,
+        config=dict(model=asdict(cfg), train=asdict(train), atoms_per_bead=atoms_per_bead,
+                    quick=quick, seed=seed))
+
+
+# ---- paper A: the electrolyte experiment (Score GNN refinement, unseen compositions) ------------
+
+ELECTROLYTE_SPECIES = ("cation", "anion", "polymer")
+ELECTROLYTE_RDF_PAIRS = (("cation", "cation"), ("cation", "anion"), ("cation", "polymer"))
+
+
+def bead_species(cg: CGSystem) -> np.ndarray:
+    """[n_beads] names from ELECTROLYTE_SPECIES: a bead of one cation (anion) atom is a cation
+    (anion) bead, every other bead a polymer bead."""
+    first = np.full(cg.n_beads, -1)
+    first[cg.labels[::-1]] = cg.atom_types[::-1]           # the type of each bead's first atom
+    size = np.bincount(cg.labels, minlength=cg.n_beads)
+    names = np.array(["polymer"] * cg.n_beads, dtype=object)
+    names[(size == 1) & (first == 2)], names[(size == 1) & (first == 3)] = "cation", "anion"
+    return names.astype(str)
+
+
+def _transport_and_structure(frames, dt, cg, species, fit, threshold, n_bins=30) -> dict:
+    """D per species, the three RDFs and the collision rate per frame of frames [T, R, n, 3]
+    (unwrapped, `dt` apart). Collisions: non-bonded bead pairs closer than `threshold`."""
+    T, R = frames.shape[:2]
+    flat = frames.reshape(T * R, cg.n_beads, 3)
+    rdf = {}
+    for a, b in ELECTROLYTE_RDF_PAIRS:
+        r, g = radial_distribution(flat[:, species == a], cg.box, cg.box / 2, n_bins,
+                                   None if a == b else flat[:, species == b])
+        rdf[f"{a}-{b}"] = g
+    coll = collision_rate(flat, threshold, box=cg.box, exclude=cg.cg_bonds).reshape(T, R)
+    return dict(D=_diffusivities(frames, dt, species, fit), rdf=rdf, r=r,
+                collisions=coll.mean(1))
+
+
+def _diffusivities(frames, dt, species, fit) -> dict:
+    """D of each species from frames [T, R, n, 3] (mean over replicas)."""
+    return {s: float(np.mean([diffusion_coefficient(frames[:, r][:, species == s], dt,
+                                                    fit_start=fit[0], fit_stop=fit[1])
+                              for r in range(frames.shape[1])])) for s in ELECTROLYTE_SPECIES}
+
+
+def _electrolyte_row(k, cg, truth, learned, no_score, short, frame_dt, step_tau) -> dict:
+    """Figures of test system k from the _transport_and_structure dicts of each method."""
+    dr = truth["r"][1] - truth["r"][0]
+    methods = dict(learned=learned, learned_no_score=no_score, short_md=short)
+    row = dict(system=k, n_beads=cg.n_beads, box=cg.box,
+               D={"ground_truth": truth["D"], **{m: v["D"] for m, v in methods.items()}},
+               rdf=dict(r=truth["r"].tolist(), ground_truth={p: g.tolist() for p, g in
+                                                             truth["rdf"].items()}),
+               collision_rate={"ground_truth": float(truth["collisions"].mean())},
+               collisions_over_time=dict(time_tau=(np.arange(len(learned["collisions"]))
+                                                   * step_tau).tolist()))
+    for m, v in methods.items():
+        row[f"diffusivity_log10_error_{m}"] = float(np.mean(
+            [abs(np.log10(v["D"][s] / truth["D"][s])) for s in ELECTROLYTE_SPECIES]))
+        row[f"rdf_l1_{m}"] = float(np.mean([np.abs(v["rdf"][p] - truth["rdf"][p]).sum() * dr
+                                            for p in truth["rdf"]]))
+        row["rdf"][m] = {p: g.tolist() for p, g in v["rdf"].items()}
+        if m != "short_md":
+            row["collision_rate"][m] = float(v["collisions"].mean())
+            row["collisions_over_time"][m] = v["collisions"].tolist()
+    return row
+
+
+def _electrolyte_test(data_dir, k, model, score, refine, m, atoms_per_bead, n_replicas,
+                      collision_threshold, seed, device, quick):
+    """Judge the learned simulator on test electrolyte k: rollouts with and without the Score GNN
+    from the short run's first frames, against the long and the short MD. Returns (row of
+    _electrolyte_row, seconds per tau of each method, learned steps, MD time step)."""
+    x_long, cg, long = _load_cg(os.path.join(data_dir, f"electrolyte_test_{k}_long.npz"),
+                                atoms_per_bead, seed)
+    x_short = _load_cg(os.path.join(data_dir, f"electrolyte_test_{k}_short.npz"),
+                       atoms_per_bead, seed)[0]
+    species, K = bead_species(cg), model.cfg.n_history
+    frame_dt = float(long.time[1] - long.time[0])
+    step_tau, fit = m * frame_dt, ((0.0, 1.0) if quick else (0.2, 0.6))
+    n_steps = int(round((long.time[-1] - long.time[0]) / step_tau))
+    history = np.repeat(x_short[0:(K + 1) * m:m, 0][None], n_replicas, axis=0)  # [R, K+1, n, 3]
+    frames, seconds = {}, {}
+    for name, sc in (("learned", score), ("learned_no_score", None)):
+        t0 = time.perf_counter()
+        frames[name] = rollout(model, cg, history, n_steps, seed=seed + 1, score=sc,
+                               refine=refine, label=f"{name} rollout, system {k}")
+        seconds[name] = (time.perf_counter() - t0) / (n_steps * step_tau)
+    seconds["md"] = _md_seconds_per_tau(long, 1.0 if quick else 5.0, device, n_replicas)
+    stats = lambda f, dt: _transport_and_structure(f, dt, cg, species, fit,   # noqa: E731
+                                                   collision_threshold)
+    truth = stats(x_long[::m], step_tau)                 # structure at the learned step ...
+    truth["D"] = _diffusivities(x_long, frame_dt, species, fit)   # ... D from every frame
+    row = _electrolyte_row(k, cg, truth, stats(frames["learned"][1:], step_tau),
+                           stats(frames["learned_no_score"][1:], step_tau),
+                           stats(x_short, frame_dt), frame_dt, step_tau)
+    return row, seconds, n_steps, long.info["dt"]
+
+
+def _electrolyte_configs(quick, seed, cfg, score_cfg, train, refine):
+    """The electrolyte experiment's configs: those given, else the defaults (tiny when quick).
+    Defaults: learned step 10 tau (stride 10 frames of 1 tau), K = 2, [A]'s per-bead noise."""
+    if quick:
+        small = EmbeddingConfig(latent=8, n_steps=1)
+        cfg = cfg or DynamicsConfig(n_history=1, latent=8, n_steps=1, radius=2.5, embedding=small)
+        score_cfg = score_cfg or ScoreConfig(latent=8, n_steps=1, embedding=small)
+        train = train or TrainConfig(stride=1, n_iterations=10, seed=seed)
+        refine = refine or RefineConfig(n_levels=2)
+    return (cfg or DynamicsConfig(n_history=2, latent=32, n_steps=3, radius=2.5,
+                                  correlated=False),
+            score_cfg or ScoreConfig(latent=32, n_steps=2, radius=2.0),
+            train or TrainConfig(stride=10, n_iterations=2500, seed=seed),
+            refine or RefineConfig())
+
+
+def electrolyte_experiment(data_dir="data", seed=0, device="cpu", quick=False,
+                           cfg: Optional[DynamicsConfig] = None,
+                           score_cfg: Optional[ScoreConfig] = None,
+                           train: Optional[TrainConfig] = None,
+                           refine: Optional[RefineConfig] = None, atoms_per_bead=4.0,
+                           n_replicas=24, collision_threshold=0.8, checkpoint_dir=None) -> dict:
+    """Paper [A]'s electrolyte claim: Score GNN refinement, on compositions never trained on.
+
+    Steps: coarse-grain every electrolyte (polymer chains atoms_per_bead atoms per bead, ions
+    single beads); train the Dynamics GNN and the Score GNN on the short trajectories of the
+    training compositions; on each unseen test composition roll out `n_replicas` replicas for as
+    long as the long MD, once with and once without refinement (same seed); compare diffusivities
+    (MSD of the unwrapped CG positions, fitted over 20-60% of the lags), the cation-cation,
+    cation-anion and cation-polymer RDFs, and the collision rate (non-bonded bead pairs closer
+    than `collision_threshold` sigma) with the long MD and with MD as short as the training runs.
+    The MD is judged at the learned step (its frames subsampled), so every method's RDF and
+    collision rate come from frames one learned step apart.
+
+    Args:
+        data_dir: folder of the electrolyte datasets (generated with data_gen if missing).
+        seed: seeds the CG mapping, the training and the rollouts.
+        device: 'cpu', 'cuda' or 'auto'.
+        quick: tiny data and a few iterations (smoke test of seconds).
+        cfg, score_cfg, train, refine: model, training and refinement configs (defaults below;
+            quick shrinks them).
+        atoms_per_bead: CG level of the chains.
+        n_replicas: learned replicas per test system, all in one batch; the MD it replaces is
+            timed on as many replicas (its per-tau cost grows in proportion).
+        collision_threshold: bead-bead distance that counts as a collision, sigma.
+        checkpoint_dir: folder to save both trained models to (None: not saved).
+
+    Returns:
+        dict of the figures (see README, "Score GNN refinement"), JSON-ready.
+    """
+    t_start = time.perf_counter()
+    cfg, score_cfg, train, refine = _electrolyte_configs(quick, seed, cfg, score_cfg, train,
+                                                         refine)
+    names = sorted(os.path.basename(p)[:-4] for p in glob.glob(os.path.join(
+        data_dir, "electrolyte_*.npz")))
+    train_names = [n for n in names if n.startswith("electrolyte_train_")]
+    test_ids = sorted(n[len("electrolyte_test_"):-len("_long")] for n in names
+                      if n.endswith("_long"))
+    if not train_names or not test_ids:
+        print(f"generating electrolyte data in {data_dir}", flush=True)
+        _ensure_data(data_dir, quick, seed=0, device="cpu", only="electrolyte")
+        return electrolyte_experiment(data_dir, seed, device, quick, cfg, score_cfg, train,
+                                      refine, atoms_per_bead, n_replicas, collision_threshold,
+                                      checkpoint_dir)
+    sets = [_load_cg(os.path.join(data_dir, n + ".npz"), atoms_per_bead, seed)
+            for n in train_names]
+    xs, cgs = [s[0] for s in sets], [s[1] for s in sets]
+    print(f"training the Dynamics and Score GNNs on {len(sets)} electrolytes "
+          f"({', '.join(str(c.n_beads) for c in cgs)} beads), "
+          f"{sum(x.shape[1] for x in xs)} x {sets[0][2].time[-1]:g} tau", flush=True)
+    t0 = time.perf_counter()
+    model = train_dynamics(xs, cgs, cfg, train, device=device)
+    score = train_score(xs, cgs, score_cfg, train, device=device)
+    train_seconds = time.perf_counter() - t0
+    if checkpoint_dir:
+        save_checkpoint(os.path.join(checkpoint_dir, "electrolyte_dynamics_gnn.pt"), model)
+        save_checkpoint(os.path.join(checkpoint_dir, "electrolyte_score_gnn.pt"), score)
+    m = train.stride
+    step_tau = m * float(sets[0][2].time[1] - sets[0][2].time[0])
+    rows, timing = [], dict(md=[], learned=[], learned_no_score=[])
+    for k in test_ids:
+        row, seconds, n_steps, md_dt = _electrolyte_test(
+            data_dir, k, model, score, refine, m, atoms_per_bead, n_replicas,
+            collision_threshold, seed, device, quick)
+        rows.append(row)
+        for key, v in seconds.items():
+            timing[key].append(v)
+    mean = lambda key: float(np.mean([r[key] for r in rows]))                # noqa: E731
+    sec = {k: float(np.mean(v)) for k, v in timing.items()}
+    methods = ("learned", "learned_no_score", "short_md")
+    return dict(
+        diffusivity_log10_mae={m: mean(f"diffusivity_log10_error_{m}") for m in methods},
+        rdf_l1={m: mean(f"rdf_l1_{m}") for m in methods},
+        collision_rate={m: float(np.mean([r["collision_rate"][m] for r in rows]))
+                        for m in ("ground_truth", "learned", "learned_no_score")},
+        seconds_per_tau=sec, speedup=sec["md"] / sec["learned"],
+        speedup_no_score=sec["md"] / sec["learned_no_score"], n_test=len(rows),
+        per_system=rows, learned_step_tau=step_tau,
+        md_steps_per_learned_step=int(round(step_tau / md_dt)), n_replicas=n_replicas,
+        rollout_steps=n_steps, score_evaluations_per_step=refine.n_levels * refine.n_steps_each
+        + int(refine.denoise), collision_threshold=collision_threshold,
+        train_seconds=train_seconds, seconds=time.perf_counter() - t_start,
+        config=dict(model=asdict(cfg), score=asdict(score_cfg), train=asdict(train),
+                    refine=asdict(refine), atoms_per_bead=atoms_per_bead, quick=quick,
+                    seed=seed))
+
+
+# ---- paper B: the stiff molecule at three temperatures, gaps of K MD steps ----------------------
+
+
+def _segments(traj_positions, traj_velocities, gap, first, stop, stride):
+    """Cut ``[n_frames, n_replicas, n_atoms, 3]`` into ``[n_segments, gap + 1, n_atoms, 3]``.
+
+    Segment s covers frames starts[s] ... starts[s] + gap, all inside [first, stop).
+    """
+    starts = np.arange(first, stop - gap, stride)
+    idx = starts[:, None] + np.arange(gap + 1)                           # [S, gap + 1]
+
+    def cut(a):                                                          # [S, K+1, R, n, 3]
+        seg = np.moveaxis(a[idx], 2, 1)                                  # [S, R, K+1, n, 3]
+        return seg.reshape(-1, *seg.shape[2:])
+    return cut(traj_positions), cut(traj_velocities)
+
+
+def split_segments(traj, gap, train_fraction=0.8, train_stride=None):
+    """Time split of every replica: training segments early, held-out segments late.
+
+    Training segments start every `train_stride` frames (default K / 4: overlapping, more data,
+    and about the same cost per epoch for any K) in the first `train_fraction` of the frames.
+    Held-out segments tile the rest end to end every K frames (the setting of [B]: every K-th
+    frame is known), after a buffer of K frames so no held-out frame borders a training frame.
+
+    Returns:
+        ((train positions, velocities), (test positions, velocities)), each
+        ``[n_segments, gap + 1, n_atoms, 3]``.
+    """
+    n_frames = traj.positions.shape[0]
+    n_train = int(train_fraction * n_frames)
+    stride = train_stride or max(1, gap // 4)
+    train = _segments(traj.positions, traj.velocities, gap, 0, n_train, stride)
+    test = _segments(traj.positions, traj.velocities, gap, n_train + gap, n_frames, gap)
+    if len(train[0]) == 0 or len(test[0]) == 0:
+        raise ValueError(f"gap = {gap} leaves no training or held-out segment in {n_frames} "
+                         "frames; use a smaller gap or longer trajectories")
+    return train, test
+
+
+def _ch_bond_lengths(positions):
+    """C-H bond lengths of the stiff molecule, ``[..., 12, 3]`` -> ``[..., 6]`` (H i+6 on C i)."""
+    return np.linalg.norm(positions[..., 6:, :] - positions[..., :6, :], axis=-1)
+
+
+def free_energy_difference(true_values, values, kT, n_bins=30):
+    """Compare F = -kT ln p of a 1-D coordinate between true and interpolated frames.
+
+    Bins span the central 99% of the true values. p is the count per bin over the *total*
+    number of samples (mass outside the window is missing, not renormalised away); an empty bin
+    is given one count, so a method that never visits a bin pays a large but finite penalty.
+    F is shifted by the true minimum.
+
+    Args:
+        true_values, values: Samples of the coordinate (any shapes; flattened).
+        kT: Thermal energy (epsilon).
+        n_bins: Histogram bins.
+
+    Returns:
+        dict: ``l1`` (mean |F - F_true| over bins, units epsilon), ``max``, ``centres``,
+        ``F_true``, ``F`` (each ``[n_bins]``).
+    """
+    edges = np.linspace(*np.percentile(true_values, [0.5, 99.5]), n_bins + 1)
+
+    def free_energy(x):
+        counts = np.histogram(x, edges)[0]
+        return -kT * np.log(np.maximum(counts, 1) / x.size)
+    kT = _positive(kT, "kT")
+    f_true, f = free_energy(np.ravel(true_values)), free_energy(np.ravel(values))
+    shift = f_true.min()
+    diff = np.abs(f - f_true)
+    return dict(l1=float(diff.mean()), max=float(diff.max()),
+                centres=(0.5 * (edges[1:] + edges[:-1])).tolist(),
+                F_true=(f_true - shift).tolist(), F=(f - shift).tolist())
+
+
+def _free_energy_report(true_values, values_by_method, kT):
+    """free_energy_difference for each method, gathered as {l1: {method: ..}, max: .., F: ..}."""
+    per = {m: free_energy_difference(true_values, v, kT) for m, v in values_by_method.items()}
+    first = next(iter(per.values()))
+    return dict(coordinate="C-H bond length (sigma)", centres=first["centres"],
+                F_true=first["F_true"], l1={m: r["l1"] for m, r in per.items()},
+                max={m: r["max"] for m, r in per.items()}, F={m: r["F"] for m, r in per.items()})
+
+
+def _ensure_stiff_data(data_dir: str, quick: bool) -> None:
+    """Generate the stiff-molecule datasets into data_dir if one is missing."""
+    missing = [lab for lab in STIFF_TEMPERATURES
+               if not os.path.exists(os.path.join(data_dir, f"stiff_{lab}.npz"))]
+    if missing:
+        print(f"generating stiff-molecule data in {data_dir} (missing: {missing})", flush=True)
+        _ensure_data(data_dir, quick, seed=0, device="cpu", only="stiff")
+
+
+def _run_temperature(path, label, gap, device, train_cfg, hidden):
+    """Train Bi- and uni-directional LSTMs at one temperature; interpolate the held-out gaps.
+
+    Returns (per-method interpolated positions ``[S, K + 1, n, 3]`` in the lab frame,
+    true positions ``[S, K + 1, n, 3]``, endpoint error of the Bi-LSTM, kT, frame dt).
+    """
+    traj, _ = load_trajectory(path)
+    kT, dt = STIFF_TEMPERATURES[label], float(traj.time[1] - traj.time[0])
+    (tr_p, tr_v), (te_p, te_v) = split_segments(traj, gap)
+    _, reference = stiff_molecule()
+    masses = traj.system.masses
+    # Each segment in its own frame (fixed from its two ends): see segment_frames.
+    com, rot = segment_frames(tr_p[:, 0], tr_p[:, -1], masses, reference)
+    tr_p, tr_v = to_frame(tr_p, tr_v, com, rot)
+    com, rot = segment_frames(te_p[:, 0], te_p[:, -1], masses, reference)
+    fr_p, fr_v = to_frame(te_p, te_v, com, rot)
+    print(f"{label} (kT = {kT}): {len(tr_p)} training / {len(te_p)} held-out segments of "
+          f"K = {gap} steps", flush=True)
+    out = {"linear": np.moveaxis(linear_interpolation(te_p[:, 0], te_p[:, -1], gap + 1), 0, 1),
+           "hermite": np.moveaxis(hermite_interpolation(
+               te_p[:, 0], te_v[:, 0], te_p[:, -1], te_v[:, -1], dt * np.arange(gap + 1)), 0, 1)}
+    endpoint_error = 0.0
+    for name, bidirectional in (("bilstm", True), ("unilstm", False)):
+        cfg = InterpolatorConfig(n_atoms=traj.positions.shape[-2], hidden=hidden,
+                                 bidirectional=bidirectional)
+        model = train_interpolator(tr_p, tr_v, cfg, train_cfg, device, f"[{label} {name}]")
+        p, v = model.interpolate((fr_p[:, 0], fr_v[:, 0]), (fr_p[:, -1], fr_v[:, -1]), gap)
+        p, v = from_frame(p, v, com, rot)                               # back to the lab frame
+        out[name] = p
+        if bidirectional:
+            endpoint_error = max(float(np.abs(p[:, [0, -1]] - te_p[:, [0, -1]]).max()),
+                                 float(np.abs(v[:, [0, -1]] - te_v[:, [0, -1]]).max()))
+    return out, te_p, endpoint_error, kT, dt
+
+
+def interpolation_experiment(data_dir="data", gap=20, seed=0, device="cpu", quick=False,
+                             labels=None, train: Optional[InterpTrainConfig] = None,
+                             hidden: int = 128) -> dict:
+    """Paper [B] on the stiff molecule: fill gaps of K steps at low / mid / high temperature.
+
+    Per temperature, one Bi-LSTM and one uni-directional LSTM are trained (per-temperature
+    models: each is z-scored with its own statistics) on the first 80% of every replica's
+    frames; all figures come from held-out segments tiling the last 20%.
+
+    Args:
+        data_dir: Dataset folder; stiff_{low,mid,high}.npz are generated there if missing (tiny
+            ones with quick=True, as `python data_gen.py --quick` writes into data/quick).
+        gap: K, steps between known frames (>= 2).
+        seed: Seeds network initialisation and batch order.
+        device: 'cpu', 'cuda' or 'auto'.
+        quick: Tiny data and 1 + 2 epochs: a smoke test of a few seconds.
+        labels: Temperatures to run (default all of STIFF_TEMPERATURES).
+        train: Training schedule (default InterpTrainConfig(seed=seed)).
+        hidden: LSTM hidden size.
+
+    Returns:
+        dict with ``mae[label][method]`` (position MAE over the interior of the gap, sigma;
+        methods bilstm, unilstm, hermite, linear), ``endpoint_error`` (max |x_hat - x| of the
+        Bi-LSTM at t0 and t1, positions and velocities), ``free_energy[label][method]``
+        (F of the C-H bond length: ``l1[method]``, ``max[method]`` (epsilon), the curves
+        ``F_true``, ``F[method]`` on ``centres``), ``mae_hydrogen[label][method]`` (MAE of the
+        light atoms alone), ``gap``, ``seconds``, ``vibration_period_steps`` (C-H stretch period
+        / dt) and the ``config`` used.
+    """
+    t_start = time.perf_counter()
+    gap = _check_gap(gap)
+    labels = list(STIFF_TEMPERATURES) if labels is None else list(labels)
+    if not labels or not set(labels) <= set(STIFF_TEMPERATURES):
+        raise ValueError(f"labels = {labels!r}; expected a non-empty subset of "
+                         f"{list(STIFF_TEMPERATURES)}")
+    train = train or (InterpTrainConfig(teacher_epochs=1, epochs=2, seed=seed) if quick
+                      else InterpTrainConfig(seed=seed))
+    if quick:
+        hidden = min(hidden, 32)
+    _ensure_stiff_data(data_dir, quick)
+    result = dict(mae={}, free_energy={}, mae_hydrogen={}, gap=gap, endpoint_error=0.0,
+                  config=dict(train=asdict(train), hidden=hidden, quick=quick))
+    for label in labels:
+        out, true, end_err, kT, dt = _run_temperature(
+            os.path.join(data_dir, f"stiff_{label}.npz"), label, gap, device, train, hidden)
+        inner = slice(1, gap)                                            # the missing frames
+        result["mae"][label] = {m: float(np.abs(p[:, inner] - true[:, inner]).mean())
+                                for m, p in out.items()}
+        result["mae_hydrogen"][label] = {m: float(np.abs(p[:, inner, 6:] - true[:, inner, 6:])
+                                                  .mean()) for m, p in out.items()}
+        result["free_energy"][label] = _free_energy_report(
+            _ch_bond_lengths(true[:, inner]),
+            {m: _ch_bond_lengths(p[:, inner]) for m, p in out.items()}, kT)
+        result["endpoint_error"] = max(result["endpoint_error"], end_err)
+        print(f"{label}: position MAE over the gap  " + "  ".join(
+            f"{m} {v:.5f}" for m, v in result["mae"][label].items()) +
+            f"   (Bi-LSTM endpoint error {end_err:.1e}; {time.perf_counter() - t_start:.0f}s)",
+            flush=True)
+    result["vibration_period_steps"] = StiffMoleculeModel().ch_period() / dt
+    result["seconds"] = time.perf_counter() - t_start
+    return result
+
+
+def gap_sweep(data_dir="data", gaps=(5, 10, 20, 40, 80), seed=0, device="cpu", quick=False,
+              labels=None) -> dict:
+    """Position MAE per method as the gap K grows (slower: one full experiment per K).
+
+    The training cost per epoch is about the same for every K (training segments start every
+    K / 4 frames, so fewer but longer rollouts as K grows).
+
+    Returns:
+        dict ``{"mae": {str(K): {label: {method: MAE}}}, "endpoint_error": float,
+        "seconds": float}`` (string keys, as JSON needs).
+    """
+    t0 = time.perf_counter()
+    out = dict(mae={}, endpoint_error=0.0)
+    for k in gaps:
+        res = interpolation_experiment(data_dir, k, seed, device, quick, labels)
+        out["mae"][str(int(k))] = res["mae"]
+        out["endpoint_error"] = max(out["endpoint_error"], res["endpoint_error"])
+    out["seconds"] = time.perf_counter() - t0
+    return out
 
 
 # -------------------------------------------------------------------------------------------------
-# 8. Benchmark and command line
+# 11. Benchmark and command line
 # -------------------------------------------------------------------------------------------------
 
 
@@ -4351,35 +4399,6 @@ def _bench_partition(quick: bool) -> dict:
           f"{seconds:.2f}s (largest part {sizes.max()}, mean {n_atoms / n_parts:.0f}; "
           f"{edge_cut(bonds, labels)} bonds cut)")
     return dict(workload="spectral_partition", atoms=n_atoms, parts=n_parts, seconds=seconds)
-
-
-def _ensure_data(data_dir: str, quick: bool, seed: int, device: str, only=None) -> None:
-    """Run data_gen for whatever is missing (data_gen skips files that already exist)."""
-    import data_gen   # the script beside this module; imported here to avoid a cycle
-    data_gen.main((["--quick"] if quick else []) + ["--out", data_dir, "--seed", str(seed),
-                                                    "--device", device]
-                  + (["--only", only] if only else []))
-
-
-def md_ground_truth_summary(data_dir: str) -> dict:
-    """What the datasets say: long ground truth beside the short-MD estimate it must beat.
-
-    For each test polymer: <R_g^2> from the long runs (with its standard error) and from one
-    short run as long as the training trajectories; for the test electrolytes: diffusivities
-    per species. These are the targets and the baseline of the learned simulators.
-    """
-    long, extra = load_trajectory(os.path.join(data_dir, "polymer_test_long.npz"))
-    short, _ = load_trajectory(os.path.join(data_dir, "polymer_test_short.npz"))
-    offsets, m = extra["atom_offsets"], long.system.masses
-    rows = []
-    for k, (truth, est) in enumerate(zip(molecule_rg2(long.positions, m, offsets),      # [T, R]
-                                         molecule_rg2(short.positions, m, offsets))):   # R = 1
-        mean, se = replica_mean_se(truth)
-        rows.append(dict(polymer=k, n_atoms=int(offsets[k + 1] - offsets[k]), rg2_truth=mean,
-                         rg2_truth_se=se, rg2_short_md=float(est.mean()),
-                         short_md_rel_error=float(abs(est.mean() - mean) / mean)))
-    return dict(polymer=rows, short_md_rg2_median_rel_error=float(
-        np.median([r["short_md_rel_error"] for r in rows])))
 
 
 def demo(args) -> int:

@@ -1416,7 +1416,7 @@ def test_learned_simulator_bad_input(call, match):
 
 
 
-# ---- Score GNN refinement and the electrolyte (paper A, section 4) ------------------------------
+# ---- Score GNN refinement and the electrolyte (paper A, sections 6 and 9) ------------------------------
 
 
 def _free_beads(n):
