@@ -731,15 +731,8 @@ def simulate(system: System, positions, n_steps: int, *, dt: float = 0.005, kT: 
     gen = torch.Generator(device=dev).manual_seed(int(seed))
     ff = ForceField(system, n_rep, dev, tdt)
     inv_m = torch.as_tensor(np.tile(1.0 / system.masses, n_rep), device=dev, dtype=tdt)
-    x = _to_engine(x0, dev, tdt)
-    if velocities is None:
-        v = torch.randn(x.shape, generator=gen, device=dev, dtype=tdt) * (kT * inv_m).sqrt()
-    else:
-        v = _to_engine(np.asarray(velocities, dtype=float).reshape(n_rep, n, 3), dev, tdt)
-    ff.pairs.build(x)
-    state = _State(x, v, ff.forces(x))
-    n_frames = n_steps // save_every + 1
-    out = _FrameBuffer(n_frames, n_rep, n)
+    state = _initial_state(ff, x0, velocities, kT, inv_m, gen)
+    out = _FrameBuffer(n_steps // save_every + 1, n_rep, n)
     out.save(0, 0.0, state, ff, inv_m)
     c1 = math.exp(-gamma * dt)
     noise = (math.sqrt(1.0 - c1 * c1) * (kT * inv_m).sqrt()).expand(3, -1)
@@ -761,6 +754,19 @@ def simulate(system: System, positions, n_steps: int, *, dt: float = 0.005, kT: 
                      seed=seed, device=str(dev), dtype=str(tdt).replace("torch.", ""),
                      pair_list_builds=ff.pairs.n_builds, seconds=meter.elapsed())
     return traj
+
+
+def _initial_state(ff: ForceField, x0, velocities, kT, inv_m, gen) -> _State:
+    """Positions x0 [R, n, 3] in the engine layout, velocities (given, or Maxwell-Boltzmann at
+    kT drawn from gen), a fresh pair list and the forces."""
+    dev, tdt = inv_m.device, inv_m.dtype
+    x = _to_engine(x0, dev, tdt)
+    if velocities is None:
+        v = torch.randn(x.shape, generator=gen, device=dev, dtype=tdt) * (kT * inv_m).sqrt()
+    else:
+        v = _to_engine(np.asarray(velocities, dtype=float).reshape(x0.shape), dev, tdt)
+    ff.pairs.build(x)
+    return _State(x, v, ff.forces(x))
 
 
 def _baoab_step(s: _State, ff: ForceField, dt, c1, noise, half_dt_inv_m, gen, stochastic):
@@ -1188,6 +1194,48 @@ def load_trajectory(path):
                                                    "potential_energy", "kinetic_energy")),
                       system=system, info=json.loads(data.pop("info_json").tobytes().decode()))
     return traj, data
+
+
+def trajectory_from_arrays(positions, masses, bonds=(), *, types=None, molecule=None, box=None,
+                           frame_dt: float = 1.0, velocities=None) -> Trajectory:
+    """Wrap your own trajectory (from any MD code) as a Trajectory the rest of the module takes.
+
+    Args:
+        positions: [n_frames, n_atoms, 3] or [n_frames, n_replicas, n_atoms, 3], UNWRAPPED
+            (continuous in time: molecules whole, no jumps across the box), in your length unit.
+        masses: [n_atoms] > 0. bonds: [n_bonds, 2] atom indices (the graph that coarse-graining
+            partitions and the networks read). types: [n_atoms] int chemistry labels (default
+            all 0). molecule: [n_atoms] molecule ids (default all 0). box: cubic box edge, or None.
+        frame_dt: time between frames, in your time unit.
+        velocities: like positions; default: central differences of the positions (one-sided at
+            the ends), which smooths out motion faster than the frame spacing.
+
+    Returns:
+        Trajectory whose System carries only the topology: its force-field fields are
+        placeholders (bond_k = 1, bond_r0 = 1, epsilon = sigma = 1) that nothing here reads
+        unless you pass it to simulate(). Energies are NaN.
+    """
+    pos = _as_array(positions, "positions", last=3,
+                    expected="[n_frames, (n_replicas,) n_atoms, 3]")
+    if pos.ndim not in (3, 4) or pos.shape[0] < 2:
+        raise ValueError(f"positions has shape {pos.shape}; expected [n_frames >= 2, "
+                         "(n_replicas,) n_atoms, 3]")
+    n = pos.shape[-2]
+    types = np.zeros(n, dtype=np.int64) if types is None else types
+    n_types = int(np.max(types)) + 1 if np.size(types) else 1
+    system = System(types=types, masses=masses, bonds=bonds, bond_k=1.0, bond_r0=1.0,
+                    epsilon=np.ones((n_types, n_types)), sigma=np.ones((n_types, n_types)),
+                    box=box, molecule=molecule)
+    if system.masses.shape != (n,):
+        raise ValueError(f"masses has {len(system.masses)} entries; positions has {n} atoms")
+    frame_dt = _positive(frame_dt, "frame_dt")
+    vel = (np.gradient(pos, frame_dt, axis=0) if velocities is None
+           else _as_array(velocities, "velocities"))
+    if vel.shape != pos.shape:
+        raise ValueError(f"velocities has shape {vel.shape}; expected {pos.shape} like positions")
+    nan = np.full(pos.shape[:-2], np.nan)
+    return Trajectory(pos, vel, frame_dt * np.arange(pos.shape[0]), nan, nan.copy(), system,
+                      info=dict(dt=frame_dt, source="trajectory_from_arrays"))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -3353,23 +3401,8 @@ def radial_distribution(positions_a, box, r_max, n_bins, positions_b=None):
         ValueError: On bad shapes, non-positive box / r_max, r_max > box/2,
             or too few particles.
     """
-    pos_a = _as_frames(positions_a, "positions_a")
-    box = _positive(box, "box")
-    r_max = _positive(r_max, "r_max")
-    if r_max > box / 2:
-        raise ValueError(f"r_max = {r_max} exceeds box/2 = {box / 2}; "
-                         "expected r_max <= box/2 (minimum image)")
-    n_bins = _positive_int(n_bins, "n_bins")
-    pos_b = None if positions_b is None else _as_frames(positions_b,
-                                                        "positions_b")
-    if pos_b is not None and pos_b.shape[0] != pos_a.shape[0]:
-        raise ValueError(f"positions_b has {pos_b.shape[0]} frames; expected "
-                         f"{pos_a.shape[0]} to match positions_a")
-    n_a = pos_a.shape[1]
-    n_pairs = n_a * (n_a - 1) if pos_b is None else n_a * pos_b.shape[1]
-    if n_pairs == 0:
-        raise ValueError(f"positions_a has shape {pos_a.shape}; expected at "
-                         "least 2 atoms (or 1 atom in each species)")
+    pos_a, pos_b, box, r_max, n_bins, n_pairs = _rdf_inputs(positions_a, box, r_max, n_bins,
+                                                            positions_b)
     counts = np.zeros(n_bins)
     for t in range(pos_a.shape[0]):
         b = None if pos_b is None else np.mod(pos_b[t], box)
@@ -3381,6 +3414,28 @@ def radial_distribution(positions_a, box, r_max, n_bins, positions_b=None):
     shell = 4.0 / 3.0 * np.pi * (edges[1:] ** 3 - edges[:-1] ** 3)
     ideal = pos_a.shape[0] * n_pairs / box ** 3 * shell
     return 0.5 * (edges[1:] + edges[:-1]), counts / ideal
+
+
+def _rdf_inputs(positions_a, box, r_max, n_bins, positions_b):
+    """radial_distribution's arguments checked: (frames a [T, Na, 3], frames b or None, box,
+    r_max, n_bins, number of ordered pairs per frame)."""
+    pos_a = _as_frames(positions_a, "positions_a")
+    box = _positive(box, "box")
+    r_max = _positive(r_max, "r_max")
+    if r_max > box / 2:
+        raise ValueError(f"r_max = {r_max} exceeds box/2 = {box / 2}; "
+                         "expected r_max <= box/2 (minimum image)")
+    n_bins = _positive_int(n_bins, "n_bins")
+    pos_b = None if positions_b is None else _as_frames(positions_b, "positions_b")
+    if pos_b is not None and pos_b.shape[0] != pos_a.shape[0]:
+        raise ValueError(f"positions_b has {pos_b.shape[0]} frames; expected "
+                         f"{pos_a.shape[0]} to match positions_a")
+    n_a = pos_a.shape[1]
+    n_pairs = n_a * (n_a - 1) if pos_b is None else n_a * pos_b.shape[1]
+    if n_pairs == 0:
+        raise ValueError(f"positions_a has shape {pos_a.shape}; expected at "
+                         "least 2 atoms (or 1 atom in each species)")
+    return pos_a, pos_b, box, r_max, n_bins, n_pairs
 
 
 # ---- collision (overlap) rate ---------------------------------------------------------------------
@@ -4402,7 +4457,7 @@ def gap_sweep(data_dir="data", gaps=(5, 10, 20, 40, 80), seed=0, device="cpu", q
 
 _COLORS = dict(truth="k", ground_truth="k", learned="C0", learned_no_score="C3", short_md="C2",
                bilstm="C0", unilstm="C1", hermite="C2", linear="C3")
-_NAMES = dict(truth="long MD", ground_truth="long MD", learned="learned (with Score GNN)",
+_NAMES = dict(truth="long MD", ground_truth="long MD", learned="learned (Dynamics GNN)",
               learned_no_score="learned, no Score GNN", short_md="short MD", bilstm="Bi-LSTM",
               unilstm="uni-LSTM", hermite="Hermite spline", linear="linear")
 
@@ -4478,7 +4533,7 @@ def _fig_polymer_fes(plt, res):
     """[A]-style free-energy surface of polymer 0 on the truth's first two principal components
     of the bead-bead distances (kT; white: never visited)."""
     fes = res["free_energy_surface_polymer0"]
-    fig, axes = _panels(plt, 2, width=3.6, height=3.2)
+    fig, axes = plt.subplots(1, 2, figsize=(7.6, 3.4), layout="constrained")
     for ax, (key, title) in zip(axes, (("F_true", "long MD"), ("F", "learned"))):
         F = np.array(fes[key], dtype=float)
         F[F == fes["empty_bins_are"]] = np.nan
@@ -4504,7 +4559,8 @@ def _fig_msd(plt, res):
     for i, row in enumerate(rows):
         for ax, s in zip(axes[i], ELECTROLYTE_SPECIES):
             for m, curve in row["msd"].items():
-                ax.loglog(curve["lag_tau"][1:], curve[s][1:], color=_COLORS[m], label=_NAMES[m])
+                ax.loglog(curve["lag_tau"][1:], curve[s][1:], color=_COLORS[m],
+                          label=_NAMES[m] + (" + Score GNN" if m == "learned" else ""))
             ax.set_title(f"system {row['system']}: {s}", fontsize=9)
             ax.set_xlabel(r"lag ($\tau$)")
         axes[i][0].set_ylabel(r"MSD ($\sigma^2$)")
@@ -4520,7 +4576,8 @@ def _fig_rdf(plt, res):
     for i, row in enumerate(rows):
         for ax, p in zip(axes[i], pairs):
             for m in ("ground_truth", "learned", "learned_no_score", "short_md"):
-                ax.plot(row["rdf"]["r"], row["rdf"][m][p], color=_COLORS[m], label=_NAMES[m])
+                ax.plot(row["rdf"]["r"], row["rdf"][m][p], color=_COLORS[m],
+                        label=_NAMES[m] + (" + Score GNN" if m == "learned" else ""))
             ax.set_title(f"system {row['system']}: g(r) {p}", fontsize=9)
             ax.set_xlabel(r"r ($\sigma$)")
     axes[0][0].legend(fontsize=7)
@@ -4534,7 +4591,8 @@ def _fig_collisions(plt, res):
     for ax, row in zip(axes, res["per_system"]):
         c = row["collisions_over_time"]
         for m in ("learned", "learned_no_score"):
-            ax.plot(c["time_tau"], c[m], color=_COLORS[m], label=_NAMES[m])
+            ax.plot(c["time_tau"], c[m], color=_COLORS[m],
+                    label=_NAMES[m] + (" + Score GNN" if m == "learned" else ""))
         ax.axhline(row["collision_rate"]["ground_truth"], color="k", ls="--", label="long MD")
         ax.set_title(f"system {row['system']}: pairs closer than "
                      f"{res['collision_threshold']:g} sigma", fontsize=9)

@@ -514,6 +514,54 @@ def test_trajectory_round_trip_without_pickle(tmp_path):
         np.load(tmp_path / "obj.npy", allow_pickle=False)
 
 
+
+def test_trajectory_from_arrays_feeds_the_pipeline():
+    """The README's own-trajectory recipe, on arrays from our own MD: the wrapped trajectory
+    coarse-grains exactly like the original, trains and rolls out, and gives velocities by
+    central differences when none are passed."""
+    rng = np.random.default_rng(3)
+    system, x = C.random_polymer(1, rng)
+    tr = C.simulate(system, np.stack([x, x]), 400, save_every=20, seed=1)   # [21, 2, n, 3]
+    own = C.trajectory_from_arrays(tr.positions, system.masses, system.bonds, types=system.types,
+                                   frame_dt=0.1)
+    assert own.positions.shape == tr.positions.shape and own.time[-1] == pytest.approx(2.0)
+    inner = (tr.positions[2:] - tr.positions[:-2]) / 0.2
+    assert np.allclose(own.velocities[1:-1], inner)                   # central differences
+    cg_a, cg_b = C.cg_system(system, 4), C.cg_system(own.system, 4)
+    assert np.array_equal(cg_a.labels, cg_b.labels) and np.array_equal(cg_a.cg_bonds,
+                                                                        cg_b.cg_bonds)
+    xc = C.coarse_grain(own.positions, cg_b.labels, own.system.masses)    # [F, R, n_beads, 3]
+    cfg = C.DynamicsConfig(n_history=1, latent=8, n_steps=1,
+                           embedding=C.EmbeddingConfig(latent=8, n_steps=1))
+    model = C.train_dynamics(xc, cg_b, cfg, C.TrainConfig(stride=2, n_iterations=3), label=None)
+    frames = C.rollout(model, cg_b, xc[0:4:2, 0][None], 3)
+    assert frames.shape[1:] == (1, cg_b.n_beads, 3) and np.isfinite(frames).all()
+    with pytest.raises(ValueError, match="masses"):
+        C.trajectory_from_arrays(tr.positions, system.masses[:-1], system.bonds)
+    with pytest.raises(ValueError, match="positions"):
+        C.trajectory_from_arrays(tr.positions[:1, 0], system.masses)
+
+
+def test_training_repeats_bit_for_bit_with_two_threads():
+    """reproducible_training: two trainings with the same seed on 2 threads give equal weights."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rng = np.random.default_rng(0)
+        polymers = [C.random_polymer(1, rng) for _ in range(24)]
+        system = C.concatenate_systems([p[0] for p in polymers])[0]
+        x = np.concatenate([p[1] for p in polymers])
+        tr = C.simulate(system, x, 400, save_every=20, seed=2)
+        cg = C.cg_system(system, 4)
+        xc = C.coarse_grain(tr.positions, cg.labels, system.masses)[:, None]
+        cfg = C.DynamicsConfig(n_history=1)
+        train = C.TrainConfig(stride=2, n_iterations=60)
+        runs = [C.train_dynamics(xc, cg, cfg, train, label=None).state_dict() for _ in range(2)]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
 # ---- bad input ----------------------------------------------------------------------------------
 
 def _polymer():
@@ -820,6 +868,28 @@ def test_data_gen_quick_is_idempotent_and_the_demo_reads_it(tmp_path):
     summary = json.loads((results / "summary.json").read_text())
     assert len(summary["md_ground_truth"]["polymer"]) == meta["polymer_test_long"]["n_polymers"]
     assert "short MD" in printed
+    # the closing table repeats the experiments' own numbers, and 'holds' is their comparison
+    claims = {(c["experiment"], c["figure"]): c for c in summary["claims"]}
+    assert len(claims) == len(summary["claims"]) == 7 + 2 * len(C.STIFF_TEMPERATURES)
+    rg2 = claims[("[A] polymers", "<Rg2> median rel. error")]
+    err = summary["polymer"]["rg2_rel_error"]
+    assert rg2["value"] == err["learned"] and rg2["baselines"]["short_md"] == err["short_md"]
+    assert rg2["holds"] == (err["learned"] < err["short_md"])
+    coll = claims[("[A] electrolyte", "collision rate")]
+    c = summary["electrolyte"]["collision_rate"]
+    assert coll["value"] == c["learned"] and coll["holds"] == (c["learned"] < c["learned_no_score"])
+    mae = summary["interpolation"]["mae"]["low"]
+    low = claims[("[B] kT 0.1", "position MAE over the gap")]
+    assert low["holds"] == (mae["bilstm"] < min(mae["hermite"], mae["linear"], mae["unilstm"]))
+    assert "Summary, seed 0" in printed and summary["run"]["quick"] is True
+    # figures: drawn when matplotlib is there, and said so when it is not
+    try:
+        import matplotlib  # noqa: F401
+        pngs = sorted(p.name for p in results.glob("*.png"))
+        assert len(pngs) == 8 and "electrolyte_rdf.png" in pngs, pngs
+        assert all((results / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
+    except ImportError:
+        assert "matplotlib is not installed" in printed and not list(results.glob("*.png"))
 
 
 def test_bench_quick_prints_throughput():
