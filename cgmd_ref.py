@@ -3930,6 +3930,7 @@ def polymer_experiment(data_dir="data", seed=0, device="cpu", quick=False,
     R, n_burn = x_long.shape[1], int(round(burn_in_tau / step_tau))
     n_steps = n_burn + int(round((long.time[-1] - long.time[0]) / step_tau))
     history = np.repeat(x_short[0:(K + 1) * m:m, 0][None], R, axis=0)   # [R, K + 1, n, 3]
+    rollout(model, cg_te, history, 2, seed=seed)          # warm-up, as the MD timing has one
     t0 = time.perf_counter()
     frames = rollout(model, cg_te, history, n_steps, seed=seed, label="learned rollout")
     seconds_per_tau = dict(md=_md_seconds_per_tau(long, 1.0 if quick else 5.0, device),
@@ -4082,6 +4083,7 @@ def _electrolyte_test(data_dir, k, model, score, refine, m, atoms_per_bead, n_re
     history = np.repeat(x_short[0:(K + 1) * m:m, 0][None], n_replicas, axis=0)  # [R, K+1, n, 3]
     frames, seconds = {}, {}
     for name, sc in (("learned", score), ("learned_no_score", None)):
+        rollout(model, cg, history, 2, seed=seed + 1, score=sc, refine=refine)   # warm-up
         t0 = time.perf_counter()
         frames[name] = rollout(model, cg, history, n_steps, seed=seed + 1, score=sc,
                                refine=refine, label=f"{name} rollout, system {k}")
@@ -4245,11 +4247,14 @@ def split_segments(traj, gap, train_fraction=0.8, train_stride=None):
         ((train positions, velocities), (test positions, velocities)), each
         ``[n_segments, gap + 1, n_atoms, 3]``.
     """
-    n_frames = traj.positions.shape[0]
+    pos, vel = traj.positions, traj.velocities
+    if pos.ndim == 3:                                    # no replica axis: one replica
+        pos, vel = pos[:, None], vel[:, None]
+    n_frames = pos.shape[0]
     n_train = int(train_fraction * n_frames)
     stride = train_stride or max(1, gap // 4)
-    train = _segments(traj.positions, traj.velocities, gap, 0, n_train, stride)
-    test = _segments(traj.positions, traj.velocities, gap, n_train + gap, n_frames, gap)
+    train = _segments(pos, vel, gap, 0, n_train, stride)
+    test = _segments(pos, vel, gap, n_train + gap, n_frames, gap)
     if len(train[0]) == 0 or len(test[0]) == 0:
         raise ValueError(f"gap = {gap} leaves no training or held-out segment in {n_frames} "
                          "frames; use a smaller gap or longer trajectories")

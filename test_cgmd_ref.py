@@ -536,6 +536,9 @@ def test_trajectory_from_arrays_feeds_the_pipeline():
     model = C.train_dynamics(xc, cg_b, cfg, C.TrainConfig(stride=2, n_iterations=3), label=None)
     frames = C.rollout(model, cg_b, xc[0:4:2, 0][None], 3)
     assert frames.shape[1:] == (1, cg_b.n_beads, 3) and np.isfinite(frames).all()
+    one = C.trajectory_from_arrays(tr.positions[:, 0], system.masses, system.bonds)
+    (p, v), (q, w) = C.split_segments(one, gap=2)            # no replica axis: one replica
+    assert p.shape[1:] == (3, system.n_atoms, 3) and np.array_equal(q[0], one.positions[18:21])
     with pytest.raises(ValueError, match="masses"):
         C.trajectory_from_arrays(tr.positions, system.masses[:-1], system.bonds)
     with pytest.raises(ValueError, match="positions"):
