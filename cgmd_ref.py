@@ -2330,20 +2330,20 @@ def _fit(model, loss, train, label, what: str = "loss"):
     sched = torch.optim.lr_scheduler.ExponentialLR(
         opt, (train.lr_final / train.lr) ** (1 / max(train.n_iterations, 1)))
     t0, t_print, smooth = time.perf_counter(), time.perf_counter(), None
-    for it in range(1, train.n_iterations + 1):
-        with reproducible_training():
+    with reproducible_training():
+        for it in range(1, train.n_iterations + 1):
             value = loss(it)
             opt.zero_grad()
             value.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), train.clip)
             opt.step()
             sched.step()
-        smooth = value.item() if smooth is None else 0.98 * smooth + 0.02 * value.item()
-        now = time.perf_counter()
-        if label is not None and (now - t_print > 10 or it == train.n_iterations):
-            t_print, rate = now, it / (now - t0)
-            print(f"  {label}: iteration {it}/{train.n_iterations}  {what} {smooth:.4f}  "
-                  f"{rate:.1f} it/s  ETA {(train.n_iterations - it) / rate:.0f}s", flush=True)
+            smooth = value.item() if smooth is None else 0.98 * smooth + 0.02 * value.item()
+            now = time.perf_counter()
+            if label is not None and (now - t_print > 10 or it == train.n_iterations):
+                t_print, rate = now, it / (now - t0)
+                print(f"  {label}: iteration {it}/{train.n_iterations}  {what} {smooth:.4f}  "
+                      f"{rate:.1f} it/s  ETA {(train.n_iterations - it) / rate:.0f}s", flush=True)
     return model.eval()
 
 
@@ -3318,7 +3318,12 @@ def diffusion_coefficient(positions, dt, *, fit_start=0.2, fit_stop=0.6):
     if not 0.0 <= fit_start < fit_stop <= 1.0:
         raise ValueError(f"fit_start = {fit_start}, fit_stop = {fit_stop}; "
                          "expected 0 <= fit_start < fit_stop <= 1")
-    msd = mean_squared_displacement(positions)
+    return _einstein_slope(mean_squared_displacement(positions), dt, fit_start, fit_stop)
+
+
+def _einstein_slope(msd, dt, fit_start, fit_stop) -> float:
+    """D = slope / 6 of a least-squares line through msd [T] over lags fit_start..fit_stop of
+    the longest (diffusion_coefficient's fit, for callers that already have the MSD)."""
     k_max = msd.shape[0] - 1
     eps = 1e-9                       # guard against 0.2*100 = 20.000000004
     lags = np.arange(int(np.ceil(fit_start * k_max - eps)),
@@ -4036,10 +4041,9 @@ def _diffusivities(frames, dt, species, fit):
     D, msd = {}, dict(lag_tau=(dt * np.arange(len(frames))).tolist())
     for s in ELECTROLYTE_SPECIES:
         sel = frames[:, :, species == s]                                    # [T, R, n_s, 3]
-        D[s] = float(np.mean([diffusion_coefficient(sel[:, r], dt, fit_start=fit[0],
-                                                    fit_stop=fit[1]) for r in range(sel.shape[1])]))
-        msd[s] = np.mean([mean_squared_displacement(sel[:, r]) for r in range(sel.shape[1])],
-                         axis=0).tolist()
+        curves = [mean_squared_displacement(sel[:, r]) for r in range(sel.shape[1])]
+        D[s] = float(np.mean([_einstein_slope(c, dt, *fit) for c in curves]))
+        msd[s] = np.mean(curves, axis=0).tolist()
     return D, msd
 
 
@@ -4491,6 +4495,19 @@ def write_figures(summary: dict, out_dir: str) -> list:
     return paths
 
 
+def _label(method: str) -> str:
+    """Legend name of a method; the electrolyte's 'learned' is the refined one."""
+    return _NAMES[method] + (" + Score GNN" if method == "learned" else "")
+
+
+def _finish(fig, axes, ylabel: str, name: str):
+    """Label the first panel's y axis, put the legend there, lay out; returns (fig, name)."""
+    axes[0].set_ylabel(ylabel)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig, name
+
+
 def _panels(plt, n, width=3.2, height=2.6, n_cols=4):
     """A figure with n axes on a grid of n_cols columns; returns (figure, flat list of axes)."""
     n_cols = min(n, n_cols)
@@ -4511,11 +4528,8 @@ def _fig_rg2_distributions(plt, res):
             ax.stairs(h[m], h["edges"], color=_COLORS[m], label=_NAMES[m], lw=1.5)
         ax.set_title(f"polymer {row['polymer']} ({row['n_beads']} beads)", fontsize=9)
         ax.set_xlabel(r"$R_g^2$ ($\sigma^2$)")
-    axes[0].set_ylabel("fraction of frames")
-    axes[0].legend(fontsize=7)
     fig.suptitle("R_g^2 distributions of unseen (class II) polymers", fontsize=10)
-    fig.tight_layout()
-    return fig, "polymer_rg2_distributions.png"
+    return _finish(fig, axes, "fraction of frames", "polymer_rg2_distributions.png")
 
 
 def _fig_rg2_acf(plt, res):
@@ -4528,10 +4542,7 @@ def _fig_rg2_acf(plt, res):
         ax.axhline(0, color="0.7", lw=0.8)
         ax.set_title(f"polymer {row['polymer']}", fontsize=9)
         ax.set_xlabel(r"lag ($\tau$)")
-    axes[0].set_ylabel(r"ACF of $R_g^2$")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    return fig, "polymer_rg2_acf.png"
+    return _finish(fig, axes, r"ACF of $R_g^2$", "polymer_rg2_acf.png")
 
 
 def _fig_polymer_fes(plt, res):
@@ -4564,8 +4575,7 @@ def _fig_msd(plt, res):
     for i, row in enumerate(rows):
         for ax, s in zip(axes[i], ELECTROLYTE_SPECIES):
             for m, curve in row["msd"].items():
-                ax.loglog(curve["lag_tau"][1:], curve[s][1:], color=_COLORS[m],
-                          label=_NAMES[m] + (" + Score GNN" if m == "learned" else ""))
+                ax.loglog(curve["lag_tau"][1:], curve[s][1:], color=_COLORS[m], label=_label(m))
             ax.set_title(f"system {row['system']}: {s}", fontsize=9)
             ax.set_xlabel(r"lag ($\tau$)")
         axes[i][0].set_ylabel(r"MSD ($\sigma^2$)")
@@ -4581,8 +4591,7 @@ def _fig_rdf(plt, res):
     for i, row in enumerate(rows):
         for ax, p in zip(axes[i], pairs):
             for m in ("ground_truth", "learned", "learned_no_score", "short_md"):
-                ax.plot(row["rdf"]["r"], row["rdf"][m][p], color=_COLORS[m],
-                        label=_NAMES[m] + (" + Score GNN" if m == "learned" else ""))
+                ax.plot(row["rdf"]["r"], row["rdf"][m][p], color=_COLORS[m], label=_label(m))
             ax.set_title(f"system {row['system']}: g(r) {p}", fontsize=9)
             ax.set_xlabel(r"r ($\sigma$)")
     axes[0][0].legend(fontsize=7)
@@ -4596,16 +4605,12 @@ def _fig_collisions(plt, res):
     for ax, row in zip(axes, res["per_system"]):
         c = row["collisions_over_time"]
         for m in ("learned", "learned_no_score"):
-            ax.plot(c["time_tau"], c[m], color=_COLORS[m],
-                    label=_NAMES[m] + (" + Score GNN" if m == "learned" else ""))
+            ax.plot(c["time_tau"], c[m], color=_COLORS[m], label=_label(m))
         ax.axhline(row["collision_rate"]["ground_truth"], color="k", ls="--", label="long MD")
         ax.set_title(f"system {row['system']}: pairs closer than "
                      f"{res['collision_threshold']:g} sigma", fontsize=9)
         ax.set_xlabel(r"time ($\tau$)")
-    axes[0].set_ylabel("fraction of bead pairs")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    return fig, "electrolyte_collisions.png"
+    return _finish(fig, axes, "fraction of bead pairs", "electrolyte_collisions.png")
 
 
 def _fig_interpolation_traces(plt, res):
@@ -4621,10 +4626,7 @@ def _fig_interpolation_traces(plt, res):
         ax.set_title(f"kT = {STIFF_TEMPERATURES[label]} ({label}); dots: known frames",
                      fontsize=9)
         ax.set_xlabel(r"time ($\tau$)")
-    axes[0].set_ylabel(r"C-H bond length ($\sigma$)")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    return fig, "interpolation_traces.png"
+    return _finish(fig, axes, r"C-H bond length ($\sigma$)", "interpolation_traces.png")
 
 
 def _fig_interpolation_free_energy(plt, res):
@@ -4636,10 +4638,7 @@ def _fig_interpolation_free_energy(plt, res):
             ax.plot(fe["centres"], F, color=_COLORS[m], label=_NAMES[m])
         ax.set_title(f"kT = {STIFF_TEMPERATURES[label]} ({label})", fontsize=9)
         ax.set_xlabel(r"C-H bond length ($\sigma$)")
-    axes[0].set_ylabel(r"F ($\epsilon$)")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    return fig, "interpolation_free_energy.png"
+    return _finish(fig, axes, r"F ($\epsilon$)", "interpolation_free_energy.png")
 
 
 # -------------------------------------------------------------------------------------------------
