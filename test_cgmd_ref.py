@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import numpy as np
+import scipy.stats
 import pytest
 import torch
 from scipy.signal import lfilter
@@ -873,7 +874,12 @@ def test_data_gen_quick_is_idempotent_and_the_demo_reads_it(tmp_path):
     assert "short MD" in printed
     # the closing table repeats the experiments' own numbers, and 'holds' is their comparison
     claims = {(c["experiment"], c["figure"]): c for c in summary["claims"]}
-    assert len(claims) == len(summary["claims"]) == 7 + 2 * len(C.STIFF_TEMPERATURES)
+    assert len(claims) == len(summary["claims"]) == 11 + 2 * len(C.STIFF_TEMPERATURES)
+    cov = claims[("[A] polymers", "one-step 95% interval coverage")]
+    assert cov["value"] == summary["polymer"]["calibration"]["coverage_95"]
+    assert cov["holds"] == (0.90 <= cov["value"] <= 0.99)
+    rank = claims[("[A] electrolyte", "Spearman rank corr. D")]
+    assert rank["value"] == summary["electrolyte"]["spearman"]["diffusivity"]
     rg2 = claims[("[A] polymers", "<Rg2> median rel. error")]
     err = summary["polymer"]["rg2_rel_error"]
     assert rg2["value"] == err["learned"] and rg2["baselines"]["short_md"] == err["short_md"]
@@ -1426,6 +1432,61 @@ def test_tiny_training_lowers_the_loss_and_rollout_stays_finite(tmp_path):
         C.load_checkpoint(tmp_path / "bad.pt")
 
 
+class _GaussianStep(torch.nn.Module):
+    """A stand-in Dynamics GNN whose step distribution is known: a_t ~ N(0, std^2) per
+    coordinate, whatever the history (one-velocity history)."""
+
+    def __init__(self, std):
+        super().__init__()
+        self.cfg = C.DynamicsConfig(n_history=1)
+        self.std = torch.nn.Parameter(torch.tensor(float(std), dtype=torch.float64))
+        self.register_buffer("vel_scale", torch.ones((), dtype=torch.float64))
+
+    def forward(self, history, cg, embedding=None, pairs=None):
+        B, _, n, _ = history.shape
+        return C.StepDistribution(mean=torch.zeros(B, n, 3, dtype=torch.float64),
+                                  scale=self.std.expand(B, n), edge_scale=None, graph=None,
+                                  std_min=0.0)
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.5, 2.0])
+def test_one_step_coverage_matches_the_normal_cdf(ratio):
+    # frames whose accelerations a_t = x_{t+1} - 2 x_t + x_{t-1} are exactly N(0, 0.3^2): a model
+    # predicting std 0.3 * ratio covers P(|z| < 1.96 ratio) of the coordinates
+    rng = np.random.default_rng(0)
+    a = 0.3 * rng.standard_normal((400, 3, 4, 3))
+    x = np.cumsum(np.cumsum(a, axis=0), axis=0)                       # [F, R, n, 3]
+    cov = C.one_step_coverage(_GaussianStep(0.3 * ratio), _free_beads(4), x, 1,
+                              n_samples=2000, seed=1)
+    for q in (0.5, 0.95):
+        expected = 2 * scipy.stats.norm.cdf(scipy.stats.norm.ppf(0.5 + q / 2) * ratio) - 1
+        # windows are drawn with replacement from 3 x 398: binomial error over ~1200 distinct
+        # windows x 12 coordinates, 5 standard errors
+        se = np.sqrt(expected * (1 - expected) / (1194 * 12))
+        assert abs(cov["coverage"][str(q)] - expected) < 5 * se + 1e-3
+    assert abs(cov["mean_z2"] - ratio ** -2) < 0.1 * ratio ** -2
+    with pytest.raises(ValueError, match="frames"):
+        C.one_step_coverage(_GaussianStep(0.3), _free_beads(4), x[:2], 1)
+
+
+def test_training_keeps_the_weights_of_the_best_validation():
+    cg, x = _tiny_training_data()
+    cfg = C.DynamicsConfig(latent=8, n_steps=1, embedding=C.EmbeddingConfig(latent=8,
+                                                                            n_steps=1))
+    scores, states = iter([5.0, 1.0, 3.0, 4.0]), []
+
+    def validate(model):
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+        return next(scores)
+    model = C.train_dynamics(x, cg, cfg, C.TrainConfig(stride=2, n_iterations=20), label=None,
+                             validate=validate, validate_every=5)
+    assert model.selected_iteration == 10
+    assert [it for it, _ in model.validation] == [5, 10, 15, 20]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, states[1][k])
+    assert not all(torch.equal(v, states[3][k]) for k, v in model.state_dict().items())
+
+
 def test_rollout_names_the_step_where_it_blows_up():
     _, cg, _ = _two_polymers()
     model = _dynamics_model()
@@ -1467,6 +1528,10 @@ def test_polymer_experiment_quick_smoke(tmp_path):
     assert set(res["relaxation_time_rel_error"]) == {"learned", "short_md"}
     assert res["n_test"] == len(res["per_polymer"]) == 2 and res["speedup"] > 0
     assert res["stability"]["finite"] and os.path.exists(tmp_path / "m.pt")
+    assert set(res["spearman"]) == {"rg2", "relaxation_time"}
+    assert all(-1 <= v <= 1 for v in res["spearman"].values())
+    assert 0 <= res["calibration"]["coverage_95"] <= 1
+    assert res["validation"]["n_polymers"] == 1 and res["validation"]["selected_iteration"]
     json.dumps(res, allow_nan=False)
 
 
@@ -1625,6 +1690,7 @@ def test_electrolyte_experiment_quick_smoke(tmp_path):
         assert set(res[key]) == {"learned", "learned_no_score", "short_md"}
     assert set(res["collision_rate"]) == {"ground_truth", "learned", "learned_no_score"}
     assert res["n_test"] == len(res["per_system"]) == 2 and res["speedup"] > 0
+    assert -1 <= res["spearman"]["diffusivity"] <= 1
     assert os.path.exists(tmp_path / "electrolyte_score_gnn.pt")
     back = C.load_checkpoint(tmp_path / "electrolyte_score_gnn.pt",
                              expected_config=C.ScoreConfig(**res["config"]["score"]))
