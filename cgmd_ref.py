@@ -3938,9 +3938,9 @@ def _acf_curves(truth, learned, short, m, frame_dt, n_lags=25) -> dict:
     n_lags learned steps), truth and learned at the learned step (lag_step_tau)."""
     mean_acf = lambda x, n: np.mean([autocorrelation(x[:, r])[:n] for r in  # noqa: E731
                                      range(x.shape[1])], axis=0).tolist()
-    n_md = min(n_lags * m, len(short))
+    n_md = n_lags * m
     return dict(lag_tau=(np.arange(n_md) * frame_dt).tolist(), truth=mean_acf(truth, n_md),
-                short_md=autocorrelation(short)[:n_md].tolist(),
+                short_md=autocorrelation(short)[:len(short) // 2].tolist(),  # the lags it has
                 lag_step_tau=(np.arange(n_lags) * m * frame_dt).tolist(),
                 truth_at_step=mean_acf(truth[::m], n_lags), learned=mean_acf(learned, n_lags))
 
@@ -4728,6 +4728,7 @@ def _fig_rg2_acf(plt, res):
                 color=_COLORS["learned"], label=_NAMES["learned"])
         ax.axhline(0, color="0.7", lw=0.8)
         ax.set_xscale("log")
+        ax.set_ylim(-0.6, 1.05)
         ax.set_title(f"polymer {row['polymer']}", fontsize=9)
         ax.set_xlabel(r"lag ($\tau$)")
     return _finish(fig, axes, r"ACF of $R_g^2$", "polymer_rg2_acf.png")
