@@ -3851,9 +3851,19 @@ def cg_rg2(positions, cg: CGSystem) -> list:
 def _load_cg(path, atoms_per_bead, seed):
     """(CG positions [F, R, n, 3], CGSystem, Trajectory) of a saved trajectory."""
     traj = load_trajectory(path)[0]
-    cg = cg_system(traj.system, atoms_per_bead, seed=seed)
-    x = coarse_grain(traj.positions, cg.labels, traj.system.masses)
-    return (x if x.ndim == 4 else x[:, None]), cg, traj
+    return _cg_piece(traj, atoms_per_bead, seed) + (traj,)
+
+
+def _cg_piece(traj: Trajectory, atoms_per_bead, seed, start: int = 0, stop=None):
+    """(CG positions [F, R, n, 3], CGSystem) of the atoms start..stop-1 of a trajectory (all
+    of them by default)."""
+    stop = traj.system.n_atoms if stop is None else stop
+    whole = (start, stop) == (0, traj.system.n_atoms)
+    cg = cg_system(traj.system if whole else subsystem(traj.system, start, stop),
+                   atoms_per_bead, seed=seed)
+    x = coarse_grain(traj.positions[..., start:stop, :], cg.labels,
+                     traj.system.masses[start:stop])
+    return (x if x.ndim == 4 else x[:, None]), cg
 
 
 def _best_time(run, repeats: int = 3):
@@ -4025,14 +4035,7 @@ def polymer_experiment(data_dir="data", seed=0, device="cpu", quick=False,
 
     # the learned simulator: train, then roll out as many replicas for as long as the long MD
     t0 = time.perf_counter()
-    groups, val = _training_groups(tr, atoms_per_bead, seed, n_validation)
-    print(f"training the Dynamics GNN on {tr.positions.shape[1]} x {tr.time[-1]:g} tau of "
-          f"{int(cg_tr.molecule.max()) + 1 - n_validation} class I polymers "
-          f"({sum(g[1].n_beads for g in groups)} beads); {n_validation} more held out to select "
-          "the weights by a validation rollout", flush=True)
-    validate = None if val is None else rg2_validation(*val, m, K, seed=seed)
-    model = train_dynamics([g[0] for g in groups], [g[1] for g in groups], cfg, train,
-                           device=device, validate=validate)
+    model = _train_polymer_model(tr, cfg, train, atoms_per_bead, seed, n_validation, device)
     train_seconds = time.perf_counter() - t0
     if checkpoint:
         save_checkpoint(checkpoint, model)
@@ -4108,17 +4111,24 @@ def _training_groups(traj: Trajectory, atoms_per_bead, seed, n_validation: int,
     n_groups = -(-n_train // max_group)
     cuts = [starts[i * n_train // n_groups] for i in range(n_groups)] + (
         starts[n_train:n_train + 1] or [traj.system.n_atoms])
-    piece = lambda a, b: _cg_piece(traj, a, b, atoms_per_bead, seed)         # noqa: E731
+    piece = lambda a, b: _cg_piece(traj, atoms_per_bead, seed, a, b)         # noqa: E731
     groups = [piece(a, b) for a, b in zip(cuts[:-1], cuts[1:])]
     return groups, (piece(starts[n_train], traj.system.n_atoms) if n_validation else None)
 
 
-def _cg_piece(traj: Trajectory, start: int, stop: int, atoms_per_bead, seed):
-    """(CG positions [F, R, n, 3], CGSystem) of the atoms start..stop-1 of a trajectory."""
-    cg = cg_system(subsystem(traj.system, start, stop), atoms_per_bead, seed=seed)
-    x = coarse_grain(traj.positions[..., start:stop, :], cg.labels,
-                     traj.system.masses[start:stop])
-    return (x if x.ndim == 4 else x[:, None]), cg
+def _train_polymer_model(tr: Trajectory, cfg, train, atoms_per_bead, seed, n_validation,
+                         device) -> DynamicsGNN:
+    """Train the Dynamics GNN on the class I polymers of `tr` but the last n_validation, and
+    keep the weights whose rollout best matches the held-out ones' <R_g^2> (rg2_validation)."""
+    groups, val = _training_groups(tr, atoms_per_bead, seed, n_validation)
+    print(f"training the Dynamics GNN on {tr.positions.shape[1]} x {tr.time[-1]:g} tau of "
+          f"{int(tr.system.molecule.max()) + 1 - n_validation} class I polymers "
+          f"({sum(g[1].n_beads for g in groups)} beads); {n_validation} more held out to select "
+          "the weights by a validation rollout", flush=True)
+    validate = None if val is None else rg2_validation(*val, train.stride, cfg.n_history,
+                                                       seed=seed)
+    return train_dynamics([g[0] for g in groups], [g[1] for g in groups], cfg, train,
+                          device=device, validate=validate)
 
 
 def rg2_validation(x_val, cg_val: CGSystem, stride: int, n_history: int, *, n_replicas=8,
