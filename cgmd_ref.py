@@ -272,6 +272,11 @@ class System:
                                  f"n_types >= {nt} (the largest type index + 1)")
             if not np.allclose(m, m.T):
                 raise ValueError(f"{name} must be symmetric")
+        if self.epsilon.shape != self.sigma.shape:
+            raise ValueError(f"epsilon has shape {self.epsilon.shape} and sigma "
+                             f"{self.sigma.shape}; the two type tables must have the same shape")
+        if not np.all(np.isfinite(self.epsilon)) or np.any(self.epsilon < 0):
+            raise ValueError("epsilon must be finite and non-negative")
         if self.types.min() < 0:
             raise ValueError("types must be non-negative indices")
         if np.any(self.sigma <= 0):
@@ -4875,8 +4880,66 @@ def _throughput(system, x, n_steps, device, dtype, warmup=200):
     return x.size // 3 * n_steps / seconds, n_steps / max(tr.info["pair_list_builds"] - 1, 1)
 
 
+def _openmm_context(system: System, x, kT=1.0, gamma=1.0, dt=0.005):
+    """(openmm.Context, integrator) for the same System and start x [n, 3] or [R, n, 3] on
+    OpenMM's CPU platform (LangevinMiddleIntegrator, the torch thread count), or None when
+    openmm is not importable. Reduced units map onto OpenMM's exactly (sigma = 1 nm,
+    epsilon = 1 kJ/mol, mass 1 = 1 amu, so tau = 1 ps; kT = 1 kJ/mol). Open-boundary replicas
+    sit 100 sigma apart on a grid, out of each other's cut-off (simulate() keeps them apart by
+    construction). Pair parameters come from the per-type diagonal by Lorentz-Berthelot, exact
+    for the one-type benchmark systems; bonded pairs are excluded from LJ, as here."""
+    try:
+        import openmm
+    except ImportError:
+        return None
+    x = x if x.ndim == 3 else x[None]
+    R, n = x.shape[:2]
+    mm, nb, bonds = openmm.System(), openmm.NonbondedForce(), openmm.HarmonicBondForce()
+    nb.setNonbondedMethod(nb.CutoffPeriodic if system.box is not None else nb.CutoffNonPeriodic)
+    nb.setCutoffDistance(system.r_cut)
+    nb.setUseDispersionCorrection(False)
+    if system.box is not None:
+        if R != 1:
+            raise ValueError("the OpenMM comparison takes one replica of a periodic system")
+        mm.setDefaultPeriodicBoxVectors(*(openmm.Vec3(*(system.box * e)) for e in np.eye(3)))
+    t = system.types
+    g = int(np.ceil(R ** (1 / 3)))                    # replicas on a cubic grid
+    offsets = 100.0 * np.stack(np.unravel_index(np.arange(R), (g, g, g)), 1)
+    for r in range(R):
+        for a in range(n):
+            mm.addParticle(float(system.masses[a]))
+            nb.addParticle(0.0, float(system.sigma[t[a], t[a]]), float(system.epsilon[t[a], t[a]]))
+        for (i, j), k, r0 in zip(system.bonds, system.bond_k, system.bond_r0):
+            bonds.addBond(int(i) + r * n, int(j) + r * n, float(r0), float(k))
+            nb.addException(int(i) + r * n, int(j) + r * n, 0.0, 1.0, 0.0)   # 1-2 only, as here
+    mm.addForce(nb)
+    mm.addForce(bonds)
+    temperature = kT / 0.00831446261815324          # kJ/mol per K: kT = 1 kJ/mol
+    integrator = openmm.LangevinMiddleIntegrator(temperature, gamma, dt)
+    context = openmm.Context(mm, integrator, openmm.Platform.getPlatformByName("CPU"),
+                             {"Threads": str(torch.get_num_threads())})
+    context.setPositions((x + (0.0 if system.box is not None else offsets[:, None])).reshape(-1, 3))
+    context.setVelocitiesToTemperature(temperature, 1)
+    return context, integrator
+
+
+def _openmm_throughput(system, x, n_steps, warmup=200):
+    """atom-steps per second of OpenMM on the workload (None without openmm)."""
+    made = _openmm_context(system, x)
+    if made is None:
+        return None
+    context, integrator = made
+    integrator.step(warmup)
+    context.getState(getPositions=True)
+    t0 = time.perf_counter()
+    integrator.step(n_steps)
+    context.getState(getPositions=True)                # waits for the last step
+    return x.size // 3 * n_steps / (time.perf_counter() - t0)
+
+
 def bench(device: str = "cpu", dtype: str = "float32", quick: bool = False) -> list:
-    """MD throughput on the issue's workloads; prints a table and returns its rows."""
+    """MD throughput on the issue's workloads (and OpenMM's, when it is importable and the
+    device is the CPU: same workloads, same run); prints a table and returns its rows."""
     dev = resolve_device(device)
     work = [("(a) 64 chains x 24 beads, open, LJ 2.5", *_chain_replicas(), 2000)]
     for n in (1000, 8000):
@@ -4884,16 +4947,23 @@ def bench(device: str = "cpu", dtype: str = "float32", quick: bool = False) -> l
         work.append((f"(b) LJ fluid rho=0.8, periodic, N={n}", system, x,
                      2000 if n == 1000 else 400))
     rows = []
-    print(f"MD throughput on {dev} ({dtype}, {torch.get_num_threads()} threads), dt=0.005")
+    print(f"MD throughput on {dev} ({dtype}, {torch.get_num_threads()} threads), dt=0.005, "
+          f"Langevin gamma=1, kT=1")
     for label, system, x, n_steps in work:
         n_steps = n_steps // 10 if quick else n_steps
-        rate, per_build = _throughput(system, x, n_steps, dev, dtype, 20 if quick else 200)
+        warmup = 20 if quick else 200
+        rate, per_build = _throughput(system, x, n_steps, dev, dtype, warmup)
+        omm = _openmm_throughput(system, x, n_steps, warmup) if dev.type == "cpu" else None
         rows.append(dict(workload=label, atoms=int(x.size // 3), atom_steps_per_s=rate,
-                         ns_per_atom_step=1e9 / rate, steps_per_list_build=per_build))
+                         ns_per_atom_step=1e9 / rate, steps_per_list_build=per_build,
+                         openmm_atom_steps_per_s=omm))
         rebuilt = ("static pair list" if system.box is None and system.n_atoms <= _STATIC_GROUP_SIZE
                    else f"pair list rebuilt every {per_build:.1f} steps")
+        vs = "" if omm is None else f"  OpenMM CPU {omm:.3e} -> ratio {rate / omm:.2f}"
         print(f"  {label:42s} {rate:10.3e} atom-steps/s  {1e9 / rate:7.1f} ns/atom-step  "
-              f"({rebuilt})", flush=True)
+              f"({rebuilt}){vs}", flush=True)
+    if all(r["openmm_atom_steps_per_s"] is None for r in rows):
+        print("  (openmm is not installed: no OpenMM comparison; pip install openmm to add it)")
     ratio = rows[2]["ns_per_atom_step"] / rows[1]["ns_per_atom_step"]
     print(f"  cost per atom-step, N=8000 / N=1000: {ratio:.2f}")
     rows.append(_bench_partition(quick))

@@ -590,6 +590,8 @@ def _system_kwargs(**over):
     (dict(epsilon=[[1.0, 0.5], [0.2, 1.0]], sigma=[[1, 1], [1, 1]]), "epsilon"),
     (dict(types=[0, 1, 2]), "epsilon"),
     (dict(sigma=[[0.0]]), "sigma"),
+    (dict(epsilon=np.ones((2, 2))), "epsilon has shape .2, 2. and sigma .1, 1."),
+    (dict(epsilon=[[-1.0]]), "epsilon must be finite and non-negative"),
     (dict(r_cut=0.0), "r_cut"),
 ])
 def test_system_validation(over, match):
@@ -899,6 +901,19 @@ def test_data_gen_quick_is_idempotent_and_the_demo_reads_it(tmp_path):
         assert all((results / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
     except ImportError:
         assert "matplotlib is not installed" in printed and not list(results.glob("*.png"))
+
+
+def test_openmm_comparison_simulates_the_same_forces():
+    # the benchmark's OpenMM side must be the same physics: forces agree with ours
+    pytest.importorskip("openmm")
+    chains, x = C._chain_replicas(n_chains=3)
+    fluid, y = C.lj_fluid(300, 0.8)
+    y = C.simulate(fluid, y, 50, save_every=50, dtype="float64").positions[-1]
+    for system, pos in ((chains, x), (fluid, y)):
+        context, _ = C._openmm_context(system, pos)
+        theirs = context.getState(getForces=True).getForces(asNumpy=True)._value
+        ours = C.forces(system, pos).reshape(-1, 3)
+        assert np.abs(theirs - ours).max() < 1e-3 * np.abs(ours).max()
 
 
 def test_bench_quick_prints_throughput():
