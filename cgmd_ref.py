@@ -3883,9 +3883,10 @@ def _best_time(run, repeats: int = 3):
     return best, out
 
 
-def _md_seconds_per_tau(traj: Trajectory, tau: float, device, n_replicas=None) -> float:
+def _md_seconds_per_tau(traj: Trajectory, tau: float, device, n_replicas=None,
+                        repeats: int = 3) -> float:
     """Wall time per simulated tau of simulate() on the system of `traj`, from its last frame,
-    with its replicas (or n_replicas of them, its replicas repeated); best of 3 runs."""
+    with its replicas (or n_replicas of them, its replicas repeated); best of `repeats` runs."""
     dt = traj.info["dt"]
     n = max(1, int(round(tau / dt)))
     x, v = traj.positions[-1], traj.velocities[-1]
@@ -3893,7 +3894,7 @@ def _md_seconds_per_tau(traj: Trajectory, tau: float, device, n_replicas=None) -
         x, v = (np.resize(a, (n_replicas,) + a.shape[-2:]) for a in (x, v))
     simulate(traj.system, x, 20, dt=dt, velocities=v, save_every=20, device=device)   # warm-up
     seconds, _ = _best_time(lambda: simulate(traj.system, x, n, dt=dt, velocities=v,
-                                             save_every=n, device=device))
+                                             save_every=n, device=device), repeats)
     return seconds / (n * dt)
 
 
@@ -4048,9 +4049,11 @@ def polymer_experiment(data_dir="data", seed=0, device="cpu", quick=False,
     n_steps = n_burn + int(round((long.time[-1] - long.time[0]) / step_tau))
     history = np.repeat(x_short[0:(K + 1) * m:m, 0][None], R, axis=0)   # [R, K + 1, n, 3]
     rollout(model, cg_te, history, 2, seed=seed)          # warm-up, as the MD timing has one
+    repeats = 1 if quick else 3                           # quick: a smoke run, timings rough
     seconds, frames = _best_time(lambda: rollout(model, cg_te, history, n_steps, seed=seed,
-                                                 label="learned rollout"))
-    seconds_per_tau = dict(md=_md_seconds_per_tau(long, 1.0 if quick else 5.0, device),
+                                                 label="learned rollout"), repeats)
+    seconds_per_tau = dict(md=_md_seconds_per_tau(long, 1.0 if quick else 5.0, device,
+                                                  repeats=repeats),
                            learned=seconds / (n_steps * step_tau))
     learned = cg_rg2(frames[n_burn:], cg_te)
 
@@ -4283,9 +4286,10 @@ def _electrolyte_test(data_dir, k, model, score, refine, m, atoms_per_bead, n_re
         rollout(model, cg, history, 2, seed=seed + 1, score=sc, refine=refine)   # warm-up
         t, frames[name] = _best_time(lambda: rollout(
             model, cg, history, n_steps, seed=seed + 1, score=sc, refine=refine,
-            label=f"{name} rollout, system {k}"))
+            label=f"{name} rollout, system {k}"), 1 if quick else 3)
         seconds[name] = t / (n_steps * step_tau)
-    seconds["md"] = _md_seconds_per_tau(long, 1.0 if quick else 5.0, device, n_replicas)
+    seconds["md"] = _md_seconds_per_tau(long, 1.0 if quick else 5.0, device, n_replicas,
+                                        1 if quick else 3)
     stats = lambda f, dt: _transport_and_structure(f, dt, cg, species, fit,   # noqa: E731
                                                    collision_threshold)
     truth = stats(x_long[::m], step_tau)                 # structure at the learned step ...

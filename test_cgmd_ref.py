@@ -254,7 +254,7 @@ def test_centre_of_mass_diffuses_with_kT_over_M_gamma():
     system, x = C.random_polymer(2, np.random.default_rng(2))
     M, gamma, kT, R = system.masses.sum(), 2.0, 1.0, 256
     X = np.repeat(x[None], R, axis=0)
-    tr = C.simulate(system, X, 2000, gamma=gamma, kT=kT, save_every=2000, dtype="float64")
+    tr = C.simulate(system, X, 1000, gamma=gamma, kT=kT, save_every=1000, dtype="float64")
     com = (tr.positions * system.masses[:, None]).sum(2) / M        # [2, R, 3]
     dx2 = ((com[1] - com[0]) ** 2).sum(-1)                          # [R]
     t = tr.time[1]
@@ -1654,11 +1654,11 @@ def test_score_gnn_is_rotation_equivariant_and_translation_invariant():
 def electrolyte_score():
     """A Score GNN trained for a few seconds on a small CG electrolyte trajectory."""
     system, x = small_electrolyte()
-    tr = C.simulate(system, x, 12000, dt=0.005, save_every=100, seed=1)
+    tr = C.simulate(system, x, 4000, dt=0.005, save_every=100, seed=1)
     cg = C.cg_system(system, 4.0)
     xs = C.coarse_grain(tr.positions, cg.labels, system.masses)[:, None]
     cfg = C.ScoreConfig(latent=16, n_steps=2, radius=2.0, sigmas=(1.0, 0.05), n_levels=10)
-    train = C.TrainConfig(stride=2, batch_size=8, n_iterations=500, lr=3e-3, seed=0)
+    train = C.TrainConfig(stride=2, batch_size=8, n_iterations=250, lr=3e-3, seed=0)
     return C.train_score(xs, cg, cfg, train, label=None), cg, xs
 
 
