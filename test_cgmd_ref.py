@@ -4,6 +4,7 @@ with known answers, bad input, and smoke runs of the scripts.
 Statistical tests use fixed seeds and tolerances derived from the expected error of the
 quantity tested (the derivation sits beside each assert). Physics runs in float64.
 """
+import dataclasses
 import json
 import math
 import os
@@ -1380,6 +1381,31 @@ def test_step_distribution_samples_have_its_covariance():
     assert float(cov[0, 1].abs()) > 0                                    # correlated for real
 
 
+def test_expected_rg2_matches_sampled_next_frames():
+    """expected_rg2 (closed form from the step's mean and dense covariance) against the mean
+    R_g^2 of 4000 sampled next frames (radius_of_gyration_sq, a separate code path), per
+    molecule and frame; tolerance 5 standard errors of the sample mean. And the moment loss is
+    zero when the observed R_g^2 equals the expected one, positive otherwise."""
+    _, cg, _ = _two_polymers()
+    h = _history(cg, B=2)
+    with torch.no_grad():
+        d = _dynamics_model()(h, cg)
+        expected = C.expected_rg2(d, h, cg)                                  # [B, 2]
+        gen = torch.Generator().manual_seed(1)
+        nxt = torch.stack([C.euler_step(h[:, -2], h[:, -1], d.sample(gen)) for _ in range(4000)])
+    for k in range(2):
+        beads = cg.molecule == k
+        rg2 = radius_of_gyration_sq(nxt[:, :, beads].numpy(), cg.bead_mass[beads])   # [S, B]
+        se = rg2.std(0) / math.sqrt(len(rg2))
+        assert np.all(np.abs(rg2.mean(0) - expected[:, k].numpy()) < 5 * se)
+    assert float(d.covariance()[0, 0, 1].abs()) > 0                      # the correlated case
+    assert float(C.rg2_moment_loss(d, h, nxt[0], cg)) > 0
+    mean_next = C.euler_step(h[:, -2], h[:, -1], d.mean)                 # R_g^2(mean) only:
+    zero_noise = C.StepDistribution(mean=d.mean, scale=torch.zeros_like(d.scale), edge_scale=None,
+                                    graph=d.graph, std_min=0.0)
+    assert float(C.rg2_moment_loss(zero_noise, h, mean_next, cg)) < 1e-20
+
+
 def test_euler_bookkeeping_exact_in_a_rollout():
     """A model whose step distribution is a fixed acceleration: the rollout must be the exact
     constant-acceleration trajectory x_n = x_0 + n v + n (n + 1) / 2 a (dyadic numbers)."""
@@ -1429,6 +1455,9 @@ def test_tiny_training_lowers_the_loss_and_rollout_stays_finite(tmp_path):
                                                                      lr=1e-12), label=None)
     trained = C.train_dynamics(x, cg, cfg, train, label=None)
     assert nll(trained) < nll(untrained) - 0.2
+    # with the R_g^2 moment term (beyond [A]) the fit still lowers the NLL
+    moment = C.train_dynamics(x, cg, cfg, dataclasses.replace(train, rg2_weight=1.0), label=None)
+    assert nll(moment) < nll(untrained) - 0.2 and nll(moment) != nll(trained)
     frames = C.rollout(trained, cg, h[:2], 200)
     assert frames.shape == (201, 2, cg.n_beads, 3) and np.isfinite(frames).all()
     # checkpoint round trip: same tensors, same outputs, same config
@@ -1559,6 +1588,8 @@ def test_polymer_experiment_quick_smoke(tmp_path):
     (lambda m, cg, h: m(h, cg).nll(torch.zeros(1, 3)), "target"),
     (lambda m, cg, h: C.train_dynamics(np.zeros((5, 1, cg.n_beads, 3)), cg, m.cfg), "frames"),
     (lambda m, cg, h: C.train_dynamics(np.zeros((50, 1, 3, 3)), cg, m.cfg), "beads"),
+    (lambda m, cg, h: C.train_dynamics(np.zeros((50, 1, cg.n_beads, 3)), cg, m.cfg,
+                                       C.TrainConfig(rg2_weight=-1.0)), "rg2_weight"),
     (lambda m, cg, h: C.DynamicsConfig(radius=-1.0), "radius"),
 ])
 def test_learned_simulator_bad_input(call, match):
