@@ -4330,15 +4330,15 @@ def _electrolyte_test(data_dir, k, model, score, refine, m, atoms_per_bead, n_re
     step_tau, fit = m * frame_dt, ((0.0, 1.0) if quick else (0.2, 0.6))
     n_steps = int(round((long.time[-1] - long.time[0]) / step_tau))
     history = np.repeat(x_short[0:(K + 1) * m:m, 0][None], n_replicas, axis=0)  # [R, K+1, n, 3]
-    frames, seconds = {}, {}
+    frames, seconds, repeats = {}, {}, 1 if quick else 3   # quick: a smoke run, timings rough
     for name, sc in (("learned", score), ("learned_no_score", None)):
         rollout(model, cg, history, 2, seed=seed + 1, score=sc, refine=refine)   # warm-up
         t, frames[name] = _best_time(lambda: rollout(
             model, cg, history, n_steps, seed=seed + 1, score=sc, refine=refine,
-            label=f"{name} rollout, system {k}"), 1 if quick else 3)
+            label=f"{name} rollout, system {k}"), repeats)
         seconds[name] = t / (n_steps * step_tau)
     seconds["md"] = _md_seconds_per_tau(long, 1.0 if quick else 5.0, device, n_replicas,
-                                        1 if quick else 3)
+                                        repeats)
     stats = lambda f, dt: _transport_and_structure(f, dt, cg, species, fit,   # noqa: E731
                                                    collision_threshold)
     truth = stats(x_long[::m], step_tau)                 # structure at the learned step ...
