@@ -2281,7 +2281,7 @@ def rg2_moment_loss(step: "StepDistribution", history, x_next, cg: CGSystem) -> 
 def train_dynamics(cg_positions, cg, cfg: DynamicsConfig = DynamicsConfig(),
                    train: TrainConfig = TrainConfig(), device="cpu",
                    dtype=torch.float32, label: str = "dynamics", validate=None,
-                   validate_every: int = 250) -> DynamicsGNN:
+                   validate_every: int = 250, validate_from: int = 0) -> DynamicsGNN:
     """Fit a DynamicsGNN to CG trajectories by the Gaussian NLL of one learned step.
 
     Each sample is a frame t of one replica: history x_{t - K s} .. x_t (s = stride frames apart)
@@ -2304,6 +2304,8 @@ def train_dynamics(cg_positions, cg, cfg: DynamicsConfig = DynamicsConfig(),
             are returned (model selection by a validation rollout, as GNS [2] selects its
             checkpoints; see polymer_experiment).
         validate_every: iterations between validations.
+        validate_from: validations before this iteration are not run (early weights, still far
+            from the fit, may match a noisy validation score by chance).
 
     Returns:
         The trained model (eval mode) on `device`; with `validate`, `model.validation` lists
@@ -2325,8 +2327,11 @@ def train_dynamics(cg_positions, cg, cfg: DynamicsConfig = DynamicsConfig(),
         if not train.rg2_weight:
             return step.nll(target)
         return step.nll(target) + train.rg2_weight * rg2_moment_loss(step, hist, x_next, c)
+    if not 0 <= validate_from <= train.n_iterations:
+        raise ValueError(f"validate_from = {validate_from}; expected 0 <= validate_from <= "
+                         f"n_iterations = {train.n_iterations}")
     return _fit(model, loss, train, label, "NLL", validate,
-                _positive_int(validate_every, "validate_every"))
+                _positive_int(validate_every, "validate_every"), validate_from)
 
 
 def _training_setup(model, sets, K: int, m: int, train, device, dtype):
@@ -2381,11 +2386,13 @@ def _geometric_grid(bounds, n: int, dtype=torch.float64) -> torch.Tensor:
     return torch.logspace(math.log10(bounds[0]), math.log10(bounds[1]), n, dtype=dtype)
 
 
-def _fit(model, loss, train, label, what: str = "loss", validate=None, validate_every=250):
+def _fit(model, loss, train, label, what: str = "loss", validate=None, validate_every=250,
+         validate_from=0):
     """The training loop shared by the Dynamics and Score GNNs: Adam, exponential learning-rate
     decay train.lr -> train.lr_final, gradient-norm clipping at train.clip, progress lines every
     10 s. loss(iteration) returns the scalar to minimise. With `validate` (model -> score), the
-    weights of the best-scoring validation are kept. Returns the model in eval mode."""
+    weights of the best-scoring validation from iteration validate_from on are kept. Returns the
+    model in eval mode."""
     opt = torch.optim.Adam(model.parameters(), lr=train.lr)
     sched = torch.optim.lr_scheduler.ExponentialLR(
         opt, (train.lr_final / train.lr) ** (1 / max(train.n_iterations, 1)))
@@ -2399,7 +2406,8 @@ def _fit(model, loss, train, label, what: str = "loss", validate=None, validate_
             opt.step()
             sched.step()
             smooth = value.item() if smooth is None else 0.98 * smooth + 0.02 * value.item()
-            if validate is not None and (it % validate_every == 0 or it == train.n_iterations):
+            if validate is not None and it >= validate_from and (
+                    it % validate_every == 0 or it == train.n_iterations):
                 best = _validation(model, validate, it, best, label)
             now = time.perf_counter()
             if label is not None and (now - t_print > 10 or it == train.n_iterations):
@@ -4039,11 +4047,11 @@ def polymer_experiment(data_dir="data", seed=0, device="cpu", quick=False,
 
     Steps: coarse-grain every dataset (atoms_per_bead atoms per bead); train the Dynamics GNN on
     the short class I trajectories but the last n_validation polymers (NLL + the R_g^2 moment
-    term, see _polymer_configs), keeping the weights whose
-    rollout best matches those held-out polymers' <R_g^2> (rg2_validation, every 250
-    iterations); roll it out on the class II polymers with as many replicas
-    and as much simulated time per replica as the long ground truth (after `burn_in_tau`, as the
-    MD had), all polymers in one batch; compare with the long MD, with MD as short as the
+    term, see _polymer_configs), keeping the weights whose rollout best matches those
+    held-out polymers' <R_g^2> (rg2_validation, every 250 iterations of the second half of
+    training); roll it out on the class II polymers with as many replicas and as much
+    simulated time per replica as the long ground truth (after `burn_in_tau`, as the MD had),
+    all polymers in one batch; compare with the long MD, with MD as short as the
     training runs, and with a GNN that predicts <R_g^2> from the fine graph alone. A separate
     rollout of `stability_steps` learned steps (one replica) checks long-run stability.
 
@@ -4176,7 +4184,8 @@ def _training_groups(traj: Trajectory, atoms_per_bead, seed, n_validation: int,
 def _train_polymer_model(tr: Trajectory, cfg, train, atoms_per_bead, seed, n_validation,
                          device) -> DynamicsGNN:
     """Train the Dynamics GNN on the class I polymers of `tr` but the last n_validation, and
-    keep the weights whose rollout best matches the held-out ones' <R_g^2> (rg2_validation)."""
+    keep the weights, from the second half of training, whose rollout best matches the held-out
+    ones' <R_g^2> (rg2_validation)."""
     groups, val = _training_groups(tr, atoms_per_bead, seed, n_validation)
     print(f"training the Dynamics GNN on {tr.positions.shape[1]} x {tr.time[-1]:g} tau of "
           f"{int(tr.system.molecule.max()) + 1 - n_validation} class I polymers "
@@ -4185,7 +4194,8 @@ def _train_polymer_model(tr: Trajectory, cfg, train, atoms_per_bead, seed, n_val
     validate = None if val is None else rg2_validation(*val, train.stride, cfg.n_history,
                                                        seed=seed)
     return train_dynamics([g[0] for g in groups], [g[1] for g in groups], cfg, train,
-                          device=device, validate=validate)
+                          device=device, validate=validate,
+                          validate_from=train.n_iterations // 2)
 
 
 def rg2_validation(x_val, cg_val: CGSystem, stride: int, n_history: int, *, n_replicas=8,

@@ -1531,6 +1531,17 @@ def test_training_keeps_the_weights_of_the_best_validation():
     assert not all(torch.equal(v, states[3][k]) for k, v in model.state_dict().items())
 
 
+def test_training_validates_only_from_validate_from_on():
+    cg, x = _tiny_training_data()
+    cfg = C.DynamicsConfig(latent=8, n_steps=1, embedding=C.EmbeddingConfig(latent=8,
+                                                                            n_steps=1))
+    scores = iter([2.0, 3.0])
+    model = C.train_dynamics(x, cg, cfg, C.TrainConfig(stride=2, n_iterations=20), label=None,
+                             validate=lambda model: next(scores), validate_every=5,
+                             validate_from=11)
+    assert model.validation == [(15, 2.0), (20, 3.0)] and model.selected_iteration == 15
+
+
 def test_rollout_names_the_step_where_it_blows_up():
     _, cg, _ = _two_polymers()
     model = _dynamics_model()
@@ -1590,6 +1601,9 @@ def test_polymer_experiment_quick_smoke(tmp_path):
     (lambda m, cg, h: C.train_dynamics(np.zeros((50, 1, 3, 3)), cg, m.cfg), "beads"),
     (lambda m, cg, h: C.train_dynamics(np.zeros((50, 1, cg.n_beads, 3)), cg, m.cfg,
                                        C.TrainConfig(rg2_weight=-1.0)), "rg2_weight"),
+    (lambda m, cg, h: C.train_dynamics(np.zeros((50, 1, cg.n_beads, 3)), cg, m.cfg,
+                                       C.TrainConfig(n_iterations=5), validate_from=6),
+     "validate_from"),
     (lambda m, cg, h: C.DynamicsConfig(radius=-1.0), "radius"),
 ])
 def test_learned_simulator_bad_input(call, match):
