@@ -2314,6 +2314,9 @@ def train_dynamics(cg_positions, cg, cfg: DynamicsConfig = DynamicsConfig(),
     K, m = cfg.n_history, _positive_int(train.stride, "stride")
     if not train.rg2_weight >= 0:
         raise ValueError(f"rg2_weight = {train.rg2_weight}; expected a number >= 0")
+    if not 0 <= validate_from <= train.n_iterations:
+        raise ValueError(f"validate_from = {validate_from}; expected 0 <= validate_from <= "
+                         f"n_iterations = {train.n_iterations}")
     sets = _training_sets(cg_positions, cg, (K + 1) * m)
     torch.manual_seed(train.seed)                       # the weights' initialisation
     model = DynamicsGNN(cfg)
@@ -2327,9 +2330,6 @@ def train_dynamics(cg_positions, cg, cfg: DynamicsConfig = DynamicsConfig(),
         if not train.rg2_weight:
             return step.nll(target)
         return step.nll(target) + train.rg2_weight * rg2_moment_loss(step, hist, x_next, c)
-    if not 0 <= validate_from <= train.n_iterations:
-        raise ValueError(f"validate_from = {validate_from}; expected 0 <= validate_from <= "
-                         f"n_iterations = {train.n_iterations}")
     return _fit(model, loss, train, label, "NLL", validate,
                 _positive_int(validate_every, "validate_every"), validate_from)
 
