@@ -40,8 +40,8 @@ import cgmd_ref as C
 # The ground truth, 24 replicas x 600 tau, has a standard error under 2% per polymer.
 # Every polymer run starts from the generator's extended conformation and burns in for 100 tau
 # (not saved) first: measured on 48 class I polymers x 2 replicas run 300 tau from that start,
-# the mean R_g^2 is 3x its equilibrium value at first, still +17% at 20-30 tau and +13% at
-# 40-50 tau, and within noise (-0.04 +- 0.04 in log) from 60 tau on. (With the 20 tau burn-in
+# the mean R_g^2 is 2.9x its equilibrium value over the first 10 tau, still +19% at 20-30 tau
+# and +14% at 40-50 tau, and within noise (-0.04 +- 0.04 in log) from 60 tau on. (With the 20 tau burn-in
 # used before, every 50 tau run, training and short-MD baseline alike, was ~10% too large.)
 SIZES = {
     "full": dict(n_train_polymers=96, train_replicas=2, short_tau=50.0, n_test_polymers=8,
