@@ -4139,8 +4139,8 @@ def polymer_experiment(data_dir="data", seed=0, device="cpu", quick=False,
 
 # Polymer training length: 1 250 iterations (half the default). On 8 runs, the held-out class I
 # validation score grew from iteration 1 250 to 2 500 on most; trained for 1 250, the median
-# <R_g^2> error was the same (13.4% vs 12.8%) and the relaxation time within 30% on 7 runs of 8
-# (4 of 8) at half the training time (README, "The polymer experiment").
+# <R_g^2> error was the same (13.4% vs 12.8% with 2 500) and the relaxation time within 30% on
+# 7 runs of 8 (4 of 8 with 2 500), at half the training time (README, "The polymer experiment").
 POLYMER_ITERATIONS = 1250
 
 

@@ -33,16 +33,18 @@ import cgmd_ref as C
 # judged against ([A]: train on 50k tau chains, judge 5M tau rollouts). The R_g^2 relaxation
 # time of the class I (training) polymers is 5.0-7.6 tau (quartiles; median 6.3, max 11.5), and
 # their R_g^2 varies by 39% (median CV), so one trajectory of T tau estimates <R_g^2> to about
-# CV sqrt(2 tau_relax / T): ~19% at T = 50 tau, 14% at 100 tau (an upper bound: one 50 tau run
-# of a test polymer is a median 7-14% off its long mean). Training runs are 50 tau (8 relaxation times): short, as [A]
-# asks, yet long enough for the K + 1 = 4 history frames and the next one at a 5 tau step.
-# The training set spends the same MD time as 48 x 100 tau would on twice as many chemistries.
-# The ground truth, 24 replicas x 600 tau, has a standard error under 2% per polymer.
+# CV sqrt(2 tau_relax / T): ~19% at T = 50 tau, 14% at 100 tau (an upper bound: one 50 tau
+# run of a test polymer is a median 7-14% off its long mean). Training runs are 50 tau (8
+# relaxation times): short, as [A] asks, yet long enough for the K + 1 = 4 history frames and
+# the next one at a 5 tau step. The training set spends the same MD time as 48 x 100 tau would
+# on twice as many chemistries. The ground truth, 24 replicas x 600 tau, has a standard error
+# under 2% per polymer.
 # Every polymer run starts from the generator's extended conformation and burns in for 100 tau
 # (not saved) first: measured on 48 class I polymers x 2 replicas run 300 tau from that start,
 # the mean R_g^2 is 2.9x its equilibrium value over the first 10 tau, still +19% at 20-30 tau
-# and +14% at 40-50 tau, and within noise (-0.04 +- 0.04 in log) from 60 tau on. (With the 20 tau burn-in
-# used before, every 50 tau run, training and short-MD baseline alike, was ~10% too large.)
+# and +14% at 40-50 tau, and within noise (-0.04 +- 0.04 in log) from 60 tau on. (With the
+# 20 tau burn-in used before, every 50 tau run, training and short-MD baseline alike, was ~10%
+# too large.)
 SIZES = {
     "full": dict(n_train_polymers=96, train_replicas=2, short_tau=50.0, n_test_polymers=8,
                  long_replicas=24, long_tau=600.0, burn_in_tau=20.0, polymer_burn_in_tau=100.0,
