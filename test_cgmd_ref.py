@@ -822,7 +822,23 @@ def test_interpolation_bad_input_raises_naming_argument(call, match):
 
 # ---- smoke run of the experiment ----------------------------------------------------------------
 
+def _quick_data(folder, part):
+    """Tiny datasets of one part, written by data_gen (the experiments never generate data)."""
+    sys.path.insert(0, HERE)
+    import data_gen
+    data_gen.main(["--quick", "--out", str(folder), "--only", part])
+    return str(folder)
+
+
+def test_experiments_without_data_name_the_command(tmp_path):
+    for run, part in ((C.polymer_experiment, "polymers"), (C.electrolyte_experiment, "electrolyte"),
+                      (C.interpolation_experiment, "stiff")):
+        with pytest.raises(FileNotFoundError, match=f"python data_gen.py --only {part} --out"):
+            run(str(tmp_path), quick=True)
+
+
 def test_quick_experiment_runs_end_to_end(tmp_path):
+    _quick_data(tmp_path, "stiff")
     res = C.interpolation_experiment(str(tmp_path), quick=True, labels=["low", "high"])
     assert set(res["mae"]) == {"low", "high"}
     for label in res["mae"]:
@@ -1577,7 +1593,8 @@ def test_rg2_regressor_fits_its_training_molecules():
 
 
 def test_polymer_experiment_quick_smoke(tmp_path):
-    res = C.polymer_experiment(str(tmp_path / "d"), quick=True, stability_steps=20,
+    res = C.polymer_experiment(_quick_data(tmp_path / "d", "polymers"), quick=True,
+                               stability_steps=20,
                                checkpoint=str(tmp_path / "m.pt"))
     assert set(res["rg2_rel_error"]) == {"learned", "short_md", "supervised_gnn"}
     assert set(res["relaxation_time_rel_error"]) == {"learned", "short_md"}
@@ -1744,7 +1761,8 @@ def test_bead_species_of_an_electrolyte():
 
 
 def test_electrolyte_experiment_quick_smoke(tmp_path):
-    res = C.electrolyte_experiment(str(tmp_path / "d"), quick=True, n_replicas=2,
+    res = C.electrolyte_experiment(_quick_data(tmp_path / "d", "electrolyte"), quick=True,
+                                   n_replicas=2,
                                    checkpoint_dir=str(tmp_path))
     for key in ("diffusivity_log10_mae", "rdf_l1"):
         assert set(res[key]) == {"learned", "learned_no_score", "short_md"}
@@ -1784,8 +1802,8 @@ def test_score_gnn_and_rollout_refuse_mismatched_shapes():
     with pytest.raises(ValueError, match="expected"):
         model(h[:, -1, :-1], h, 0.1, cg)
     dyn = _dynamics_model()                               # n_history 3 >= 2: fine
-    frames = C.rollout(dyn, cg, _history(cg, K=3), 1, score=model)
+    frames = C.rollout(dyn, cg, _history(cg, K=3), 1, refine=C.langevin_refiner(model, cg))
     assert np.isfinite(frames).all()
     short = C.DynamicsGNN(C.DynamicsConfig(n_history=1, latent=8, n_steps=1)).double()
     with pytest.raises(ValueError, match="n_history"):
-        C.rollout(short, cg, _history(cg, K=1), 1, score=model)
+        C.rollout(short, cg, _history(cg, K=1), 1, refine=C.langevin_refiner(model, cg))
