@@ -30,13 +30,14 @@ Sections, in the order data flows (paper ideas marked [A] / [B]):
   4. Coarse-graining [A]: greedy spectral partitioning [5] (in place of METIS), the CG mapping,
      CG graphs, message passing [2] and the Embedding GNN
   5. [A] the learned CG simulator: geometric Dynamics GNN with a Gaussian step distribution,
-     training, rollout, checkpoints, the supervised <R_g^2> baseline
-  6. [A] the Score GNN: denoising score matching [6], annealed Langevin refinement
+     training, rollout, the supervised <R_g^2> baseline
+  6. [A] the Score GNN: denoising score matching [6], annealed Langevin refinement; checkpoints
   7. [B] bi-directional interpolation: linear and Hermite baselines, the Bi-LSTM with its
      adiabatic blend, training
   8. Property estimators: R_g^2, autocorrelation, MSD / diffusion [4], g(r), collisions, free
      energy surfaces, block-averaging errors [3]
-  9. Experiments: MD ground truth, [A] polymers, [A] electrolyte, [B] stiff molecule
+  9. Experiments: MD ground truth, [A] polymers, [A] electrolyte, [B] stiff molecule (they read
+     the datasets data_gen.py writes; only the command line runs data_gen.py)
  10. Figures (when matplotlib is installed)
  11. Benchmark and command line: `python cgmd_ref.py [--quick] [--seed N] [--device auto]`,
      `python cgmd_ref.py bench`
@@ -53,10 +54,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
-import heapq
 import json
 import math
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -67,7 +68,6 @@ from typing import Optional
 
 import numpy as np
 import scipy.fft
-import scipy.linalg
 import torch
 from scipy.interpolate import CubicHermiteSpline
 from scipy.sparse import coo_matrix, diags
@@ -89,10 +89,9 @@ def _as_array(x, name, *, ndim=None, min_ndim=None, last=None,
         raise ValueError(f"{name} could not be converted to a {np.dtype(dtype).name} array "
                          f"({exc}); expected {expected}") from exc
     allowed = (ndim,) if isinstance(ndim, int) else ndim
-    bad = ((allowed is not None and arr.ndim not in allowed)
-           or (min_ndim is not None and arr.ndim < min_ndim)
-           or (last is not None and (arr.ndim == 0 or arr.shape[-1] != last)))
-    if bad:
+    if ((allowed is not None and arr.ndim not in allowed)
+            or (min_ndim is not None and arr.ndim < min_ndim)
+            or (last is not None and (arr.ndim == 0 or arr.shape[-1] != last))):
         raise ValueError(f"{name} has shape {arr.shape}; expected {expected}")
     if finite and arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
         raise ValueError(f"{name} contains NaN or inf; expected finite values")
@@ -109,10 +108,8 @@ def _positive(x, name):
 
 def _positive_int(x, name, minimum=1):
     """`x` as an int after checking it is an integer >= minimum."""
-    if isinstance(x, bool) or not isinstance(x, (Integral, np.integer)):
+    if isinstance(x, bool) or not isinstance(x, (Integral, np.integer)) or x < minimum:
         raise ValueError(f"{name} = {x!r}; expected an integer >= {minimum}")
-    if x < minimum:
-        raise ValueError(f"{name} = {x}; expected an integer >= {minimum}")
     return int(x)
 
 def _as_frames(positions, name):
@@ -127,13 +124,6 @@ def _wrap(frame, box):
     return wrapped
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-def _torch_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
-    return _DTYPES[dtype]
 
 def resolve_device(device: str = "cpu") -> torch.device:
     """'cpu', 'cuda', 'cuda:N' or 'auto' (a GPU if one is present, else the CPU)."""
@@ -151,11 +141,9 @@ def resolve_device(device: str = "cpu") -> torch.device:
 def reproducible_training():
     """Make training repeat bit for bit on a multi-threaded CPU.
 
-    The backward pass of a gather x[index] adds gradients back with index_put(accumulate=True),
-    whose multi-threaded CPU kernel adds in whatever order the threads finish; training amplifies
-    those last-bit differences until two runs with the same seed disagree in the second digit.
-    torch's deterministic mode sorts the indices first (measured: no slower on 2 cores). Only
-    warnings, not errors, for ops without a deterministic version (some CUDA kernels).
+    The backward pass of a gather x[index] adds gradients in whatever order the CPU threads
+    finish, and training amplifies those last-bit differences; deterministic mode sorts the
+    indices first (no slower on 2 cores), warning only for ops without a deterministic version.
     """
     previous = (torch.are_deterministic_algorithms_enabled(),
                 torch.is_deterministic_algorithms_warn_only_enabled())
@@ -168,21 +156,18 @@ def reproducible_training():
 # -------------------------------------------------------------------------------------------------
 # 1. MD engine
 # -------------------------------------------------------------------------------------------------
-# Energy model (METHOD.md section 1):
-#   U = sum_bonds k/2 (r - r0)^2  +  sum_{non-bonded pairs, r < r_cut} [ U_LJ(r) - U_LJ(r_cut) ],
-#   U_LJ(r) = 4 eps_ab [ (sig_ab / r)^12 - (sig_ab / r)^6 ]   (a, b: the two atoms' types).
-# Pairs joined by a bond (including the extra 1-3 "angle" springs) feel only their spring.
+# Energy (METHOD.md section 1): U = sum_bonds k/2 (r - r0)^2 + sum_{non-bonded, r < r_cut}
+# [U_LJ(r) - U_LJ(r_cut)], U_LJ = 4 eps_ab [(sig_ab/r)^12 - (sig_ab/r)^6] for atom types a, b.
+# Bonded pairs (including the 1-3 "angle" springs) feel only their spring.
 @dataclass
 class System:
     """Everything the force field needs about a set of particles (reduced LJ units).
 
-    types [n] int index into the [n_types, n_types] symmetric tables `epsilon` / `sigma`;
-    bonds [n_bonds, 2] harmonic springs with k/2 (r - r0)^2, `bond_k` / `bond_r0` scalars or
-    [n_bonds]. r_cut: LJ cut-off, potential shifted to zero there (2**(1/6) sigma: repulsive
-    WCA beads; 2.5 sigma: attraction). box: cubic periodic box edge, or None for open boundaries
-    (implicit solvent). molecule: [n] molecule ids (default all 0). isolated_molecules (open
-    boundaries only): atoms of different molecules do not interact, each molecule alone in its
-    own implicit solvent; this is how many different small polymers run in one vectorised call.
+    types [n] index the symmetric [n_types, n_types] tables `epsilon` / `sigma`; bonds [n_bonds,
+    2] with `bond_k` / `bond_r0` scalars or [n_bonds]. r_cut: 2**(1/6) sigma is repulsive WCA,
+    2.5 sigma attractive. box: cubic periodic box edge, or None (implicit solvent). molecule: [n]
+    ids; isolated_molecules (box=None): different molecules do not interact, so many small
+    polymers run side by side in one vectorised call.
     """
     types: np.ndarray
     masses: np.ndarray
@@ -195,42 +180,37 @@ class System:
     box: Optional[float] = None
     molecule: Optional[np.ndarray] = None
     isolated_molecules: bool = False
-
     def __post_init__(self):
         self.types = _as_array(self.types, "types", ndim=1, dtype=np.int64)
         n = len(self.types)
-        if n == 0:
-            raise ValueError("types is empty; a System needs at least one atom")
+        if n == 0 or self.types.min() < 0:
+            raise ValueError("types must be a non-empty list of non-negative type indices")
         self.masses = _as_array(self.masses, "masses", ndim=1)
         if self.masses.shape != (n,) or np.any(self.masses <= 0):
             raise ValueError(f"masses must be [n_atoms]={n} positive numbers, got shape "
                              f"{self.masses.shape}")
-        self.bonds = _as_array(self.bonds, "bonds", dtype=np.int64).reshape(-1, 2) if np.size(
-            self.bonds) else np.zeros((0, 2), dtype=np.int64)
-        if self.bonds.size and (self.bonds.min() < 0 or self.bonds.max() >= n):
-            raise ValueError(f"bonds point at atoms outside 0..{n - 1}")
-        if np.any(self.bonds[:, 0] == self.bonds[:, 1]):
-            raise ValueError("bonds contains a bond from an atom to itself")
-        self.bond_k, self.bond_r0 = (self._per_bond(getattr(self, k), k, len(self.bonds))
-                                     for k in ("bond_k", "bond_r0"))
-        self.epsilon = _as_array(self.epsilon, "epsilon", ndim=2)
-        self.sigma = _as_array(self.sigma, "sigma", ndim=2)
+        self.bonds = _as_array(self.bonds, "bonds", dtype=np.int64).reshape(-1, 2)
+        if np.any((self.bonds < 0) | (self.bonds >= n) | (self.bonds[:, :1] == self.bonds[:, 1:])):
+            raise ValueError(f"bonds must join two different atoms in 0..{n - 1}")
+        for name in ("bond_k", "bond_r0"):   # a scalar or one value per bond, >= 0
+            a = _as_array(getattr(self, name), name)
+            a = np.full(len(self.bonds), float(a)) if a.ndim == 0 else a
+            if a.shape != (len(self.bonds),) or np.any(a < 0):
+                raise ValueError(f"{name} must be a scalar or [n_bonds]=[{len(self.bonds)}] "
+                                 f"numbers >= 0, got shape {np.shape(getattr(self, name))}")
+            setattr(self, name, a)
         nt = int(self.types.max()) + 1
-        for name, m in (("epsilon", self.epsilon), ("sigma", self.sigma)):
+        for name, sign in (("epsilon", "non-negative"), ("sigma", "positive")):
+            m = _as_array(getattr(self, name), name, ndim=2, expected="[n_types, n_types]")
             if m.shape[0] != m.shape[1] or m.shape[0] < nt:
                 raise ValueError(f"{name} has shape {m.shape}; expected [n_types, n_types] with "
                                  f"n_types >= {nt} (the largest type index + 1)")
-            if not np.allclose(m, m.T):
-                raise ValueError(f"{name} must be symmetric")
+            if not np.allclose(m, m.T) or np.any(m <= 0 if name == "sigma" else m < 0):
+                raise ValueError(f"{name} must be finite and {sign}, and symmetric")
+            setattr(self, name, m)
         if self.epsilon.shape != self.sigma.shape:
             raise ValueError(f"epsilon has shape {self.epsilon.shape} and sigma "
                              f"{self.sigma.shape}; the two type tables must have the same shape")
-        if not np.all(np.isfinite(self.epsilon)) or np.any(self.epsilon < 0):
-            raise ValueError("epsilon must be finite and non-negative")
-        if self.types.min() < 0:
-            raise ValueError("types must be non-negative indices")
-        if np.any(self.sigma <= 0):
-            raise ValueError("sigma must be positive")
         self.r_cut = _positive(self.r_cut, "r_cut")
         if self.box is not None:
             self.box = _positive(self.box, "box")
@@ -243,22 +223,9 @@ class System:
             raise ValueError(f"molecule has shape {self.molecule.shape}; expected [{n}]")
         if self.isolated_molecules and self.box is not None:
             raise ValueError("isolated_molecules=True needs open boundaries (box=None)")
-
-    @staticmethod
-    def _per_bond(x, name, n_bonds):
-        a = _as_array(x, name)
-        a = np.full(n_bonds, float(a)) if a.ndim == 0 else a
-        if a.shape != (n_bonds,):
-            raise ValueError(f"{name} has shape {a.shape}; expected a scalar or [n_bonds]="
-                             f"[{n_bonds}]")
-        if np.any(a < 0):
-            raise ValueError(f"{name} must be non-negative")
-        return a
-
     @property
     def n_atoms(self) -> int:
         return len(self.types)
-
     def check_positions(self, positions, name: str = "positions") -> np.ndarray:
         """positions as float64 [n_atoms, 3] or [n_replicas, n_atoms, 3], or ValueError."""
         x = _as_array(positions, name)
@@ -274,30 +241,24 @@ def lorentz_berthelot(epsilon, sigma):
     return np.sqrt(np.outer(e, e)), 0.5 * (s[:, None] + s[None, :])
 
 def concatenate_systems(systems, isolated: bool = True):
-    """Join open-boundary Systems into one; returns (system, atom_offsets [len(systems) + 1]).
-
-    With `isolated=True` each input molecule keeps to itself (System.isolated_molecules), so one
-    simulate() call advances many different polymers side by side. Inputs share type tables, r_cut.
-    """
+    """Join open-boundary Systems (sharing type tables and r_cut) into one, each molecule kept to
+    itself if `isolated`; returns (system, atom_offsets [len(systems) + 1])."""
     if not systems:
         raise ValueError("systems is empty")
     s0 = systems[0]
-    for s in systems:
-        if s.box is not None:
-            raise ValueError("concatenate_systems joins open-boundary systems only (box=None)")
-        if s.r_cut != s0.r_cut or s.epsilon.shape != s0.epsilon.shape or not (
-                np.allclose(s.epsilon, s0.epsilon) and np.allclose(s.sigma, s0.sigma)):
-            raise ValueError("systems must share epsilon, sigma and r_cut to be concatenated")
+    if any(s.box is not None for s in systems):
+        raise ValueError("concatenate_systems joins open-boundary systems only (box=None)")
+    if any(s.r_cut != s0.r_cut or s.epsilon.shape != s0.epsilon.shape or not (np.allclose(
+            s.epsilon, s0.epsilon) and np.allclose(s.sigma, s0.sigma)) for s in systems):
+        raise ValueError("systems must share epsilon, sigma and r_cut to be concatenated")
     offsets = np.cumsum([0] + [s.n_atoms for s in systems])
     mol_offsets = np.cumsum([0] + [int(s.molecule.max()) + 1 for s in systems])
     cat = lambda key: np.concatenate([getattr(s, key) for s in systems])
     return System(
-        types=cat("types"), masses=cat("masses"),
+        types=cat("types"), masses=cat("masses"), bond_k=cat("bond_k"), bond_r0=cat("bond_r0"),
         bonds=np.concatenate([s.bonds + o for s, o in zip(systems, offsets)]),
-        bond_k=cat("bond_k"), bond_r0=cat("bond_r0"),
-        epsilon=s0.epsilon, sigma=s0.sigma, r_cut=s0.r_cut, box=None,
-        molecule=np.concatenate([s.molecule + o for s, o in zip(systems, mol_offsets)]),
-        isolated_molecules=isolated), offsets
+        epsilon=s0.epsilon, sigma=s0.sigma, r_cut=s0.r_cut, box=None, isolated_molecules=isolated,
+        molecule=np.concatenate([s.molecule + o for s, o in zip(systems, mol_offsets)])), offsets
 
 def subsystem(system: System, start: int, stop: int) -> System:
     """Atoms start..stop-1 as a System of their own (bonds leaving the range are dropped)."""
@@ -313,67 +274,69 @@ def subsystem(system: System, start: int, stop: int) -> System:
                   isolated_molecules=system.isolated_molecules)
 
 # ---- pair lists ---------------------------------------------------------------------------------
-# Forces are sums over a list of atom pairs (i, j). Building that list costs far more than using
-# it, so it is built with a margin ("Verlet skin"): every pair closer than r_cut + skin is kept,
-# the kernel masks the ones beyond r_cut, and the list stays valid while the two largest
-# displacements since the build add up to less than skin (two atoms closing in from both sides
-# then still cannot reach r_cut unseen). Neighbours come from a k-d tree, O(N log N),
-# `scipy.spatial.cKDTree`, whose `boxsize` handles periodic boxes. Small molecules in implicit
-# solvent (open boundaries, <= `_STATIC_GROUP_SIZE` atoms that can interact) keep *every* pair for
-# the whole run and never rebuild: a 24-bead chain has only 276 pairs.
+# Building the list of pairs (i, j) costs far more than using it, so it keeps every pair within
+# r_cut + skin (a "Verlet skin"; the kernel masks r > r_cut) and stays valid while the two largest
+# displacements since the build sum to < skin. Neighbours come from scipy's cKDTree (periodic
+# `boxsize`). Small molecules in implicit solvent (<= _STATIC_GROUP_SIZE atoms that can interact)
+# keep every pair and never rebuild: a 24-bead chain has only 276 pairs.
 _STATIC_GROUP_SIZE = 128
 
 class PairList:
     """The non-bonded pairs of `n_replicas` copies of `system`, with per-pair LJ parameters.
 
-    Atom indices are global: atom a of replica r is r * n_atoms + a. Tensors (all length P):
-    i, j (atom indices, i < j within a replica), sig2 (sigma^2), eps24 (24 eps), e_shift (the
-    LJ energy at r_cut, subtracted so U(r_cut) = 0), and, in a periodic box, shift [3, P]: the
+    Atom a of replica r has global index r * n_atoms + a. Per pair (length P): i < j, sig2
+    (sigma^2), eps24 (24 eps), e_shift (U_LJ(r_cut)), and in a periodic box shift [3, P], the
     image vector that turns x_i - x_j into the minimum-image displacement.
     """
-
     def __init__(self, system: System, n_replicas: int, device, dtype, skin: float = 0.5):
-        self.system, self.n_replicas = system, n_replicas
-        self.device, self.dtype = device, dtype
+        self.system, self.n_replicas, self.device, self.dtype = system, n_replicas, device, dtype
         n = system.n_atoms
-        if system.isolated_molecules:   # atoms interact only with atoms of their group
-            _, local = np.unique(system.molecule, return_inverse=True)
-            n_local = local.max() + 1
-        else:
-            local, n_local = np.zeros(n, dtype=np.int64), 1
-        self.groups = (np.arange(n_replicas)[:, None] * n_local + local[None, :]).reshape(-1)
+        local = (np.unique(system.molecule, return_inverse=True)[1].reshape(-1)
+                 if system.isolated_molecules else np.zeros(n, dtype=np.int64))
+        # groups: atoms interact only within their group (a replica, or one of its molecules)
+        self.groups = (np.arange(n_replicas)[:, None] * (local.max() + 1) + local).reshape(-1)
         self.static = system.box is None and np.bincount(self.groups).max() <= _STATIC_GROUP_SIZE
-        self.skin = skin
-        if system.box is not None:   # the list must not see two images of one atom
-            self.skin = min(skin, 0.99 * (system.box / 2 - system.r_cut))
+        self.skin = skin if system.box is None else min(   # never two images of one atom
+            skin, 0.99 * (system.box / 2 - system.r_cut))
         b = np.sort(system.bonds, axis=1)   # excluded (bonded) pairs, one int per local pair
         self._excluded = np.unique(b[:, 0] * n + b[:, 1])
         sig2_tab = system.sigma ** 2
         sr6 = (sig2_tab / system.r_cut ** 2) ** 3
         self._tables = (sig2_tab, 24.0 * system.epsilon, 4.0 * system.epsilon * (sr6 * sr6 - sr6))
-        self.n_builds = 0
-        self.x_ref = None
-
+        self.n_builds, self.x_ref = 0, None
     def build(self, x: torch.Tensor) -> None:
         """(Re)build the list from engine coordinates x [3, n_replicas * n_atoms]."""
         pos = x.detach().T.cpu().double().numpy()
+        s, n = self.system, self.system.n_atoms
         if self.static:
             i, j = self._all_group_pairs()
-        elif self.system.box is None:
+        elif s.box is None:
             i, j = self._tree_pairs_open(pos)
-        else:
-            i, j = self._tree_pairs_periodic(pos)
-        n = self.system.n_atoms
+        else:   # one tree per replica box
+            i, j = np.concatenate([
+                cKDTree(_wrap(pos[r * n:(r + 1) * n], s.box), boxsize=s.box).query_pairs(
+                    s.r_cut + self.skin, output_type="ndarray") + r * n
+                for r in range(self.n_replicas)]).T
         i, j = np.minimum(i, j), np.maximum(i, j)
         if len(self._excluded):
             keep = ~np.isin((i % n) * n + (j % n), self._excluded)
             i, j = i[keep], j[keep]
         # No sorting: the scatter-adds run fastest when consecutive pairs hit *different* atoms
         # (repeated adds to one address wait on each other), and the tree's order is mixed.
-        self._set_pairs(i, j, x.detach())
+        t = dict(device=self.device, dtype=self.dtype)
+        tt = s.types[i % n] * len(s.sigma) + s.types[j % n]   # type-pair index
+        self.sig2, self.eps24, self.e_shift = (torch.as_tensor(tab.ravel()[tt], **t)
+                                               for tab in self._tables)
+        self.i, self.j = (torch.as_tensor(a, device=self.device) for a in (i, j))
+        self.rc2 = s.r_cut ** 2
+        self.shift = None
+        if s.box is not None:
+            # Unwrapped coordinates keep a pair's image offset fixed between rebuilds, so the
+            # minimum image is found once here, not with round() every step.
+            d = x.detach().index_select(1, self.i) - x.detach().index_select(1, self.j)
+            self.shift = _minimum_image(d, s.box) - d
         self.x_ref = x.detach().clone()
         self.n_builds += 1
-
     def _all_group_pairs(self):
         order = np.argsort(self.groups, kind="stable")
         g = self.groups[order]
@@ -385,9 +348,7 @@ class PairList:
             a, b = np.triu_indices(size, 1)
             ii.append((order[sel[:, None] + a[None, :]]).ravel())
             jj.append((order[sel[:, None] + b[None, :]]).ravel())
-        i, j = np.concatenate(ii), np.concatenate(jj)
-        return np.minimum(i, j), np.maximum(i, j)
-
+        return np.concatenate(ii), np.concatenate(jj)
     def _tree_pairs_open(self, pos):
         # Lay the groups out side by side along x, far enough apart that one tree over all atoms
         # finds only pairs within a group; then keep only same-group pairs (a cheap safety net).
@@ -401,42 +362,13 @@ class PairList:
         pairs = cKDTree(p).query_pairs(self.system.r_cut + self.skin, output_type="ndarray")
         keep = g[pairs[:, 0]] == g[pairs[:, 1]]
         return pairs[keep, 0], pairs[keep, 1]
-
-    def _tree_pairs_periodic(self, pos):
-        n, L = self.system.n_atoms, self.system.box
-        ii, jj = [], []
-        for r in range(self.n_replicas):   # one tree per replica box (rebuilds only, not per step)
-            pairs = cKDTree(_wrap(pos[r * n:(r + 1) * n], L), boxsize=L).query_pairs(
-                self.system.r_cut + self.skin, output_type="ndarray")
-            ii.append(pairs[:, 0] + r * n)
-            jj.append(pairs[:, 1] + r * n)
-        return np.concatenate(ii), np.concatenate(jj)
-
-    def _set_pairs(self, i, j, x):
-        n, nt = self.system.n_atoms, len(self.system.sigma)
-        t = dict(device=self.device, dtype=self.dtype)
-        tt = self.system.types[i % n] * nt + self.system.types[j % n]   # type-pair index
-        self.sig2, self.eps24, self.e_shift = (torch.as_tensor(tab.ravel()[tt], **t)
-                                               for tab in self._tables)
-        self.i = torch.as_tensor(i, device=self.device)
-        self.j = torch.as_tensor(j, device=self.device)
-        self.rc2 = self.system.r_cut ** 2
-        self.shift = None
-        if self.system.box is not None:
-            # Unwrapped coordinates keep the image offset of a pair fixed between rebuilds, so
-            # the minimum image is computed once here rather than with round() every step.
-            d = x.index_select(1, self.i) - x.index_select(1, self.j)
-            self.shift = _minimum_image(d, self.system.box) - d
-
     def displacement_since_build(self, x: torch.Tensor):
         """(largest, sum of the two largest) distances atoms moved since the build (host sync)."""
         d2 = (x - self.x_ref).square().sum(0)
         top = torch.topk(d2, min(2, d2.numel())).values.sqrt().cpu().tolist()
         return top[0], sum(top)
-
     def needs_rebuild(self, top2: float) -> bool:
         return (not self.static) and top2 > self.skin
-
     def displacements(self, x: torch.Tensor) -> torch.Tensor:
         """Minimum-image pair vectors d_ij = x_i - x_j, [3, P]."""
         d = x.index_select(1, self.i).sub_(x.index_select(1, self.j))
@@ -445,19 +377,13 @@ class PairList:
         return d
 
 # ---- force kernel -------------------------------------------------------------------------------
-# For one pair at distance r with s6 = (sig/r)^6:
-#   U(r)      = 4 eps (s6^2 - s6) - U(r_cut)
-#   F_i       = -dU/dr * d/r = 24 eps s6 (2 s6 - 1) / r^2 * d,   d = x_i - x_j,   F_j = -F_i.
-# A harmonic bond: F_i = -k (r - r0) / r * d.
+# A pair with d = x_i - x_j, s6 = (sig/r)^6: F_i = -dU/dr d/r = 24 eps s6 (2 s6 - 1) / r^2 d = -F_j.
+# A bond: F_i = -k (r - r0) / r d.
 class ForceField:
-    """Forces and energies of `n_replicas` copies of a System, on one device, in one dtype.
-
-    The one code path used by simulate(), forces() and potential_energy().
-    """
-
+    """Forces and energies of `n_replicas` copies of a System (behind simulate() and forces())."""
     def __init__(self, system: System, n_replicas: int = 1, device="cpu", dtype=torch.float64):
-        self.system, self.n_replicas = system, n_replicas
-        self.device, self.dtype = torch.device(device), dtype
+        self.system, self.n_replicas, self.device, self.dtype = (system, n_replicas,
+                                                                 torch.device(device), dtype)
         n = system.n_atoms
         t = dict(device=self.device, dtype=dtype)
         offs = (np.arange(n_replicas) * n)[:, None]
@@ -467,13 +393,11 @@ class ForceField:
         self.br0 = torch.as_tensor(np.tile(system.bond_r0, n_replicas), **t)
         self.pairs = PairList(system, n_replicas, self.device, dtype)
         self.replica_of_atom = torch.arange(n_replicas * n, device=self.device) // n
-
     def _bond_vectors(self, x):
         d = x.index_select(1, self.bi).sub_(x.index_select(1, self.bj))
         if self.system.box is not None:   # a bond never spans half a box, but be safe
             d = _minimum_image(d, self.system.box)
         return d
-
     def forces(self, x: torch.Tensor) -> torch.Tensor:
         """Total force [3, N] on engine coordinates x [3, N] (N = n_replicas * n_atoms)."""
         F = torch.zeros_like(x)
@@ -495,7 +419,6 @@ class ForceField:
             F.index_add_(1, self.bi, f)
             F.index_add_(1, self.bj, f.neg_())
         return F
-
     def energy(self, x: torch.Tensor) -> torch.Tensor:
         """Potential energy per replica, [n_replicas]."""
         E = torch.zeros(self.n_replicas, device=self.device, dtype=x.dtype)
@@ -504,8 +427,7 @@ class ForceField:
             r2 = pl.displacements(x).square().sum(0)
             s6 = (pl.sig2 / r2).pow(3)
             e = (pl.eps24 / 6.0) * (s6 * s6 - s6) - pl.e_shift
-            e = e.masked_fill(r2 >= pl.rc2, 0.0)
-            E.index_add_(0, self.replica_of_atom[pl.i], e)
+            E.index_add_(0, self.replica_of_atom[pl.i], e.masked_fill(r2 >= pl.rc2, 0.0))
         if len(self.bi):
             r = self._bond_vectors(x).square().sum(0).sqrt()
             E.index_add_(0, self.replica_of_atom[self.bi], 0.5 * self.bk * (r - self.br0) ** 2)
@@ -544,15 +466,9 @@ def potential_energy(system: System, positions):
     return E if batched else float(E[0])
 
 # ---- integrator ---------------------------------------------------------------------------------
-# BAOAB splitting of Langevin dynamics (Leimkuhler & Matthews [1]), one step of length dt:
-#   B: v += dt/2 F/m          (kick)
-#   A: x += dt/2 v            (drift)
-#   O: v  = c1 v + c2 sqrt(kT/m) xi,  c1 = exp(-gamma dt), c2 = sqrt(1 - c1^2), xi ~ N(0, 1)
-#   A: x += dt/2 v
-#   (new forces)
-#   B: v += dt/2 F/m
-# O is an exact solve of the friction + noise part, so for gamma = 0 (c1 = 1, c2 = 0) the
-# step is exactly velocity Verlet and conserves energy up to O(dt^2) fluctuations.
+# BAOAB splitting of Langevin dynamics (Leimkuhler & Matthews [1]): B kicks v += dt/2 F/m, A
+# drifts x += dt/2 v, O solves friction + noise exactly: v = c1 v + c2 sqrt(kT/m) xi with
+# c1 = exp(-gamma dt), c2 = sqrt(1 - c1^2). gamma = 0 (no O) is exactly velocity Verlet.
 class SimulationBlowUp(RuntimeError):
     """Raised when a simulation produces non-finite or runaway coordinates."""
 
@@ -560,9 +476,8 @@ class SimulationBlowUp(RuntimeError):
 class Trajectory:
     """Saved frames of a simulation (numpy, unwrapped positions).
 
-    positions, velocities: [n_frames, (n_replicas,) n_atoms, 3]; time: [n_frames] in tau;
-    potential_energy, kinetic_energy: [n_frames, (n_replicas)]; system: the System simulated.
-    The replica axis is present only when simulate() was given [n_replicas, n_atoms, 3].
+    positions, velocities [n_frames, (n_replicas,) n_atoms, 3]; time [n_frames] (tau); energies
+    [n_frames, (n_replicas)]. The replica axis is there when simulate() was given replicas.
     """
     positions: np.ndarray
     velocities: np.ndarray
@@ -572,51 +487,20 @@ class Trajectory:
     system: System
     info: dict = field(default_factory=dict)
 
-@dataclass
-class _State:
-    x: torch.Tensor        # [3, N] positions (unwrapped)
-    v: torch.Tensor        # [3, N] velocities
-    F: torch.Tensor        # [3, N] forces at x
-
-def _validate_run(system, positions, velocities, n_steps, dt, kT, gamma, save_every):
-    if not isinstance(system, System):
-        raise ValueError(f"system must be a System, got {type(system).__name__}")
-    x = system.check_positions(positions)
-    if velocities is not None and _as_array(velocities, "velocities").shape != x.shape:
-        raise ValueError(f"velocities has shape {np.shape(velocities)}; expected {x.shape} "
-                         "like positions")
-    if int(n_steps) != n_steps or n_steps < 0:
-        raise ValueError(f"n_steps must be a non-negative integer, got {n_steps!r}")
-    if int(save_every) != save_every or save_every < 1:
-        raise ValueError(f"save_every must be a positive integer, got {save_every!r}")
-    _positive(dt, "dt")
-    _positive(kT, "kT")
-    if not (math.isfinite(float(gamma)) and gamma >= 0):
-        raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
-    return x if x.ndim == 3 else x[None]
-
 def simulate(system: System, positions, n_steps: int, *, dt: float = 0.005, kT: float = 1.0,
              gamma: float = 1.0, save_every: int = 100, seed: int = 0, velocities=None,
              device: str = "cpu", dtype: str = "float32", progress: Optional[str] = None
              ) -> Trajectory:
     """Run Langevin (BAOAB) dynamics; gamma = 0 is velocity Verlet (constant energy).
 
-    Args:
-        positions: [n_atoms, 3], or [n_replicas, n_atoms, 3]: independent replicas advanced
-            together, each with its own noise.
-        n_steps: MD steps; frames are saved at steps 0, save_every, 2 save_every, ...
-        dt: time step (tau). kT: temperature (energy units). gamma: friction (1/tau).
-        seed: seeds the initial velocities (Maxwell-Boltzmann at kT when `velocities` is None)
-            and the noise; the same seed gives the same trajectory on the same device.
-        progress: if given, a label; progress lines with rate and ETA go to stderr.
-
-    Returns:
-        Trajectory with n_steps // save_every + 1 frames. Raises SimulationBlowUp (naming the
-        step) if coordinates become non-finite or an atom moves > half a sigma in one step.
+    positions [n_atoms, 3], or [n_replicas, n_atoms, 3] advanced together with their own noise;
+    frames at steps 0, save_every, ...; seed: initial velocities (Maxwell-Boltzmann at kT unless
+    given) and noise; progress: a label for progress lines on stderr. Raises SimulationBlowUp
+    (naming the step) on non-finite coordinates or an atom moving > sigma/2 in one step.
     """
-    x0 = _validate_run(system, positions, velocities, n_steps, dt, kT, gamma, save_every)
-    n_rep, n = x0.shape[0], system.n_atoms
-    dev, tdt = resolve_device(device), _torch_dtype(dtype)
+    x0, dev, tdt = _check_run(system, positions, velocities, n_steps, dt, kT, gamma,
+                              save_every, device, dtype)
+    n_rep = x0.shape[0]
     gen = torch.Generator(device=dev).manual_seed(int(seed))
     ff = ForceField(system, n_rep, dev, tdt)
     inv_m = torch.as_tensor(np.tile(1.0 / system.masses, n_rep), device=dev, dtype=tdt)
@@ -626,143 +510,132 @@ def simulate(system: System, positions, n_steps: int, *, dt: float = 0.005, kT: 
     else:
         v = _to_engine(np.asarray(velocities, dtype=float).reshape(x0.shape), dev, tdt)
     ff.pairs.build(x)
-    state = _State(x, v, ff.forces(x))
-    out = _FrameBuffer(n_steps // save_every + 1, n_rep, n)
-    out.save(0, 0.0, state, ff, inv_m)
+    F = ff.forces(x)
+    frames = [_frame(0, x, v, ff, inv_m)]
     c1 = math.exp(-gamma * dt)
     noise = (math.sqrt(1.0 - c1 * c1) * (kT * inv_m).sqrt()).expand(3, -1)
     half_dt_inv_m = (0.5 * dt * inv_m).expand(3, -1)
-    meter = _Progress(progress, n_steps, n_rep * n)
+    meter = _Progress(progress, n_steps, n_rep * system.n_atoms)
     check_every, last_check = (1 if not ff.pairs.static else 10), 0
     for step in range(1, n_steps + 1):
-        _baoab_step(state, ff, dt, c1, noise, half_dt_inv_m, gen, gamma > 0)
+        v.addcmul_(F, half_dt_inv_m)                                            # B
+        x.add_(v, alpha=0.5 * dt)                                               # A
+        if gamma > 0:                                                           # O
+            xi = torch.randn(v.shape, generator=gen, device=dev, dtype=tdt)
+            v.mul_(c1).addcmul_(xi, noise)
+        x.add_(v, alpha=0.5 * dt)                                               # A
+        F = ff.forces(x)
+        v.addcmul_(F, half_dt_inv_m)                                            # B
         if step % check_every == 0 or step % save_every == 0:
-            _check_and_rebuild(state, ff, step, step - last_check)
+            if _check_and_rebuild(x, ff, step, step - last_check):
+                F = ff.forces(x)
             last_check = step
         if step % save_every == 0:
-            out.save(step // save_every, step * dt, state, ff, inv_m)
+            frames.append(_frame(step // save_every, x, v, ff, inv_m))
             meter.update(step)
     meter.done()
     sq = (lambda a: a) if np.ndim(positions) == 3 else (lambda a: a[:, 0])   # replica axis?
+    pos, vel, pe, ke = (sq(np.stack(a)) for a in zip(*frames))   # float64 [F, (R,) ...]
     info = dict(dt=dt, kT=kT, gamma=gamma, n_steps=n_steps, save_every=save_every, seed=seed,
                 device=str(dev), dtype=str(tdt).replace("torch.", ""),
-                pair_list_builds=ff.pairs.n_builds, seconds=meter.elapsed())
-    return Trajectory(sq(out.pos), sq(out.vel), out.t, sq(out.pe), sq(out.ke), system, info)
+                pair_list_builds=ff.pairs.n_builds, seconds=time.perf_counter() - meter.t0)
+    t = np.arange(len(frames), dtype=float) * save_every * dt
+    return Trajectory(pos, vel, t, pe, ke, system, info)
 
-def _baoab_step(s: _State, ff: ForceField, dt, c1, noise, half_dt_inv_m, gen, stochastic):
-    """One BAOAB step, in place, written as its five sub-steps."""
-    s.v.addcmul_(s.F, half_dt_inv_m)                       # B
-    s.x.add_(s.v, alpha=0.5 * dt)                          # A
-    if stochastic:                                         # O
-        xi = torch.randn(s.v.shape, generator=gen, device=s.v.device, dtype=s.v.dtype)
-        s.v.mul_(c1).addcmul_(xi, noise)
-    s.x.add_(s.v, alpha=0.5 * dt)                          # A
-    s.F = ff.forces(s.x)
-    s.v.addcmul_(s.F, half_dt_inv_m)                       # B
+def _check_run(system, positions, velocities, n_steps, dt, kT, gamma, save_every, device, dtype):
+    if not isinstance(system, System):
+        raise ValueError(f"system must be a System, got {type(system).__name__}")
+    x = system.check_positions(positions)
+    if velocities is not None and _as_array(velocities, "velocities").shape != x.shape:
+        raise ValueError(f"velocities has shape {np.shape(velocities)}; expected {x.shape} "
+                         "like positions")
+    _positive_int(n_steps, "n_steps", minimum=0)
+    _positive_int(save_every, "save_every")
+    _positive(dt, "dt")
+    _positive(kT, "kT")
+    if not (math.isfinite(float(gamma)) and gamma >= 0):
+        raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
+    tdt = dtype if dtype in _DTYPES.values() else _DTYPES.get(dtype)
+    if tdt is None:
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    return x if x.ndim == 3 else x[None], resolve_device(device), tdt
 
-def _check_and_rebuild(s: _State, ff: ForceField, step: int, steps_since: int):
-    """Blow-up check (non-finite or > 0.5 sigma per step) and Verlet-list rebuild if needed."""
-    moved, top2 = ff.pairs.displacement_since_build(s.x)
+def _frame(k, x, v, ff: ForceField, inv_m):
+    """Frame k as float64 numpy: positions, velocities [R, n, 3], potential, kinetic [R]."""
+    if not bool(torch.isfinite(x).all()):
+        raise SimulationBlowUp(f"simulation blew up before saving frame {k}: non-finite "
+                               "positions; try a smaller dt")
+    ke = (0.5 * v.square().sum(0) / inv_m).view(ff.n_replicas, -1).sum(1)
+    return (_from_engine(x, ff.n_replicas).astype(np.float64, order="C"),   # C order: numpy
+            _from_engine(v, ff.n_replicas).astype(np.float64, order="C"),   # sums follow strides
+            ff.energy(x).cpu().numpy().astype(np.float64), ke.cpu().numpy().astype(np.float64))
+
+def _check_and_rebuild(x, ff: ForceField, step: int, steps_since: int) -> bool:
+    """Blow-up check (non-finite, or > 0.5 sigma a step); True if the pair list was rebuilt."""
+    moved, top2 = ff.pairs.displacement_since_build(x)
     if not math.isfinite(moved):
         raise SimulationBlowUp(f"simulation blew up at step {step}: non-finite positions "
                                f"(first seen within the last {steps_since} steps); try a "
                                "smaller dt or relax the starting configuration")
-    if ff.pairs.static:
-        # the static list has no build reference to compare with: move it along each check
+    if ff.pairs.static:   # no build to compare with: move the reference along each check
         if moved > 0.5 * steps_since:
             raise SimulationBlowUp(f"simulation blew up at step {step}: an atom moved {moved:.3g}"
                                    f" sigma in {steps_since} steps; try a smaller dt")
-        ff.pairs.x_ref = s.x.clone()
+        ff.pairs.x_ref = x.clone()
     elif ff.pairs.needs_rebuild(top2):
         if moved > ff.pairs.skin + 0.5 * steps_since:
             raise SimulationBlowUp(f"simulation blew up at step {step}: an atom moved {moved:.3g}"
                                    " sigma since the last pair-list build; try a smaller dt")
-        ff.pairs.build(s.x)
-        s.F = ff.forces(s.x)
-
-class _FrameBuffer:
-    """Preallocated numpy storage for saved frames."""
-
-    def __init__(self, n_frames, n_rep, n):
-        self.pos, self.vel = np.zeros((n_frames, n_rep, n, 3)), np.zeros((n_frames, n_rep, n, 3))
-        self.t = np.zeros(n_frames)
-        self.pe, self.ke = np.zeros((n_frames, n_rep)), np.zeros((n_frames, n_rep))
-
-    def save(self, k, t, s: _State, ff: ForceField, inv_m):
-        if not bool(torch.isfinite(s.x).all()):
-            raise SimulationBlowUp(f"simulation blew up before saving frame {k}: non-finite "
-                                   "positions; try a smaller dt")
-        self.pos[k] = _from_engine(s.x, ff.n_replicas)
-        self.vel[k] = _from_engine(s.v, ff.n_replicas)
-        self.t[k] = t
-        self.pe[k] = ff.energy(s.x).cpu().numpy()
-        ke_atom = 0.5 * s.v.square().sum(0) / inv_m
-        self.ke[k] = ke_atom.view(ff.n_replicas, -1).sum(1).cpu().numpy()
+        ff.pairs.build(x)
+        return True
+    return False
 
 class _Progress:
     """Progress lines on stderr ("label: 40% 1.2e6 atom-steps/s ETA 12s"), at most every 2 s."""
-
     def __init__(self, label, total, atoms):
         self.label, self.total, self.atoms = label, total, atoms
         self.t0 = self.t_last = time.perf_counter()
-
-    def elapsed(self):
-        return time.perf_counter() - self.t0
-
     def update(self, step):
         now = time.perf_counter()
         if self.label is None or (now - self.t_last < 2.0 and step < self.total):
             return
-        self.t_last = now
-        rate = step / max(now - self.t0, 1e-9)
-        eta = (self.total - step) / max(rate, 1e-9)
-        print(f"  {self.label}: {100 * step / max(self.total, 1):5.1f}%  "
-              f"{rate * self.atoms:.2e} atom-steps/s  ETA {eta:5.0f}s", file=sys.stderr,
-              flush=True)
-
+        self.t_last, rate = now, step / max(now - self.t0, 1e-9)   # steps per second
+        print(f"  {self.label}: {100 * step / max(self.total, 1):5.1f}%  {rate * self.atoms:.2e}"
+              f" atom-steps/s  ETA {(self.total - step) / max(rate, 1e-9):5.0f}s",
+              file=sys.stderr, flush=True)
     def done(self):
         if self.label is not None:
-            print(f"  {self.label}: done in {self.elapsed():.1f}s", file=sys.stderr, flush=True)
+            print(f"  {self.label}: done in {time.perf_counter() - self.t0:.1f}s",
+                  file=sys.stderr, flush=True)
 
 # -------------------------------------------------------------------------------------------------
 # 2. The three toy worlds (plus a plain LJ fluid for tests and the benchmark)
 # -------------------------------------------------------------------------------------------------
 def _lattice(n_atoms: int, box: float) -> np.ndarray:
-    """n_atoms sites of a simple cubic lattice filling a box, in a serpentine order.
-
-    Consecutive sites are lattice neighbours (the walk snakes through the lattice), so a chain on
-    consecutive sites has every bond one spacing long and no clash: a start for dense systems.
-    """
+    """n_atoms simple cubic sites filling a box in serpentine order: consecutive sites are
+    neighbours, so a chain on consecutive sites has every bond one spacing long and no clash."""
     m = int(math.ceil(n_atoms ** (1 / 3) - 1e-9))
-    sites = []
-    for ix in range(m):   # boustrophedon order; m^3 sites, built once at set-up
-        ys = range(m) if ix % 2 == 0 else range(m - 1, -1, -1)
-        for k, iy in enumerate(ys):
-            zs = range(m) if (ix * m + k) % 2 == 0 else range(m - 1, -1, -1)
-            sites.extend((ix, iy, iz) for iz in zs)
-    return (np.asarray(sites[:n_atoms], dtype=float) + 0.5) * (box / m)
+    ix, k, kz = np.meshgrid(*[np.arange(m)] * 3, indexing="ij")   # y, z reverse on odd rows
+    iy = np.where(ix % 2 == 0, k, m - 1 - k)
+    iz = np.where((ix * m + k) % 2 == 0, kz, m - 1 - kz)
+    sites = np.stack([ix, iy, iz], -1).reshape(-1, 3)[:n_atoms]
+    return (sites.astype(float) + 0.5) * (box / m)
 
 def lj_fluid(n_atoms: int, density: float, *, r_cut: float = 2.5, seed: int = 0):
-    """A one-type Lennard-Jones fluid (eps = sigma = m = 1) in a cubic periodic box.
-
-    Atoms start on a simple cubic lattice with a small random jitter; `r_cut` = 2.5 gives the
-    usual attractive LJ, 2**(1/6) gives WCA. Returns (System, positions [n_atoms, 3]).
-    """
-    if int(n_atoms) != n_atoms or n_atoms < 2:
-        raise ValueError(f"n_atoms must be an integer >= 2, got {n_atoms!r}")
+    """A one-type LJ fluid (eps = sigma = m = 1) on a jittered cubic lattice in a periodic box
+    (r_cut = 2**(1/6): WCA). Returns (System, positions [n_atoms, 3])."""
+    n_atoms = _positive_int(n_atoms, "n_atoms", minimum=2)
     box = (n_atoms / _positive(density, "density")) ** (1 / 3)
     rng = np.random.default_rng(seed)
-    x = _lattice(int(n_atoms), box) + rng.normal(0.0, 0.02, (int(n_atoms), 3))
+    x = _lattice(n_atoms, box) + rng.normal(0.0, 0.02, (n_atoms, 3))
     system = System(types=np.zeros(n_atoms, dtype=np.int64), masses=np.ones(n_atoms),
                     bonds=np.zeros((0, 2), dtype=np.int64), bond_k=0.0, bond_r0=0.0,
                     epsilon=[[1.0]], sigma=[[1.0]], r_cut=r_cut, box=box)
     return system, x
 
-# ---- world 1: single-chain polymers in implicit solvent (paper A's chain dataset, in miniature)
-# Bead types follow Webb et al. (Sci. Adv. 2020) as used by [A]: backbone B1, B2 and side-group
-# S1, S2, each with its own mass, size and stickiness. Backbone neighbours are bonded, each side
-# group hangs off one backbone bead, and extra springs between backbone beads two apart give the
-# chain some stiffness (an angle potential written as a distance spring).
+# ---- world 1: single-chain polymers in implicit solvent ([A]'s chain dataset, in miniature).
+# Bead types after Webb et al. (Sci. Adv. 2020), as in [A]: backbone B1, B2, side groups S1, S2.
+# Extra springs between backbone beads two apart stand in for an angle potential.
 POLYMER_TYPE_NAMES = ("B1", "B2", "S1", "S2")
 
 @dataclass
@@ -783,38 +656,33 @@ def polymer(backbone, side_chains, model: PolymerModel = PolymerModel()):
     backbone: [L] types (0 = B1, 1 = B2); side_chains: L lists of side-group types (2 = S1,
     3 = S2) from the backbone outwards, [] for none, alternating above and below the backbone.
     """
-    backbone = list(backbone)
-    if len(backbone) < 2 or len(side_chains) != len(backbone):
+    types = list(backbone)
+    L = len(types)
+    if L < 2 or len(side_chains) != L:
         raise ValueError("backbone needs >= 2 beads and side_chains one list per backbone bead")
-    types, pos, bonds, kinds = list(backbone), [], [], []
-    for b in range(len(backbone)):
-        pos.append((0.95 * b, 0.3 * (b % 2), 0.0))
-        if b:
-            bonds.append((b - 1, b)); kinds.append("bond")
-        if b >= 2:
-            bonds.append((b - 2, b)); kinds.append("angle")
+    pos = [(0.95 * b, 0.3 * (b % 2), 0.0) for b in range(L)]
+    bonds = [(b - d, b, d == 1) for b in range(L) for d in (1, 2) if b >= d]   # (i, j, not 1-3)
     for b, chain in enumerate(side_chains):
         prev, up = b, 1.0 if b % 2 == 0 else -1.0
         for depth, t in enumerate(chain, start=1):
             types.append(t)
             pos.append((0.95 * b, 0.3 * (b % 2), up * depth))
-            bonds.append((prev, len(types) - 1)); kinds.append("bond")
+            bonds.append((prev, len(types) - 1, True))
             prev = len(types) - 1
-    kinds, types = np.array(kinds), np.array(types)
+    bonds, types = np.array(bonds), np.array(types)
     eps, sig = lorentz_berthelot(model.epsilon, model.sigma)
-    system = System(types=types, masses=np.asarray(model.masses)[types], bonds=bonds,
-                    bond_k=np.where(kinds == "bond", model.bond_k, model.angle_k),
-                    bond_r0=np.where(kinds == "bond", model.bond_r0, model.angle_r0),
+    system = System(types=types, masses=np.asarray(model.masses)[types], bonds=bonds[:, :2].copy(),
+                    bond_k=np.where(bonds[:, 2] == 1, model.bond_k, model.angle_k),
+                    bond_r0=np.where(bonds[:, 2] == 1, model.bond_r0, model.angle_r0),
                     epsilon=eps, sigma=sig, r_cut=model.r_cut, box=None)
     return system, np.array(pos, dtype=float)
 
 def random_polymer(polymer_class: int, rng, model: PolymerModel = PolymerModel()):
     """Draw one polymer of class I (training family) or II (unseen): (System, positions).
 
-    Class I: 12-20 backbone beads, mostly B1 placed at random, sparse one-bead side groups,
-    mostly S1. Class II: 10-16 backbone beads in alternating B1/B2 blocks of 2-4, denser side
-    chains of 1-2 beads, mostly S2. Draws outside 16-40 atoms are redrawn. Class II asks a model
-    trained on class I to generalise to unseen chemistry and architecture. rng: numpy Generator.
+    Class I: 12-20 backbone beads, mostly B1, sparse one-bead side groups, mostly S1. Class II:
+    10-16 beads in alternating B1/B2 blocks of 2-4, denser 1-2 bead side chains, mostly S2.
+    Draws outside 16-40 atoms are redrawn. rng: a numpy Generator.
     """
     if polymer_class not in (1, 2):
         raise ValueError(f"polymer_class must be 1 or 2, got {polymer_class!r}")
@@ -837,10 +705,9 @@ def random_polymer(polymer_class: int, rng, model: PolymerModel = PolymerModel()
         if 16 <= len(backbone) + sum(map(len, sides)) <= 40:
             return polymer(backbone, sides, model)
 
-# ---- world 2: a toy polymer electrolyte (paper A's Li-ion / TFSI battery dataset, in miniature)
-# Polymer chains with a -P-P-O- repeat (like PEO's -C-C-O-), small light cations that stick to
-# the O beads and to anions, and large heavy anions, in a periodic box. No charges: the "ionic"
-# chemistry is carried by the LJ well depths, enough for cation transport to couple to the chains.
+# ---- world 2: a toy polymer electrolyte ([A]'s Li-ion / TFSI battery dataset, in miniature).
+# -P-P-O- chains (like PEO's -C-C-O-), small light cations, large heavy anions, periodic box. No
+# charges: the LJ well depths carry the "ionic" chemistry (cations stick to O and to anions).
 ELECTROLYTE_TYPE_NAMES = ("P", "O", "cation", "anion")
 
 @dataclass
@@ -863,15 +730,12 @@ def electrolyte(n_chains: int, chain_length: int, n_salt: int, *,
                 model: ElectrolyteModel = ElectrolyteModel(), seed: int = 0):
     """A periodic box of `n_chains` chains of `chain_length` beads plus `n_salt` cation-anion pairs.
 
-    Atoms are ordered chains, cations, anions; every chain and every ion is its own molecule.
-    Everything starts on a serpentine lattice walk (chains on consecutive sites, ions on the rest
-    in random order), so no two atoms start closer than one lattice step. Returns (System,
-    positions [n_atoms, 3]).
+    Atoms are ordered chains, cations, anions (each its own molecule), on a clash-free serpentine
+    lattice walk (ions on the remaining sites in random order). Returns (System, positions).
     """
-    for name, v, lo in (("n_chains", n_chains, 1), ("chain_length", chain_length, 3),
-                        ("n_salt", n_salt, 0)):
-        if int(v) != v or v < lo:
-            raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+    n_chains, chain_length = _positive_int(n_chains, "n_chains"), _positive_int(
+        chain_length, "chain_length", minimum=3)
+    n_salt = _positive_int(n_salt, "n_salt", minimum=0)
     n_poly = n_chains * chain_length
     n = n_poly + 2 * n_salt
     box = (n / model.density) ** (1 / 3)
@@ -886,9 +750,7 @@ def electrolyte(n_chains: int, chain_length: int, n_salt: int, *,
     starts = np.arange(n_chains)[:, None] * chain_length
     b1 = np.arange(chain_length - 1)[None, :] + starts              # bonds
     b2 = np.arange(chain_length - 2)[None, :] + starts              # 1-3 angle springs
-    bonds = np.concatenate([np.stack([b1, b1 + 1], -1).reshape(-1, 2),
-                            np.stack([b2, b2 + 2], -1).reshape(-1, 2)])
-    n_b1, n_b2 = b1.size, len(bonds) - b1.size
+    bonds = np.concatenate([np.stack([b, b + d], -1).reshape(-1, 2) for d, b in ((1, b1), (2, b2))])
     eps, sig = lorentz_berthelot(model.epsilon, model.sigma)
     for (a, b), e in (((2, 1), model.eps_cation_O), ((2, 3), model.eps_cation_anion),
                       ((2, 2), model.eps_cation_cation)):
@@ -896,17 +758,14 @@ def electrolyte(n_chains: int, chain_length: int, n_salt: int, *,
     molecule = np.concatenate([np.repeat(np.arange(n_chains), chain_length),
                                n_chains + np.arange(2 * n_salt)])
     system = System(types=types, masses=np.asarray(model.masses)[types], bonds=bonds,
-                    bond_k=np.r_[np.full(n_b1, model.bond_k), np.full(n_b2, model.angle_k)],
-                    bond_r0=np.r_[np.full(n_b1, model.bond_r0), np.full(n_b2, model.angle_r0)],
+                    bond_k=np.repeat([model.bond_k, model.angle_k], [b1.size, b2.size]),
+                    bond_r0=np.repeat([model.bond_r0, model.angle_r0], [b1.size, b2.size]),
                     epsilon=eps, sigma=sig, r_cut=model.r_cut, box=box, molecule=molecule)
     return system, pos
 
-# ---- world 3: a small stiff molecule (paper B's benzene, in miniature)
-# A hexagonal ring of six heavy "C" beads, each carrying a light "H" bead pointing outwards.
-# Stiff springs (ring bonds, C-H bonds, and 1-3 springs that hold the angles) give fast
-# vibrations: the C-H stretch has angular frequency sqrt(k_CH / mu) with mu = m_C m_H/(m_C+m_H),
-# a period of ~17 MD steps of dt = 0.005, so a gap of 20 steps hides more than a whole period.
-# Out-of-plane motion has no first-order restoring force, so the ring also flexes slowly.
+# ---- world 3: a small stiff molecule ([B]'s benzene, in miniature): a ring of six heavy "C"
+# beads, each with a light "H" pointing out, held by stiff springs (ring, C-H, 1-3 angle springs).
+# The C-H stretch (period ~17 steps of dt = 0.005) is faster than [B]'s 20-step gaps.
 STIFF_TEMPERATURES = {"low": 0.1, "mid": 0.3, "high": 0.5}   # kT; in the ratio 100:300:500 K
 
 @dataclass
@@ -920,9 +779,8 @@ class StiffMoleculeModel:
     k_angle: float = 150.0     # 1-3 springs (C-C-C and H-C-C), rest lengths from the hexagon
     r_ch: float = 0.8
     r_cut: float = 2.5
-
     def ch_period(self) -> float:
-        """Period (tau) of an isolated C-H stretch: 2 pi sqrt(mu / k)."""
+        """Period (tau) of an isolated C-H stretch: 2 pi sqrt(mu / k), mu the reduced mass."""
         mc, mh = self.masses
         return 2 * math.pi * math.sqrt(mc * mh / (mc + mh) / self.k_ch)
 
@@ -931,8 +789,7 @@ def stiff_molecule(model: StiffMoleculeModel = StiffMoleculeModel()):
     ang = np.arange(6) * np.pi / 3
     ring = np.stack([np.cos(ang), np.sin(ang), np.zeros(6)], 1)        # side 1 hexagon
     pos = np.concatenate([ring, ring * (1.0 + model.r_ch)])
-    c = np.arange(6)
-    nxt = (c + 1) % 6
+    c, nxt = np.arange(6), (np.arange(6) + 1) % 6
     pairs = {"cc": np.stack([c, nxt], 1), "ch": np.stack([c, c + 6], 1),
              "ccc": np.stack([c, (c + 2) % 6], 1),
              "hcc": np.concatenate([np.stack([c + 6, nxt], 1), np.stack([nxt + 6, c], 1)])}
@@ -949,9 +806,8 @@ def stiff_molecule(model: StiffMoleculeModel = StiffMoleculeModel()):
 # -------------------------------------------------------------------------------------------------
 # 3. Files: atomic writes, and loading without pickle
 # -------------------------------------------------------------------------------------------------
-# A crash half-way through writing must never leave a truncated file that a later run trusts, so
-# every file is written to a temporary name in the same folder and then renamed (atomic on POSIX).
-# Arrays are stored as .npz of plain numeric arrays and read with allow_pickle=False.
+# A crash mid-write must never leave a truncated file that a later run trusts: write to a
+# temporary name in the same folder, then rename (atomic on POSIX). Arrays: .npz of plain numbers.
 def atomic_write(path, write) -> None:
     """Call write(file_object) on a temporary file beside `path`, then rename it into place."""
     path = os.fspath(path)
@@ -977,22 +833,21 @@ def load_json(path):
         return json.load(fh)
 
 _SYSTEM_FIELDS = ("types", "masses", "bonds", "bond_k", "bond_r0", "epsilon", "sigma", "molecule")
+_TRAJ_FIELDS = ("positions", "velocities", "time", "potential_energy", "kinetic_energy")
 
 def save_trajectory(path, traj: Trajectory, **extra_arrays) -> None:
     """Write a Trajectory (and any extra named arrays) to an .npz file, atomically.
 
-    Positions and velocities are stored as float32 (plenty for analysis, half the disk);
-    energies and time as float64. The System is stored field by field.
+    Positions and velocities are stored as float32 (plenty for analysis, half the disk).
     """
     s = traj.system
-    arrays = dict(positions=traj.positions.astype(np.float32),
-                  velocities=traj.velocities.astype(np.float32), time=traj.time,
-                  potential_energy=traj.potential_energy, kinetic_energy=traj.kinetic_energy,
+    arrays = {k: getattr(traj, k) for k in _TRAJ_FIELDS}
+    arrays.update(positions=traj.positions.astype(np.float32),
+                  velocities=traj.velocities.astype(np.float32),
                   r_cut=np.float64(s.r_cut), box=np.float64(np.nan if s.box is None else s.box),
                   isolated_molecules=np.bool_(s.isolated_molecules),
                   info_json=np.frombuffer(json.dumps(traj.info).encode(), dtype=np.uint8))
-    arrays.update({f"system_{k}": getattr(s, k) for k in _SYSTEM_FIELDS})
-    arrays.update(extra_arrays)
+    arrays.update({f"system_{k}": getattr(s, k) for k in _SYSTEM_FIELDS}, **extra_arrays)
     atomic_write(path, lambda fh: np.savez_compressed(fh, **arrays))
 
 def load_trajectory(path):
@@ -1004,8 +859,7 @@ def load_trajectory(path):
                     r_cut=float(data.pop("r_cut")), box=None if np.isnan(box) else box,
                     isolated_molecules=bool(data.pop("isolated_molecules")))
     traj = Trajectory(*(data.pop(k).astype(np.float64) if k in ("positions", "velocities")
-                        else data.pop(k) for k in ("positions", "velocities", "time",
-                                                   "potential_energy", "kinetic_energy")),
+                        else data.pop(k) for k in _TRAJ_FIELDS),
                       system=system, info=json.loads(data.pop("info_json").tobytes().decode()))
     return traj, data
 
@@ -1014,10 +868,9 @@ def trajectory_from_arrays(positions, masses, bonds=(), *, types=None, molecule=
     """Wrap your own trajectory (from any MD code) as a Trajectory the rest of the module takes.
 
     positions [n_frames, (n_replicas,) n_atoms, 3] must be UNWRAPPED (molecules whole, no jumps
-    across the box); bonds [n_bonds, 2] is the graph that coarse-graining partitions and the
-    networks read. Default velocities: central differences (one-sided at the ends), which smooth
-    out motion faster than the frame spacing. The System carries only the topology: its force
-    field is a placeholder (bond_k = bond_r0 = epsilon = sigma = 1); energies are NaN.
+    across the box); bonds [n_bonds, 2] is the graph that coarse-graining partitions. Default
+    velocities: central differences (one-sided at the ends). The System carries only the
+    topology (a placeholder force field with all parameters 1); energies are NaN.
     """
     pos = _as_array(positions, "positions", last=3,
                     expected="[n_frames, (n_replicas,) n_atoms, 3]")
@@ -1550,40 +1403,28 @@ class EmbeddingGNN(torch.nn.Module):
 # -------------------------------------------------------------------------------------------------
 # 5. Paper A: the learned CG simulator (Dynamics GNN)
 # -------------------------------------------------------------------------------------------------
-# One *learned step* replaces hundreds of MD steps (METHOD.md section 2). Given the last K + 1 CG
-# frames x_{t-K} .. x_t, one learned step apart, the Dynamics GNN returns a Gaussian over the
-# time-integrated acceleration a_t = x_{t+1} - 2 x_t + x_{t-1} of every bead; a rollout draws a
-# from it and moves on by semi-implicit Euler, v = (x_t - x_{t-1}) + a, x_{t+1} = x_t + v.
-# [A]'s Gaussian is per bead. Two choices go beyond [A]:
-# * Correlated noise. At a learned step of 5 tau a bead moves ~0.9 sigma per coordinate, mostly
-#   with its neighbours (the molecule drifts and turns); independent draws pull bonded beads
-#   apart at every sample. Here the noise is S z, S with a learned scalar per graph edge.
-# * Equivariant read-out. Latents see invariants only (distances, speeds, dot products); the
-#   mean is a sum of input vectors weighted by learned scalars (EGNN-style), so it turns exactly
-#   with the molecule and every variance stays the same.
-
-# ---- a CG system: what stays fixed along a trajectory ---------------------------------------
+# One *learned step* replaces hundreds of MD steps (METHOD.md section 2): from the last K + 1 CG
+# frames, one learned step apart, the Dynamics GNN gives a Gaussian over each bead's
+# time-integrated acceleration a_t = x_{t+1} - 2 x_t + x_{t-1}; a rollout draws a and moves on by
+# semi-implicit Euler, x_{t+1} = x_t + (x_t - x_{t-1}) + a. [A]'s Gaussian is per bead. Beyond [A]:
+# * correlated noise S z, S with a learned scalar per graph edge: in a learned step of 5 tau a bead
+#   moves ~0.9 sigma per coordinate, mostly with its neighbours; independent draws tear bonds;
+# * an equivariant read-out: latents see invariants only and the mean is a sum of input vectors
+#   weighted by learned scalars (EGNN-style), so it turns exactly with the molecule.
 @dataclass
 class CGSystem:
-    """The fixed part of a coarse-grained system (numpy arrays).
-
-    atom_types, bonds, bond_type: the fine graph (input of the Embedding GNN); labels [n_atoms]:
-    the bead of each atom; molecule [n_beads]; box: cubic box edge, or None for isolated
-    molecules (radius edges then join beads of one molecule only).
-    """
-    atom_types: np.ndarray
-    bonds: np.ndarray
-    bond_type: np.ndarray
-    labels: np.ndarray
-    bead_mass: np.ndarray
-    cg_bonds: np.ndarray
-    molecule: np.ndarray
-    box: Optional[float] = None
-
+    """The fixed part of a coarse-grained system, what stays the same along a trajectory."""
+    atom_types: np.ndarray        # [n_atoms]   the fine graph: the Embedding GNN's input
+    bonds: np.ndarray             # [n_bonds, 2]
+    bond_type: np.ndarray         # [n_bonds]
+    labels: np.ndarray            # [n_atoms]   the bead of each atom
+    bead_mass: np.ndarray         # [n_beads]
+    cg_bonds: np.ndarray          # [n_cg_bonds, 2]
+    molecule: np.ndarray          # [n_beads]
+    box: Optional[float] = None   # cubic box edge; None: isolated molecules (radius edges inside)
     @property
     def n_beads(self) -> int:
         return len(self.bead_mass)
-
     def candidate_pairs(self) -> np.ndarray:
         """[P, 2] ordered bead pairs i != j that may carry an edge (one molecule if box is None)."""
         i, j = np.nonzero(~np.eye(self.n_beads, dtype=bool))
@@ -1610,9 +1451,15 @@ def time_integrated_acceleration(x_prev, x, x_next):
     return x_next - 2 * x + x_prev
 
 def euler_step(x_prev, x, acc):
-    """Semi-implicit Euler, x_{t+1} = x_t + (x_t - x_{t-1}) + a: time_integrated_acceleration
-    inverted."""
+    """Semi-implicit Euler x_{t+1} = x_t + (x_t - x_{t-1}) + a: the inverse of the above."""
     return x + (x - x_prev) + acc
+
+def _check_history(h, K: int, n_beads: int):
+    """h, after checking it is [B, K + 1, n_beads, 3]."""
+    if h.ndim != 4 or h.shape[1] != K + 1 or h.shape[2:] != (n_beads, 3):
+        raise ValueError(f"history has shape {tuple(h.shape)}; expected [B, n_history + 1 = "
+                         f"{K + 1}, n_beads = {n_beads}, 3]")
+    return h
 
 # ---- the step distribution: [A]'s per-bead Gaussian, then correlated noise (beyond [A]) ---------
 def gaussian_nll(mean, std, target) -> torch.Tensor:
@@ -1623,18 +1470,14 @@ def gaussian_nll(mean, std, target) -> torch.Tensor:
 @dataclass
 class StepDistribution:
     """The Gaussian over one learned step's accelerations a [B, n, 3], alike for x, y and z.
-
-    [A] (edge_scale None): independent beads, std = sqrt(scale^2 + std_min^2) >= std_min.
-    Beyond [A]: a = mean + S z + std_min z' with S [n, n] (per frame) holding `scale` on its
-    diagonal and one edge_scale per graph edge (row = receiver, column = sender), so each
-    coordinate's covariance is Sigma = S S^T + std_min^2 I and neighbours move together.
-    """
+    [A] (edge_scale None): independent beads, std = sqrt(scale^2 + std_min^2) >= std_min. Beyond
+    [A]: a = mean + S z + std_min z', S [n, n] per frame with `scale` on its diagonal and each
+    edge's edge_scale at (receiver, sender): covariance Sigma = S S^T + std_min^2 I."""
     mean: torch.Tensor                     # [B, n, 3]
     scale: torch.Tensor                    # [B, n]
     edge_scale: Optional[torch.Tensor]     # [E] or None
     graph: Graph
     std_min: float
-
     def std(self) -> torch.Tensor:
         """[B, n]: the marginal std of each bead coordinate, sqrt(Sigma_ii)."""
         var = self.scale ** 2 + self.std_min ** 2
@@ -1643,22 +1486,15 @@ class StepDistribution:
             var = var + torch.zeros(g.n_nodes, dtype=var.dtype, device=var.device).index_add_(
                 0, g.receivers, self.edge_scale ** 2).reshape(var.shape)
         return var.sqrt()
-
-    def scale_matrix(self) -> torch.Tensor:
-        """S [B, n, n], dense."""
+    def covariance(self) -> torch.Tensor:
+        """Sigma [B, n, n] of each coordinate, from S built dense."""
         B, n = self.scale.shape
         S = torch.diag_embed(self.scale)
         if self.edge_scale is not None:
             r, s = self.graph.receivers, self.graph.senders
             S = S.index_put((r // n, r % n, s % n), self.edge_scale, accumulate=True)
-        return S
-
-    def covariance(self) -> torch.Tensor:
-        """Sigma [B, n, n] of each coordinate."""
-        S = self.scale_matrix()
-        eye = torch.eye(S.shape[-1], dtype=S.dtype, device=S.device)
+        eye = torch.eye(n, dtype=S.dtype, device=S.device)
         return S @ S.transpose(1, 2) + self.std_min ** 2 * eye
-
     def sample(self, generator=None) -> torch.Tensor:
         """One draw of a [B, n, 3] (sparse: S z costs one gather and one index_add over edges)."""
         z, z_floor = (torch.randn(self.mean.shape, generator=generator, dtype=self.mean.dtype,
@@ -1669,7 +1505,6 @@ class StepDistribution:
             noise = noise + torch.zeros_like(flat).index_add_(
                 0, g.receivers, self.edge_scale[:, None] * flat[g.senders]).reshape(noise.shape)
         return self.mean + noise
-
     def nll(self, target) -> torch.Tensor:
         """-log p(target), averaged over beads and coordinates (Cholesky of Sigma in float64)."""
         if target.shape != self.mean.shape:
@@ -1684,27 +1519,22 @@ class StepDistribution:
         total = 0.5 * (y ** 2).sum((1, 2)) + 1.5 * logdet + 1.5 * n * math.log(2 * math.pi)
         return (total.sum() / (B * n * 3)).to(self.mean.dtype)
 
-# ---- the network: invariant message passing, equivariant vector read-out (beyond [A]) ---------
+# ---- the network: invariant message passing, equivariant read-out (beyond [A]); Dynamics GNN --
 class GeometricGNN(torch.nn.Module):
     """Encode-process-decode GNN ([2]) whose vector output turns with its input (EGNN's trick,
-    Satorras et al., ICML 2021, on a GNS processor). The decoder reads, per node j,
-        vector_j = sum_{i -> j} w(e_ij) (x_i - x_j) / |x_i - x_j| + sum_k c_k(h_j) u_j^k
-    (u_j^k: the node's own input vectors) with invariant w, c, plus invariant node and edge
-    scalars. Unit edge vectors keep the edge terms bounded: a stretched bond cannot amplify
-    its own pull."""
-
+    Satorras et al., ICML 2021): invariant w, c and node j's input vectors u_j^k give
+    vector_j = sum_{i -> j} w(e_ij) (x_i - x_j) / |x_i - x_j| + sum_k c_k(h_j) u_j^k; unit edge
+    vectors keep a stretched bond from amplifying its own pull."""
     def __init__(self, node_in: int, edge_in: int, n_node_vectors: int, n_node_scalars: int,
                  n_edge_scalars: int, latent: int, n_steps: int):
         super().__init__()
-        self.node_encoder = torch.nn.Sequential(mlp(node_in, latent, latent),
-                                                torch.nn.LayerNorm(latent))
-        self.edge_encoder = torch.nn.Sequential(mlp(edge_in, latent, latent),
-                                                torch.nn.LayerNorm(latent))
+        encoder = lambda n_in: torch.nn.Sequential(mlp(n_in, latent, latent),    # noqa: E731
+                                                   torch.nn.LayerNorm(latent))
+        self.node_encoder, self.edge_encoder = encoder(node_in), encoder(edge_in)
         self.blocks = torch.nn.ModuleList(GraphNetBlock(latent) for _ in range(n_steps))
         self.edge_decoder = mlp(latent, latent, 1 + n_edge_scalars)
         self.node_decoder = mlp(latent, latent, n_node_vectors + n_node_scalars)
         self.n_node_vectors = n_node_vectors
-
     def forward(self, node_features, edge_features, graph: Graph, node_vectors):
         """node_vectors [N, V, 3] -> (vector [N, 3], node scalars [N, .], edge scalars [E, .])."""
         h, e = self.node_encoder(node_features), self.edge_encoder(edge_features)
@@ -1718,7 +1548,6 @@ class GeometricGNN(torch.nn.Module):
         vector = vector + (c * node_vectors).sum(1)
         return vector, node_out[:, self.n_node_vectors:], edge_out[:, 1:]
 
-# ---- the Dynamics GNN --------------------------------------------------------------------------
 @dataclass
 class DynamicsConfig:
     """Dynamics GNN size and inputs ([A] used K = 29 on chains, latent 128, 7 steps)."""
@@ -1730,7 +1559,6 @@ class DynamicsConfig:
     correlated: bool = True       # noise shared along edges (beyond [A]); False: [A]'s per bead
     embedding: EmbeddingConfig = field(default_factory=lambda: EmbeddingConfig(latent=32,
                                                                                 n_steps=3))
-
     def __post_init__(self):
         _positive_int(self.n_history, "n_history")
         _positive_int(self.latent, "latent")
@@ -1742,35 +1570,27 @@ class DynamicsConfig:
 class DynamicsGNN(torch.nn.Module):
     """One learned step: the last K + 1 CG frames -> StepDistribution of a_t. The data's scales
     (velocity and acceleration rms, mean bead mass) are buffers set by train_dynamics."""
-
     def __init__(self, cfg: DynamicsConfig = DynamicsConfig()):
         super().__init__()
         self.cfg = cfg
         K = cfg.n_history
         self.embedding = EmbeddingGNN(cfg.embedding)
-        self.net = GeometricGNN(node_in=cfg.embedding.latent + 2 * K, edge_in=2 + 2 * K,
-                                n_node_vectors=K, n_node_scalars=1,
-                                n_edge_scalars=int(cfg.correlated), latent=cfg.latent,
-                                n_steps=cfg.n_steps)
+        self.net = GeometricGNN(cfg.embedding.latent + 2 * K, 2 + 2 * K, n_node_vectors=K,
+                                n_node_scalars=1, n_edge_scalars=int(cfg.correlated),
+                                latent=cfg.latent, n_steps=cfg.n_steps)
         for name in ("vel_scale", "acc_scale", "mass_scale"):
             self.register_buffer(name, torch.ones((), dtype=torch.float64))
-
     def bead_embedding(self, cg: CGSystem) -> torch.Tensor:
         """[n_beads, latent] bead 'types' from the fine graph alone (trained end to end)."""
-        dev = self.vel_scale.device
-        t = lambda a: torch.as_tensor(a, device=dev)                     # noqa: E731
+        t = lambda a: torch.as_tensor(a, device=self.vel_scale.device)  # noqa: E731
         return self.embedding(t(cg.atom_types), t(cg.bonds), t(cg.bond_type), t(cg.labels),
                               cg.n_beads)
-
     def features(self, history, cg: CGSystem, embedding=None, pairs=None):
         """Invariant inputs of history [B, K + 1, n, 3] (oldest first): node features (bead
         embedding, mass, speeds |v^k|, v^1 . v^k), edge features (distance, bond flag, u . v^k of
         sender and receiver), the graph of the last frame, velocities v [B n, K, 3]."""
         K = self.cfg.n_history
-        if history.ndim != 4 or history.shape[1] != K + 1 or history.shape[2:] != (cg.n_beads, 3):
-            raise ValueError(f"history has shape {tuple(history.shape)}; expected [B, n_history "
-                             f"+ 1 = {K + 1}, n_beads = {cg.n_beads}, 3]")
-        (B, _, n, _), dt = history.shape, history.dtype
+        (B, _, n, _), dt = _check_history(history, K, cg.n_beads).shape, history.dtype
         g, beads = _graph_and_beads(self, history[:, -1], cg, embedding, pairs)
         vel = (history[:, 1:] - history[:, :-1]).flip(1) / self.vel_scale.to(dt)
         v = vel.permute(0, 2, 1, 3).reshape(B * n, K, 3)                # [N, K, 3], newest first
@@ -1779,7 +1599,6 @@ class DynamicsGNN(torch.nn.Module):
         edge = torch.cat([g.distance / self.cfg.radius, g.edge_type[:, None].to(dt),
                           (u * v[g.senders]).sum(-1), (u * v[g.receivers]).sum(-1)], dim=1)
         return node, edge, g, v
-
     def forward(self, history, cg: CGSystem, embedding=None, pairs=None) -> StepDistribution:
         """history [B, K + 1, n, 3] -> StepDistribution. `embedding` (bead_embedding(cg)) and
         `pairs` (cg.candidate_pairs() as a tensor) save recomputing them at every rollout step."""
@@ -1792,8 +1611,7 @@ class DynamicsGNN(torch.nn.Module):
                                 graph=g, std_min=float(a) * self.cfg.std_min)
 
 def _graph_and_beads(model, frame, cg: CGSystem, embedding=None, pairs=None):
-    """The CG graph of frames [B, n, 3] and node features [B n, latent + 1] (bead embedding,
-    mass / model.mass_scale): what the Dynamics and Score GNNs share."""
+    """The CG graph of frames [B, n, 3] and node features [B n, latent + 1] (embedding, mass)."""
     dev, dt = frame.device, frame.dtype
     emb = model.bead_embedding(cg) if embedding is None else embedding
     if pairs is None:
@@ -1824,7 +1642,7 @@ def _mass_fractions(cg: CGSystem, like: torch.Tensor) -> torch.Tensor:
     dev = like.device
     w = torch.as_tensor(cg.bead_mass, device=dev, dtype=like.dtype)
     P = torch.zeros(int(cg.molecule.max()) + 1, len(w), dtype=like.dtype, device=dev)
-    P[torch.as_tensor(cg.molecule, device=dev), torch.arange(len(w), device=dev)] = w
+    P[torch.as_tensor(cg.molecule, device=dev).long(), torch.arange(len(w), device=dev)] = w
     return P / P.sum(1, keepdim=True)
 
 def _rg2_of(P, x) -> torch.Tensor:
@@ -1856,16 +1674,12 @@ def train_dynamics(cg_positions, cg, cfg: DynamicsConfig = DynamicsConfig(),
                    validate_every: int = 250, validate_from: int = 0) -> DynamicsGNN:
     """Fit a DynamicsGNN to CG trajectories by the Gaussian NLL of one learned step.
 
-    As in GNS [2] and [A], the history x_{t-Ks} .. x_t (s = stride frames) gets Gaussian noise
-    (std from a geometric grid, one per sample) and the target comes from the *noisy* history,
-    a = x_{t+s} - 2 x~_t + x~_{t-s}: the model learns to steer back to real configurations.
-
-    Args:
-        cg_positions: [F, R, n, 3] frames of R trajectories of `cg`, or a list of such arrays
-            with `cg` a list of CGSystems (each gradient step uses one system, in turn).
-        validate: None, or validate(model) -> score (lower is better), run every validate_every
-            iterations from validate_from on and at the end; the best weights are kept (as GNS
-            [2] selects checkpoints), listed in model.validation, model.selected_iteration.
+    As in GNS [2] and [A], the history x_{t-Ks} .. x_t (s = stride frames) gets noise and the
+    target comes from the *noisy* history, a = x_{t+s} - 2 x~_t + x~_{t-s}: the model learns to
+    steer back to real configurations. cg_positions: frames [F, R, n, 3] of `cg`, or a list of
+    them with `cg` a list of CGSystems (taken in turn). validate(model) -> score (lower is better)
+    runs every validate_every iterations from validate_from on and at the end; the best weights
+    are kept (as GNS [2] selects checkpoints), see model.validation, model.selected_iteration.
     """
     K, m = cfg.n_history, _positive_int(train.stride, "stride")
     validate_every = _positive_int(validate_every, "validate_every")
@@ -1901,21 +1715,22 @@ def train_dynamics(cg_positions, cg, cfg: DynamicsConfig = DynamicsConfig(),
             fit.step(it, loss)
     return fit.done()
 
+def _frames(x, name: str, cg: CGSystem, min_frames: int) -> np.ndarray:
+    """x as float64 [F, R, n_beads, 3] with F > min_frames, or a ValueError naming `name`."""
+    x = _as_array(x, name, ndim=4, last=3, expected="[F, R, n_beads, 3]")
+    if x.shape[0] <= min_frames or x.shape[2] != cg.n_beads:
+        raise ValueError(f"{name} has shape {x.shape}; expected more than (n_history + 1) * "
+                         f"stride = {min_frames} frames of {cg.n_beads} beads")
+    return x
+
 def _training_sets(cg_positions, cg, min_frames: int) -> list:
-    """[(frames [F, R, n, 3] float64, CGSystem)] from one (array, CGSystem) or two equal lists."""
+    """[(frames [F, R, n, 3], CGSystem)] from one (array, CGSystem) or two equal lists."""
     many = isinstance(cg, (list, tuple))
     xs, cgs = (list(cg_positions), list(cg)) if many else ([cg_positions], [cg])
     if len(xs) != len(cgs) or not cgs:
         raise ValueError(f"cg_positions holds {len(xs)} arrays for {len(cgs)} CG systems; "
                          "expected one array per system")
-    sets = []
-    for x, c in zip(xs, cgs):
-        x = _as_array(x, "cg_positions", ndim=4, last=3, expected="[F, R, n_beads, 3]")
-        if x.shape[0] <= min_frames or x.shape[2] != c.n_beads:
-            raise ValueError(f"cg_positions has shape {x.shape}; expected more than (n_history "
-                             f"+ 1) * stride = {min_frames} frames of {c.n_beads} beads")
-        sets.append((x, c))
-    return sets
+    return [(_frames(x, "cg_positions", c, min_frames), c) for x, c in zip(xs, cgs)]
 
 def _to_device(model, sets, m: int, device, dtype):
     """Set the model's velocity and mass scales from the data; model and data on device."""
@@ -1933,21 +1748,17 @@ def _geometric_grid(bounds, n: int, dtype=torch.float64) -> torch.Tensor:
     return torch.logspace(math.log10(bounds[0]), math.log10(bounds[1]), n, dtype=dtype)
 
 class _Fit:
-    """What follows the loss in a training loop: an Adam step (gradient norm clipped at
-    train.clip, learning rate decaying exponentially from train.lr to train.lr_final), then
-    validate(model) on schedule (done() keeps the best-scoring weights), then a progress line
-    (smoothed loss) every 10 s."""
-
+    """After each loss: Adam (gradient norm clipped, learning rate decaying exponentially to
+    lr_final), validate(model) on schedule (done() keeps the best weights), progress every 10 s."""
     def __init__(self, model, train, label, what, validate=None, every=250, start=0):
-        self.model, self.n, self.clip, self.label, self.what = (model, train.n_iterations,
-                                                                train.clip, label, what)
-        self.validate, self.every, self.start = validate, every, start
+        self.model, self.n, self.clip = model, train.n_iterations, train.clip
+        self.label, self.what, self.validate, self.every, self.start = (label, what, validate,
+                                                                        every, start)
         self.opt = torch.optim.Adam(model.parameters(), lr=train.lr)
         self.sched = torch.optim.lr_scheduler.ExponentialLR(
             self.opt, (train.lr_final / train.lr) ** (1 / max(self.n, 1)))
         self.smooth, self.best, self.scores = None, None, []
         self.t0 = self.t_print = time.perf_counter()
-
     def step(self, it, loss):
         self.opt.zero_grad()
         loss.backward()
@@ -1956,8 +1767,8 @@ class _Fit:
         self.sched.step()
         v = loss.item()
         self.smooth = v if self.smooth is None else 0.98 * self.smooth + 0.02 * v
-        if self.validate is not None and it >= self.start and (
-                it % self.every == 0 or it == self.n):
+        if self.validate is not None and it >= self.start and (it % self.every == 0
+                                                               or it == self.n):
             self.model.eval()
             with torch.no_grad():
                 score = float(self.validate(self.model))
@@ -1966,14 +1777,12 @@ class _Fit:
             if self.label is not None:
                 print(f"  {self.label}: validation at iteration {it}: {score:.4f}", flush=True)
             if self.best is None or score < self.best[0]:
-                self.best = score, it, {k: v.detach().clone()
-                                        for k, v in self.model.state_dict().items()}
+                self.best = score, it, {k: t.clone() for k, t in self.model.state_dict().items()}
         now = time.perf_counter()
         if self.label is not None and (now - self.t_print > 10 or it == self.n):
             self.t_print, rate = now, it / (now - self.t0)
             print(f"  {self.label}: iteration {it}/{self.n}  {self.what} {self.smooth:.4f}  "
                   f"{rate:.1f} it/s  ETA {(self.n - it) / rate:.0f}s", flush=True)
-
     def done(self):
         if self.validate is not None:
             self.model.load_state_dict(self.best[2])
@@ -1984,30 +1793,22 @@ class _Fit:
 @torch.no_grad()
 def rollout(model: DynamicsGNN, cg: CGSystem, history, n_steps: int, *, seed: int = 0,
             label: Optional[str] = None, refine=None) -> np.ndarray:
-    """Run the learned simulator: sample a_t, Euler step, (refine), repeat.
+    """Run the learned simulator on `cg` (unseen systems too): sample a_t, Euler step, refine.
 
-    Args:
-        cg: the CGSystem to simulate (may differ from the training one: unseen systems).
-        history: [R, K + 1, n, 3] the first K + 1 frames of R replicas, one learned step apart.
-        seed: seeds the noise, of the steps and of `refine`.
-        refine: None, or refine(x_next, history, generator) -> x_next after every step, e.g.
-            langevin_refiner(score_gnn, cg) ([A]'s Score GNN refinement, section 6).
-
-    Returns:
-        frames [n_steps + 1, R, n, 3] (numpy), the last history frame first; raises
-        SimulationBlowUp, naming the step, if a position turns non-finite.
+    history [R, K + 1, n, 3] holds R replicas' first frames, one learned step apart. `refine`,
+    refine(x_next, history, generator) -> x_next, e.g. langevin_refiner(score_gnn, cg), is [A]'s
+    Score GNN refinement; `seed` seeds both. Returns frames [n_steps + 1, R, n, 3] (numpy), the
+    last history frame first; SimulationBlowUp names the step where a position turns non-finite.
     """
     n_steps = _positive_int(n_steps, "n_steps")
     dev, dt = model.vel_scale.device, next(model.parameters()).dtype
     h = torch.as_tensor(np.asarray(history), dtype=dt, device=dev)
-    if h.ndim != 4 or h.shape[1] != model.cfg.n_history + 1 or h.shape[2:] != (cg.n_beads, 3):
-        raise ValueError(f"history has shape {tuple(h.shape)}; expected [R, "
-                         f"{model.cfg.n_history + 1}, {cg.n_beads}, 3]")
+    R = len(_check_history(h, model.cfg.n_history, cg.n_beads))
     gen = torch.Generator(device=dev).manual_seed(seed)
     emb, pairs = model.bead_embedding(cg), torch.as_tensor(cg.candidate_pairs(), device=dev)
-    out = np.empty((n_steps + 1,) + tuple(h.shape[:1] + h.shape[2:]))
+    out = np.empty((n_steps + 1, R, cg.n_beads, 3))
     out[0] = h[:, -1].cpu().numpy()
-    progress = _Progress(label, n_steps, h.shape[0] * cg.n_beads)
+    progress = _Progress(label, n_steps, R * cg.n_beads)
     for step in range(1, n_steps + 1):
         x_next = euler_step(h[:, -2], h[:, -1], model(h, cg, emb, pairs).sample(gen))
         if refine is not None:
@@ -2022,15 +1823,11 @@ def rollout(model: DynamicsGNN, cg: CGSystem, history, n_steps: int, *, seed: in
 @torch.no_grad()
 def one_step_coverage(model: DynamicsGNN, cg: CGSystem, frames, stride: int, *,
                       n_samples: int = 256, levels=(0.5, 0.95), seed: int = 0) -> dict:
-    """Calibration on held-out frames [F, R, n, 3]: the fraction of targets a_t inside the
-    central `levels` intervals of the marginals N(mean_i, Sigma_ii), over n_samples random
-    windows (no history noise). Returns dict(coverage={level: fraction}, n_coordinates,
-    mean_z2); calibrated: coverage = level and mean_z2 = 1 (> 1: over-confident)."""
-    x = _as_array(frames, "frames", ndim=4, last=3, expected="[F, R, n_beads, 3]")
+    """Calibration on held-out frames [F, R, n, 3] (n_samples windows, no history noise): the
+    fraction of targets a_t inside the central `levels` intervals of N(mean_i, Sigma_ii), as
+    dict(coverage={level: fraction}, n_coordinates, mean_z2); > 1: over-confident."""
     K, s = model.cfg.n_history, _positive_int(stride, "stride")
-    if x.shape[0] <= (K + 1) * s or x.shape[2] != cg.n_beads:
-        raise ValueError(f"frames has shape {x.shape}; expected more than (n_history + 1) * "
-                         f"stride = {(K + 1) * s} frames of {cg.n_beads} beads")
+    x = _frames(frames, "frames", cg, (K + 1) * s)
     rng = np.random.default_rng(seed)
     t = rng.integers(K * s, x.shape[0] - s, n_samples)
     r = rng.integers(0, x.shape[1], n_samples)
@@ -2048,12 +1845,10 @@ def one_step_coverage(model: DynamicsGNN, cg: CGSystem, frames, stride: int, *,
 class Rg2Regressor(torch.nn.Module):
     """Predicts log <R_g^2> of each molecule from chemistry alone (no simulation): an Embedding
     GNN on the fine bond graph, the mean over the molecule's atoms with log(n_atoms), an MLP."""
-
     def __init__(self, cfg: EmbeddingConfig = EmbeddingConfig(latent=32, n_steps=3)):
         super().__init__()
         self.embedding = EmbeddingGNN(cfg)
         self.head = mlp(cfg.latent + 1, cfg.latent, 1)
-
     def forward(self, system: System) -> torch.Tensor:
         """-> [n_molecules] predicted log <R_g^2> (of the CG beads, the quantity it is fit to)."""
         mol = torch.as_tensor(system.molecule, dtype=torch.long)
@@ -2064,8 +1859,7 @@ class Rg2Regressor(torch.nn.Module):
 
 def train_rg2_regressor(system: System, rg2, n_iterations: int = 300, lr: float = 3e-3,
                         seed: int = 0) -> Rg2Regressor:
-    """Fit an Rg2Regressor to the measured <R_g^2> [n_molecules] of the molecules of `system`
-    (mean squared error of the log, full batch, Adam)."""
+    """Fit an Rg2Regressor to measured <R_g^2> [n_molecules] of `system` (MSE of the log, Adam)."""
     rg2 = _as_array(rg2, "rg2", ndim=1)
     if len(rg2) != int(system.molecule.max()) + 1 or np.any(rg2 <= 0):
         raise ValueError(f"rg2 has {len(rg2)} entries; expected one positive value per molecule")
@@ -2085,15 +1879,13 @@ def train_rg2_regressor(system: System, rg2, n_iterations: int = 300, lr: float 
 # 6. Paper A: the Score GNN (denoising score matching, annealed Langevin refinement)
 # -------------------------------------------------------------------------------------------------
 # A sampled learned step is only as good as its Gaussian: at a large step in a dense liquid,
-# independent draws drop beads on top of each other ("collisions") and stretch bonds. [A]
-# follows each step with annealed Langevin dynamics on a noise-conditional score network
-# (NCSN, Song & Ermon, NeurIPS 2019):
+# independent draws drop beads on top of each other ("collisions") and stretch bonds. [A] follows
+# each step with annealed Langevin dynamics on a noise-conditional score network (NCSN, Song &
+# Ermon, NeurIPS 2019):
 #   train:  x~ = x_{t+1} + sigma z,  minimise  sigma^2 |s(x~ | history, sigma) + z / sigma|^2
 #           over sigma on a geometric grid (denoising score matching, weight lambda = sigma^2);
 #   refine: for sigma_1 > ... > sigma_L, alpha_i = eps sigma_i^2 / sigma_L^2, T times per level:
 #           x <- x + alpha_i s(x, sigma_i) + sqrt(2 alpha_i) z.
-# s = vector / sigma, `vector` from a GeometricGNN on the graph of the candidate frame x~ (whose
-# overlaps it must see); the history enters through x~ - x_t and the velocities.
 @dataclass
 class ScoreConfig:
     """Score GNN size and training noise levels ([A]: 20 levels from 10 down to 0.01)."""
@@ -2105,34 +1897,28 @@ class ScoreConfig:
     n_levels: int = 20
     embedding: EmbeddingConfig = field(default_factory=lambda: EmbeddingConfig(latent=16,
                                                                                 n_steps=2))
-
     def __post_init__(self):
         _positive_int(self.n_history, "n_history")
         _positive_int(self.latent, "latent")
         _positive(self.radius, "radius")
-        self.sigmas = tuple(float(s) for s in self.sigmas)
-        _check_sigmas(self.sigmas, "sigmas")
+        self.sigmas = tuple(float(s) for s in _check_sigmas(self.sigmas))
         _positive_int(self.n_levels, "n_levels")
         if isinstance(self.embedding, dict):
             self.embedding = EmbeddingConfig(**self.embedding)
 
-def _check_sigmas(sigmas, name="sigmas") -> np.ndarray:
+def _check_sigmas(sigmas) -> np.ndarray:
     """A noise-level grid must be positive and strictly decreasing (largest first)."""
     s = np.asarray(sigmas, dtype=float).reshape(-1)
     if s.size == 0 or not np.all(np.isfinite(s)) or np.any(s <= 0) or np.any(np.diff(s) >= 0):
-        raise ValueError(f"{name} = {list(np.atleast_1d(sigmas))}; expected positive noise "
+        raise ValueError(f"sigmas = {s.tolist()}; expected positive noise "
                          "levels in strictly decreasing order")
     return s
 
 class ScoreGNN(torch.nn.Module):
-    """s(x~ | history, sigma): the score of the next CG frame, given the last K + 1 frames.
-
-    Node inputs (invariant): bead embedding (its own), mass, log sigma, |d| for the displacement
-    d = x~ - x_t, the K speeds, d . v^k. Edge inputs: distance in x~, bond flag, u . d of sender
-    and receiver. The vector output (node vectors d, v^k) over sigma is the score, so the loss
-    sigma^2 |s + z / sigma|^2 = |vector + z|^2 is well scaled at every noise level.
-    """
-
+    """s(x~ | history, sigma): the score of the next CG frame x~, given the last K + 1 frames,
+    read on the graph of x~ (whose overlaps it must see). Invariant inputs: bead embedding, mass,
+    log sigma, |d| (d = x~ - x_t), speeds, d . v^k; distance, bond flag, u . d at both ends of an
+    edge. s = vector / sigma, so the loss |sigma s + z|^2 is well scaled at every sigma."""
     def __init__(self, cfg: ScoreConfig = ScoreConfig()):
         super().__init__()
         self.cfg = cfg
@@ -2143,17 +1929,14 @@ class ScoreGNN(torch.nn.Module):
                                 latent=cfg.latent, n_steps=cfg.n_steps)
         for name in ("vel_scale", "mass_scale"):
             self.register_buffer(name, torch.ones((), dtype=torch.float64))
-
     bead_embedding = DynamicsGNN.bead_embedding
-
     def forward(self, x, history, sigma, cg: CGSystem, embedding=None, pairs=None):
         """x [B, n, 3] candidate next frames, history [B, K + 1, n, 3], sigma: a number or [B]
         -> score [B, n, 3] (units 1 / length)."""
         K = self.cfg.n_history
-        if history.ndim != 4 or history.shape[1] != K + 1 or history.shape[2:] != x.shape[1:] \
-                or x.ndim != 3 or x.shape[-1] != 3 or x.shape[1] != cg.n_beads:
-            raise ValueError(f"x has shape {tuple(x.shape)} and history {tuple(history.shape)}; "
-                             f"expected [B, {cg.n_beads}, 3] and [B, {K + 1}, {cg.n_beads}, 3]")
+        if x.shape != _check_history(history, K, cg.n_beads)[:, -1].shape:
+            raise ValueError(f"x has shape {tuple(x.shape)}; expected [B, n_beads, 3] = "
+                             f"{tuple(history[:, -1].shape)}, as history[:, -1]")
         (B, n, _), dt = x.shape, x.dtype
         sigma = torch.as_tensor(sigma, dtype=dt, device=x.device).expand(B)
         g, beads = _graph_and_beads(self, x, cg, embedding, pairs)
@@ -2168,18 +1951,14 @@ class ScoreGNN(torch.nn.Module):
         edge = torch.cat([g.distance / self.cfg.radius, g.edge_type[:, None].to(dt),
                           (u * v[g.senders, 0]).sum(-1, keepdim=True),
                           (u * v[g.receivers, 0]).sum(-1, keepdim=True)], dim=1)
-        vector = self.net(node, edge, g, v)[0]
-        return vector.reshape(B, n, 3) / sigma[:, None, None]
+        return self.net(node, edge, g, v)[0].reshape(B, n, 3) / sigma[:, None, None]
 
 def train_score(cg_positions, cg, cfg: ScoreConfig = ScoreConfig(),
                 train: Optional[TrainConfig] = None, device="cpu", dtype=torch.float32,
                 label: str = "score") -> ScoreGNN:
-    """Fit a ScoreGNN by denoising score matching on the frame one learned step ahead.
-
-    Windows and history noise as in train_dynamics (same arguments); the next frame gets noise
-    sigma z (sigma from cfg's grid, one per sample); the loss is the mean of
-    sigma^2 |s(x~ | noisy history, sigma) + z / sigma|^2.
-    """
+    """Fit a ScoreGNN by denoising score matching on the frame one learned step ahead: windows
+    and history noise as in train_dynamics, then x~ = x_{t+s} + sigma z (sigma from cfg's grid,
+    one per sample) and the loss sigma^2 |s(x~ | noisy history, sigma) + z / sigma|^2."""
     train = train or TrainConfig()
     K, m = cfg.n_history, _positive_int(train.stride, "stride")
     sets = _training_sets(cg_positions, cg, (K + 1) * m)
@@ -2209,27 +1988,20 @@ def train_score(cg_positions, cg, cfg: ScoreConfig = ScoreConfig(),
 
 @dataclass
 class RefineConfig:
-    """Annealed Langevin refinement after each learned step ([A]; NCSN's schedule).
-
-    Defaults: 3 levels from 0.4 to 0.1 sigma, one step each, then a denoising step: 4 Score GNN
-    evaluations per learned step (NCSN for images: 10 levels 1 -> 0.01, 100 steps each; [A]
-    gives no budget in the text we follow). Chosen on a training composition (collisions and
-    RDFs of a 300 tau rollout against its own MD), not on a test one.
-    """
+    """Annealed Langevin refinement after each learned step ([A]; NCSN's schedule). Defaults: 4
+    Score GNN calls per step (NCSN on images: 10 levels x 100 steps; [A] gives no budget), chosen
+    on a training composition (collisions, RDFs of a 300 tau rollout against MD), not a test one."""
     sigmas: tuple = (0.4, 0.1)    # levels: geometric grid from sigmas[0] down to sigmas[1]
-    n_levels: int = 3
+    n_levels: int = 3             # (defaults: 3 levels of one step each, then a denoising step)
     n_steps_each: int = 1         # Langevin steps per level
     step_size: float = 5e-3       # eps: alpha_i = eps sigma_i^2 / sigma_L^2
     noise_scale: float = 1.0      # 1: Langevin; 0: annealed gradient ascent on log p
     denoise: bool = True          # end with a Tweedie denoising step (NCSNv2)
-
     def __post_init__(self):
-        self.sigmas = tuple(float(s) for s in self.sigmas)
-        _check_sigmas(self.sigmas, "sigmas")
+        self.sigmas = tuple(float(s) for s in _check_sigmas(self.sigmas))
         _positive_int(self.n_levels, "n_levels")
         _positive_int(self.n_steps_each, "n_steps_each")
         _positive(self.step_size, "step_size")
-
     def levels(self) -> np.ndarray:
         return _geometric_grid(self.sigmas, self.n_levels).numpy()
 
@@ -2239,7 +2011,7 @@ def annealed_langevin(score, x, sigmas, *, n_steps_each: int = 1, step_size: flo
     n_steps_each times x <- x + alpha_i score(x, sigma_i) + noise_scale sqrt(2 alpha_i) z with
     alpha_i = step_size sigma_i^2 / sigma_L^2 (noise_scale 0: annealed gradient ascent).
     `denoise` ends with Tweedie's estimate x + sigma_L^2 score(x, sigma_L), as NCSNv2."""
-    sig = _check_sigmas(sigmas, "sigmas")
+    sig = _check_sigmas(sigmas)
     n_steps_each = _positive_int(n_steps_each, "n_steps_each")
     step_size = _positive(step_size, "step_size")
     if not 0 <= noise_scale <= 1:
@@ -2257,13 +2029,11 @@ def annealed_langevin(score, x, sigmas, *, n_steps_each: int = 1, step_size: flo
 
 @torch.no_grad()
 def langevin_refiner(score: ScoreGNN, cg: CGSystem, refine: Optional[RefineConfig] = None):
-    """[A]'s refinement for rollout(refine=...): refine(x_next [R, n, 3], history [R, K + 1, n,
-    3], generator) runs annealed_langevin (schedule `refine`, default RefineConfig()) on the
-    ScoreGNN `score`, conditioned on the last score.cfg.n_history + 1 history frames."""
+    """[A]'s refinement for rollout(refine=...): annealed_langevin (schedule `refine`) with the
+    ScoreGNN `score`, conditioned on the last score.cfg.n_history + 1 frames of the history."""
     refine, k = refine or RefineConfig(), score.cfg.n_history
     emb = score.bead_embedding(cg)
     pairs = torch.as_tensor(cg.candidate_pairs(), device=score.vel_scale.device)
-
     def refined(x, history, generator):
         if history.shape[1] <= k:
             raise ValueError(f"score.cfg.n_history = {k} exceeds the Dynamics GNN's "
@@ -2282,9 +2052,8 @@ def save_checkpoint(path, model) -> None:
     atomic_write(path, lambda fh: torch.save(payload, fh))
 
 def load_checkpoint(path, expected_config=None, device="cpu"):
-    """Load a save_checkpoint file with torch.load(weights_only=True): tensors, strings and
-    numbers only, never arbitrary objects. A checkpoint made with a config other than
-    `expected_config` raises ValueError naming the fields that differ."""
+    """Load a save_checkpoint file with torch.load(weights_only=True) (never arbitrary objects);
+    a config other than `expected_config` raises a ValueError naming the fields that differ."""
     kinds = {"DynamicsGNN": (DynamicsGNN, DynamicsConfig), "ScoreGNN": (ScoreGNN, ScoreConfig)}
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or payload.get("kind") not in kinds:
@@ -2866,21 +2635,16 @@ def molecule_rg2(positions, masses, offsets) -> list:
 # -------------------------------------------------------------------------------------------------
 # 9. Experiments: the papers' claims, each beside its baseline
 # -------------------------------------------------------------------------------------------------
-# Each experiment reads the datasets that data_gen.py wrote, trains its models, judges them on
-# held-out systems against the long MD ground truth and a cheaper baseline (short MD, no Score
-# GNN, straight lines and splines), and returns a JSON-ready dict: load data -> train -> roll out
-# -> estimate -> compare with the baselines. Every number is measured in the run; the demo
-# (section 11) prints them. Experiments never generate data; only the command line does.
+# Each experiment reads what data_gen.py wrote (it never generates data), then: train -> roll out
+# on held-out systems -> estimate -> compare with the long MD and a cheaper baseline (short MD, no
+# Score GNN, straight lines and splines). It returns a JSON-ready dict; the demo prints it.
 
 # Presets: config keywords of the full run and of `quick` (tiny data, a smoke test of seconds).
 MD_TIMING = dict(full=(5.0, 3), quick=(1.0, 1))    # (simulated tau timed, best of n runs)
-# Polymer training length: 1 250 iterations (half the default). On 8 runs, the held-out class I
-# validation score grew from iteration 1 250 to 2 500 on most; trained for 1 250, the median
-# <R_g^2> error was the same (13.4% vs 12.8% with 2 500) and the relaxation time within 30% on
-# 7 runs of 8 (4 of 8 with 2 500), at half the training time (README, "The polymer experiment").
+# Half the default iterations: on 8 runs the median <R_g^2> error was the same as with 2 500
+# (13.4% vs 12.8%) at half the time (README, "The polymer experiment").
 POLYMER_ITERATIONS = 1250
-# The R_g^2 moment term (rg2_weight 1, beyond [A]; rg2_moment_loss) is a unit weight fixed before
-# any test number was seen. quick also caps stability_steps and n_validation.
+# rg2_weight 1 (beyond [A], rg2_moment_loss): a unit weight fixed before any test number was seen.
 POLYMER_PRESETS = dict(
     full=dict(model={}, train=dict(rg2_weight=1.0, n_iterations=POLYMER_ITERATIONS)),
     quick=dict(model=dict(latent=16, n_steps=1, embedding=EmbeddingConfig(latent=16, n_steps=1)),
@@ -2899,17 +2663,70 @@ ELECTROLYTE_PRESETS = dict(
 INTERPOLATION_PRESETS = dict(full=dict(train={}, max_hidden=None),
                              quick=dict(train=dict(teacher_epochs=1, epochs=2), max_hidden=32))
 
+# ---- shared by the experiments: data files, coarse-graining, timing -----------------------------
+
+def _data_files(data_dir, names, part, quick) -> list:
+    """data_dir/<name>.npz of each name, or an error naming the data_gen.py command to run."""
+    paths = [os.path.join(data_dir, f"{n}.npz") for n in names]
+    gone = [p for p in paths or [os.path.join(data_dir, f"{part}_*.npz")] if not os.path.exists(p)]
+    if gone:
+        raise FileNotFoundError(f"{gone[0]} not found; write it with `python data_gen.py --only "
+                                f"{part} --out {data_dir} --seed 0{' --quick' if quick else ''}`")
+    return paths
+
+def _load_cg(traj, atoms_per_bead, seed, start: int = 0, stop=None):
+    """(CG positions [F, R, n, 3], CGSystem, Trajectory) of atoms start..stop-1 of traj/path."""
+    traj = load_trajectory(traj)[0] if isinstance(traj, str) else traj
+    stop = traj.system.n_atoms if stop is None else stop
+    whole = (start, stop) == (0, traj.system.n_atoms)
+    cg = cg_system(traj.system if whole else subsystem(traj.system, start, stop),
+                   atoms_per_bead, seed=seed)
+    x = coarse_grain(traj.positions[..., start:stop, :], cg.labels,
+                     traj.system.masses[start:stop])
+    return (x if x.ndim == 4 else x[:, None]), cg, traj
+
+def _best_time(run, repeats: int):
+    """(least wall time of `repeats` calls of run(), its result): the least disturbed (timeit)."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = run()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+def _timed_rollout(model, cg, history, n_steps, step_tau, repeats, seed, refine=None, label=None):
+    """(seconds per simulated tau, frames) of rollout(), after a warm-up as the MD timing has."""
+    rollout(model, cg, history, 2, seed=seed, refine=refine)
+    seconds, frames = _best_time(lambda: rollout(model, cg, history, n_steps, seed=seed,
+                                                 refine=refine, label=label), repeats)
+    return seconds / (n_steps * step_tau), frames
+
+def _md_seconds_per_tau(traj: Trajectory, tau: float, device, n_replicas=None,
+                        repeats: int = 3) -> float:
+    """Wall time per simulated tau of simulate() from traj's last frame (or n_replicas of it)."""
+    dt = traj.info["dt"]
+    n = max(1, int(round(tau / dt)))
+    x, v = traj.positions[-1], traj.velocities[-1]
+    if n_replicas is not None:
+        x, v = (np.resize(a, (n_replicas,) + a.shape[-2:]) for a in (x, v))
+    simulate(traj.system, x, 20, dt=dt, velocities=v, save_every=20, device=device)
+    seconds, _ = _best_time(lambda: simulate(traj.system, x, n, dt=dt, velocities=v,
+                                             save_every=n, device=device), repeats)
+    return seconds / (n * dt)
+
+def _rank_correlation(a, b) -> float:
+    """Spearman's rank correlation of two sequences (nan when either is constant)."""
+    return float(spearmanr(a, b).statistic) if len(a) > 1 else float("nan")
+
+def _relaxation(series, dt) -> float:
+    """Mean over replicas of the R_g^2 relaxation time of series [T, R]."""
+    return float(np.mean([relaxation_time(series[:, r], dt) for r in range(series.shape[1])]))
+
 # ---- the MD ground truth, and the short-MD baseline every learned simulator must beat -----------
 
-def _missing(what, data_dir, part, quick) -> FileNotFoundError:
-    """The error for a dataset that is not there, naming the command that writes it."""
-    return FileNotFoundError(f"{what} not found; write it with `python data_gen.py --only {part} "
-                             f"--out {data_dir} --seed 0{' --quick' if quick else ''}`")
-
 def md_ground_truth_summary(data_dir: str) -> dict:
-    """What the datasets say: per test polymer, <R_g^2> of the long runs (with its standard
-    error) beside that of one short run as long as a training trajectory, the estimate a learned
-    simulator trained on short runs has to beat."""
+    """Per test polymer, <R_g^2> of the long runs (with its standard error) beside that of one
+    short run as long as a training trajectory: the estimate a learned simulator must beat."""
     long, extra = load_trajectory(os.path.join(data_dir, "polymer_test_long.npz"))
     short, _ = load_trajectory(os.path.join(data_dir, "polymer_test_short.npz"))
     offsets, m = extra["atom_offsets"], long.system.masses
@@ -2931,114 +2748,44 @@ def cg_rg2(positions, cg: CGSystem) -> list:
     offsets = np.concatenate([[0], np.cumsum(np.bincount(cg.molecule))])
     return molecule_rg2(positions, cg.bead_mass, offsets)
 
-def _load_cg(path, atoms_per_bead, seed):
-    """(CG positions [F, R, n, 3], CGSystem, Trajectory) of a saved trajectory."""
-    traj = load_trajectory(path)[0]
-    return _cg_piece(traj, atoms_per_bead, seed) + (traj,)
-
-def _cg_piece(traj: Trajectory, atoms_per_bead, seed, start: int = 0, stop=None):
-    """(CG positions [F, R, n, 3], CGSystem) of atoms start..stop-1 (default all) of traj."""
-    stop = traj.system.n_atoms if stop is None else stop
-    whole = (start, stop) == (0, traj.system.n_atoms)
-    cg = cg_system(traj.system if whole else subsystem(traj.system, start, stop),
-                   atoms_per_bead, seed=seed)
-    x = coarse_grain(traj.positions[..., start:stop, :], cg.labels,
-                     traj.system.masses[start:stop])
-    return (x if x.ndim == 4 else x[:, None]), cg
-
-def _best_time(run, repeats: int = 3):
-    """(shortest wall time of `repeats` calls of run(), the last result): the minimum is the
-    least disturbed by whatever else the machine does (timeit's rule); MD and learned alike."""
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = run()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
-
-def _md_seconds_per_tau(traj: Trajectory, tau: float, device, n_replicas=None,
-                        repeats: int = 3) -> float:
-    """Wall time per simulated tau of simulate() from the last frame of `traj`, with its replicas
-    (or n_replicas of them, repeated); best of `repeats` runs after a warm-up."""
-    dt = traj.info["dt"]
-    n = max(1, int(round(tau / dt)))
-    x, v = traj.positions[-1], traj.velocities[-1]
-    if n_replicas is not None:
-        x, v = (np.resize(a, (n_replicas,) + a.shape[-2:]) for a in (x, v))
-    simulate(traj.system, x, 20, dt=dt, velocities=v, save_every=20, device=device)
-    seconds, _ = _best_time(lambda: simulate(traj.system, x, n, dt=dt, velocities=v,
-                                             save_every=n, device=device), repeats)
-    return seconds / (n * dt)
-
-def _rank_correlation(a, b) -> float:
-    """Spearman's rank correlation of two sequences (nan when either is constant)."""
-    return float(spearmanr(a, b).statistic) if len(a) > 1 else float("nan")
-
-def _relaxation(series, dt) -> float:
-    """Mean over replicas of the R_g^2 relaxation time of series [T, R]."""
-    return float(np.mean([relaxation_time(series[:, r], dt) for r in range(series.shape[1])]))
-
 # ---- paper A: the polymer experiment (unseen class II chains) -----------------------------------
 
 def polymer_experiment(data_dir="data", seed=0, device="cpu", quick=False,
-                       cfg: Optional[DynamicsConfig] = None,
-                       train: Optional[TrainConfig] = None, atoms_per_bead=4.0,
-                       burn_in_tau=20.0, stability_steps=10_000, checkpoint=None,
-                       n_validation=16) -> dict:
+                       cfg: Optional[DynamicsConfig] = None, train: Optional[TrainConfig] = None,
+                       atoms_per_bead=4.0, burn_in_tau=20.0, stability_steps=10_000,
+                       checkpoint=None, n_validation=16) -> dict:
     """Paper [A]'s polymer claim: trained on short class I runs, judged on unseen class II.
 
-    Train the Dynamics GNN on the short class I runs but the last n_validation polymers, keeping
-    the weights whose rollout best matches those polymers' <R_g^2> (rg2_validation, from the
-    second half of training); roll it out on the class II polymers, all in one batch, with as
-    many replicas and as much time per replica as the long MD (after burn_in_tau); compare with
-    the long MD, with MD as short as the training runs and with a GNN that predicts <R_g^2> from
-    the fine graph alone; plus Spearman ranks over the polymers, one-step calibration and a
-    stability rollout of `stability_steps` learned steps. R_g^2 is that of the CG beads for
-    every method; the learned R_g^2 relaxation time is compared with the truth's subsampled to
-    the learned step (the ACF's trapezoid integral depends on the sampling).
-
-    Args:
-        data_dir: folder of polymer_{train,test_short,test_long}.npz (FileNotFoundError if not).
-        cfg, train: model and training configs (default: POLYMER_PRESETS, seeded with seed).
-        checkpoint: path to save the trained model to (None: not saved).
-        n_validation: class I polymers held out to choose the weights (0: the final weights).
-
-    Returns:
-        dict of the figures (README, "The learned CG simulator"), JSON-ready.
+    Trains on the class I runs but the last n_validation polymers, which choose the weights
+    (rg2_validation); rolls the class II polymers out as long as the long MD (after burn_in_tau)
+    and compares with the long MD, MD as short as the training runs and a GNN that predicts
+    <R_g^2> from the fine graph; plus Spearman ranks, one-step calibration and a rollout of
+    `stability_steps` steps. cfg, train: default POLYMER_PRESETS; checkpoint: path to save to.
     """
-    t_start = time.perf_counter()
-    preset = POLYMER_PRESETS["quick" if quick else "full"]
+    t_start, preset = time.perf_counter(), POLYMER_PRESETS["quick" if quick else "full"]
     cfg = cfg or DynamicsConfig(**preset["model"])
     train = train or TrainConfig(seed=seed, **preset["train"])
     if quick:
         stability_steps = min(stability_steps, preset["stability_steps"])
         n_validation = min(n_validation, preset["n_validation"])
-    files = [os.path.join(data_dir, f"polymer_{k}.npz") for k in ("train", "test_short",
-                                                                  "test_long")]
-    for f in files:
-        if not os.path.exists(f):
-            raise _missing(f, data_dir, "polymers", quick)
-    data = [_load_cg(f, atoms_per_bead, seed) for f in files]     # the test sets: same polymers
-    t0 = time.perf_counter()
-    model = _train_polymer_model(data[0][2], cfg, train, atoms_per_bead, seed, n_validation,
-                                 device)
-    train_seconds = time.perf_counter() - t0
+    files = _data_files(data_dir, [f"polymer_{k}" for k in ("train", "test_short", "test_long")],
+                        "polymers", quick)
+    data = [_load_cg(f, atoms_per_bead, seed) for f in files]      # the test sets: same polymers
+    train_seconds, model = _best_time(lambda: _train_polymer_model(
+        data[0][2], cfg, train, atoms_per_bead, seed, n_validation, device), 1)
     if checkpoint:
         save_checkpoint(checkpoint, model)
-    out = _polymer_judge(model, data, train.stride, burn_in_tau, stability_steps, seed, device,
-                         quick)
-    out.update(validation=dict(n_polymers=n_validation, scores=getattr(model, "validation", []),
-                               selected_iteration=getattr(model, "selected_iteration", None)),
-               train_seconds=train_seconds, seconds=time.perf_counter() - t_start,
-               config=dict(model=asdict(cfg), train=asdict(train), atoms_per_bead=atoms_per_bead,
-                           quick=quick, seed=seed))
-    return out
+    return dict(**_polymer_judge(model, data, train.stride, burn_in_tau, stability_steps, seed,
+                                 device, quick),
+                validation=dict(n_polymers=n_validation, scores=getattr(model, "validation", []),
+                                selected_iteration=getattr(model, "selected_iteration", None)),
+                train_seconds=train_seconds, seconds=time.perf_counter() - t_start,
+                config=dict(model=asdict(cfg), train=asdict(train),
+                            atoms_per_bead=atoms_per_bead, quick=quick, seed=seed))
 
 def _train_polymer_model(tr: Trajectory, cfg, train, atoms_per_bead, seed, n_validation,
                          device, max_group: int = 48) -> DynamicsGNN:
-    """Train on the class I polymers of `tr` but the last n_validation, in groups of at most
-    max_group molecules (each gradient step draws from one group, and the correlated-noise
-    likelihood factorises one group's covariance, not the whole set's)."""
+    """Train on all polymers but the last n_validation, in groups of <= max_group (one a step)."""
     starts = np.flatnonzero(np.diff(tr.system.molecule, prepend=-1)).tolist()  # first atoms
     n_train = len(starts) - n_validation
     if n_train < 1 or n_validation < 0:
@@ -3047,25 +2794,23 @@ def _train_polymer_model(tr: Trajectory, cfg, train, atoms_per_bead, seed, n_val
     n_groups = -(-n_train // max_group)
     cuts = [starts[i * n_train // n_groups] for i in range(n_groups)] + (
         starts[n_train:n_train + 1] or [tr.system.n_atoms])
-    groups = [_cg_piece(tr, atoms_per_bead, seed, a, b) for a, b in zip(cuts[:-1], cuts[1:])]
-    val = (_cg_piece(tr, atoms_per_bead, seed, starts[n_train], tr.system.n_atoms)
-           if n_validation else None)
+    groups = [_load_cg(tr, atoms_per_bead, seed, a, b) for a, b in zip(cuts[:-1], cuts[1:])]
     print(f"training the Dynamics GNN on {tr.positions.shape[1]} x {tr.time[-1]:g} tau of "
           f"{int(tr.system.molecule.max()) + 1 - n_validation} class I polymers "
           f"({sum(g[1].n_beads for g in groups)} beads); {n_validation} more held out to select "
           "the weights by a validation rollout", flush=True)
-    validate = None if val is None else rg2_validation(*val, train.stride, cfg.n_history,
-                                                       seed=seed)
+    validate = None if not n_validation else rg2_validation(*_load_cg(
+        tr, atoms_per_bead, seed, starts[n_train], tr.system.n_atoms)[:2], train.stride,
+        cfg.n_history, seed=seed)
     return train_dynamics([g[0] for g in groups], [g[1] for g in groups], cfg, train,
                           device=device, validate=validate,
                           validate_from=train.n_iterations // 2)
 
 def rg2_validation(x_val, cg_val: CGSystem, stride: int, n_history: int, *, n_replicas=8,
                    n_steps=24, n_burn=4, seed=0):
-    """A validation score for train_dynamics(validate=...): roll the model out on held-out
-    polymers (n_replicas replicas from their first frames, n_burn + n_steps learned steps) and
-    return the rms over polymers of log(<R_g^2>_learned / <R_g^2>_MD), with <R_g^2>_MD from
-    their own MD frames x_val [F, R, n, 3]. A rollout that blows up scores 1e9."""
+    """A score for train_dynamics(validate=...): the rms over held-out polymers of
+    log(<R_g^2>_learned / <R_g^2>_MD), rolling out n_replicas from their first MD frames
+    x_val [F, R, n, 3] for n_burn + n_steps learned steps; 1e9 if the rollout blows up."""
     truth = np.array([r.mean() for r in cg_rg2(x_val, cg_val)])
     history = np.repeat(x_val[0:(n_history + 1) * stride:stride, 0][None], n_replicas, axis=0)
 
@@ -3079,20 +2824,18 @@ def rg2_validation(x_val, cg_val: CGSystem, stride: int, n_history: int, *, n_re
     return validate
 
 def _polymer_judge(model, data, m, burn_in_tau, stability_steps, seed, device, quick) -> dict:
-    """Roll the model out on the test polymers, timed beside the MD, and compare each method's
-    estimates with the long MD (data: _load_cg of the training, short and long test sets)."""
+    """Roll out on the test polymers (m frames a step), timed beside MD; judge each method."""
     (x_tr, cg_tr, tr), (x_short, cg_te, short), (x_long, _, long) = data
     frame_dt = float(tr.time[1] - tr.time[0])
     step_tau = m * frame_dt
     R, n_burn = x_long.shape[1], int(round(burn_in_tau / step_tau))
     n_steps = n_burn + int(round((long.time[-1] - long.time[0]) / step_tau))
     history = np.repeat(x_short[0:(model.cfg.n_history + 1) * m:m, 0][None], R, axis=0)
-    rollout(model, cg_te, history, 2, seed=seed)          # warm-up, as the MD timing has one
     tau, repeats = MD_TIMING["quick" if quick else "full"]
-    seconds, frames = _best_time(lambda: rollout(model, cg_te, history, n_steps, seed=seed,
-                                                 label="learned rollout"), repeats)
+    learned_per_tau, frames = _timed_rollout(model, cg_te, history, n_steps, step_tau, repeats,
+                                             seed, label="learned rollout")
     per_tau = dict(md=_md_seconds_per_tau(long, tau, device, repeats=repeats),
-                   learned=seconds / (n_steps * step_tau))
+                   learned=learned_per_tau)
     truth, learned = cg_rg2(x_long, cg_te), cg_rg2(frames[n_burn:], cg_te)      # each [F, R]
     short_rg2 = [r[:, 0] for r in cg_rg2(x_short[:x_tr.shape[0]], cg_te)]  # as long as training
     regressor = train_rg2_regressor(      # supervised baseline: <R_g^2> from the fine graph
@@ -3105,10 +2848,9 @@ def _polymer_judge(model, data, m, burn_in_tau, stability_steps, seed, device, q
     sel0 = np.flatnonzero(cg_te.molecule == 0)                          # polymer 0's beads
     cover = one_step_coverage(model, cg_te, x_long, m, seed=seed)
     return dict(
-        **_polymer_summary(rows),
-        calibration=dict(coverage_95=cover["coverage"]["0.95"],
-                         coverage_50=cover["coverage"]["0.5"], mean_z2=cover["mean_z2"],
-                         n_coordinates=cover["n_coordinates"]),
+        **_polymer_summary(rows), calibration=dict(
+            coverage_95=cover["coverage"]["0.95"], coverage_50=cover["coverage"]["0.5"],
+            mean_z2=cover["mean_z2"], n_coordinates=cover["n_coordinates"]),
         seconds_per_tau=per_tau, speedup=per_tau["md"] / per_tau["learned"], n_test=len(rows),
         per_polymer=rows, free_energy_surface_polymer0=_fes_difference(
             x_long[::m, :, sel0].reshape(-1, len(sel0), 3),
@@ -3118,11 +2860,17 @@ def _polymer_judge(model, data, m, burn_in_tau, stability_steps, seed, device, q
             step_tau / long.info["dt"])), n_replicas=R, rollout_steps=n_steps)
 
 def _polymer_row(k, truth, learned, short, supervised, n_beads, frame_dt, m) -> dict:
-    """Figures of test polymer k: R_g^2 series truth [F, R] (frames frame_dt apart), learned
-    [T, R] (m frames apart), short [F_short]; supervised: the regressor's <R_g^2>."""
-    step_tau = m * frame_dt
+    """Figures of polymer k from R_g^2 series truth [F, R], learned [T, R] (m frames), short [F].
+    The learned relaxation time is judged by the truth's at the learned step (the ACF's
+    trapezoid integral depends on the sampling)."""
+    step_tau, n_bins, n_lags = m * frame_dt, 30, 25
     t_rg2, t_se = replica_mean_se(truth)
-    hist = _histograms(truth, dict(learned=learned, short_md=short))
+    # Histograms (fraction per bin) on the truth's 0.5-99.5% range, outliers in the end bins.
+    lo, hi = np.quantile(truth, [0.005, 0.995])
+    frac = lambda x: np.histogram(np.clip(x, lo, hi), n_bins, (lo, hi))[0] / np.size(x)  # noqa
+    p = {e: frac(x) for e, x in (("truth", truth), ("learned", learned), ("short_md", short))}
+    mean_acf = lambda x, n: np.mean([autocorrelation(x[:, r])[:n] for r in  # noqa: E731
+                                     range(x.shape[1])], axis=0).tolist()
     row = dict(polymer=k, n_beads=n_beads, rg2_truth=t_rg2, rg2_truth_se=t_se,
                rg2_learned=float(learned.mean()), rg2_short_md=float(short.mean()),
                rg2_supervised_gnn=supervised,
@@ -3130,41 +2878,27 @@ def _polymer_row(k, truth, learned, short, supervised, n_beads, frame_dt, m) -> 
                relaxation_time_truth_at_step=_relaxation(truth[::m], step_tau),
                relaxation_time_learned=_relaxation(learned, step_tau),
                relaxation_time_short_md=_relaxation(short[:, None], frame_dt),
-               rg2_distribution_l1=hist.pop("l1"), rg2_histogram=hist,
-               rg2_acf=_acf_curves(truth, learned, short, m, frame_dt))
+               rg2_distribution_l1={e: float(np.abs(p[e] - p["truth"]).sum())  # 0..2
+                                    for e in ("learned", "short_md")},
+               rg2_histogram=dict(edges=np.linspace(lo, hi, n_bins + 1).tolist(),
+                                  **{e: q.tolist() for e, q in p.items()}),
+               # ACFs: truth and short MD at every frame, truth and learned at the learned step
+               rg2_acf=dict(lag_tau=(np.arange(n_lags * m) * frame_dt).tolist(),
+                            truth=mean_acf(truth, n_lags * m),
+                            short_md=autocorrelation(short)[:len(short) // 2].tolist(),
+                            lag_step_tau=(np.arange(n_lags) * m * frame_dt).tolist(),
+                            truth_at_step=mean_acf(truth[::m], n_lags),
+                            learned=mean_acf(learned, n_lags)))
     for est in ("learned", "short_md", "supervised_gnn"):
         row[f"rg2_rel_error_{est}"] = abs(row[f"rg2_{est}"] - t_rg2) / t_rg2
-    row["relaxation_time_rel_error_learned"] = abs(
-        row["relaxation_time_learned"] / row["relaxation_time_truth_at_step"] - 1)
-    row["relaxation_time_rel_error_short_md"] = abs(
-        row["relaxation_time_short_md"] / row["relaxation_time_truth"] - 1)
+    for est, ref in (("learned", "truth_at_step"), ("short_md", "truth")):
+        row[f"relaxation_time_rel_error_{est}"] = abs(
+            row[f"relaxation_time_{est}"] / row[f"relaxation_time_{ref}"] - 1)
     return row
 
-def _histograms(truth, samples: dict, n_bins=30) -> dict:
-    """Histograms (fraction per bin) of truth and of each sample set on the truth's 0.5-99.5%
-    range, outliers in the end bins; `l1` of each: sum |p - p_truth| (0..2)."""
-    lo, hi = np.quantile(truth, [0.005, 0.995])
-    frac = lambda x: np.histogram(np.clip(x, lo, hi), n_bins, (lo, hi))[0] / np.size(x)  # noqa
-    p_true = frac(truth)
-    p = {name: frac(x) for name, x in samples.items()}
-    return dict(edges=np.linspace(lo, hi, n_bins + 1).tolist(), truth=p_true.tolist(),
-                **{name: q.tolist() for name, q in p.items()},
-                l1={name: float(np.abs(q - p_true).sum()) for name, q in p.items()})
-
-def _acf_curves(truth, learned, short, m, frame_dt, n_lags=25) -> dict:
-    """R_g^2 ACFs (mean over replicas): truth and short MD at every frame (lag_tau, up to n_lags
-    learned steps), truth and learned at the learned step (lag_step_tau)."""
-    mean_acf = lambda x, n: np.mean([autocorrelation(x[:, r])[:n] for r in  # noqa: E731
-                                     range(x.shape[1])], axis=0).tolist()
-    n_md = n_lags * m
-    return dict(lag_tau=(np.arange(n_md) * frame_dt).tolist(), truth=mean_acf(truth, n_md),
-                short_md=autocorrelation(short)[:len(short) // 2].tolist(),  # the lags it has
-                lag_step_tau=(np.arange(n_lags) * m * frame_dt).tolist(),
-                truth_at_step=mean_acf(truth[::m], n_lags), learned=mean_acf(learned, n_lags))
-
 def _fes_difference(truth_frames, frames, kT=1.0, n_bins=20, cutoff=3.0) -> dict:
-    """Free-energy surfaces on the truth's first two principal components of the bead-bead
-    distances; mean |F - F_true| over bins with F_true < cutoff kT that both visit."""
+    """Free-energy surfaces on the truth's first two PCs of the bead-bead distances; mean
+    |F - F_true| over bins with F_true < cutoff kT that both visit."""
     ft, f = pairwise_distance_features(truth_frames), pairwise_distance_features(frames)
     true = free_energy_surface(ft, kT, n_bins)
     rng = [[true["x_edges"][0], true["x_edges"][-1]], [true["y_edges"][0], true["y_edges"][-1]]]
@@ -3180,33 +2914,29 @@ def _fes_difference(truth_frames, frames, kT=1.0, n_bins=20, cutoff=3.0) -> dict
 
 def _stability_check(model, cg, history, n_steps, seed, x_truth) -> dict:
     """A long rollout from `history`: finite, and how long the CG bonds get (vs the MD frames)."""
-    out = dict(steps=n_steps)
     if not n_steps:
-        return out
+        return dict(steps=n_steps)
     t0 = time.perf_counter()
     frames = rollout(model, cg, history, n_steps, seed=seed, label="stability rollout")
     b = cg.cg_bonds
-    bond = np.linalg.norm(frames[:, :, b[:, 0]] - frames[:, :, b[:, 1]], axis=-1)
-    bond_true = np.linalg.norm(x_truth[:, :, b[:, 0]] - x_truth[:, :, b[:, 1]], axis=-1)
-    out.update(finite=bool(np.isfinite(frames).all()), max_bond=float(bond.max()),
-               max_bond_truth=float(bond_true.max()), mean_bond=float(bond.mean()),
-               mean_bond_truth=float(bond_true.mean()), seconds=time.perf_counter() - t0)
-    return out
+    bond, bond_true = (np.linalg.norm(x[:, :, b[:, 0]] - x[:, :, b[:, 1]], axis=-1)
+                       for x in (frames, x_truth))
+    return dict(steps=n_steps, finite=bool(np.isfinite(frames).all()),
+                max_bond=float(bond.max()), max_bond_truth=float(bond_true.max()),
+                mean_bond=float(bond.mean()), mean_bond_truth=float(bond_true.mean()),
+                seconds=time.perf_counter() - t0)
 
 def _polymer_summary(rows) -> dict:
-    """Medians over the test polymers of each method's errors, and Spearman ranks estimate vs
-    truth (LiFlow's test of transfer: are unseen polymers ordered by size and by relaxation
-    time correctly?)."""
-    col = lambda key: [r[key] for r in rows]                               # noqa: E731
-    med = lambda key: float(np.median(col(key)))                           # noqa: E731
-    rank = lambda a, b: _rank_correlation(col(a), col(b))                  # noqa: E731
+    """Medians of each method's errors, and Spearman ranks of estimate vs truth (LiFlow's test
+    of transfer: are unseen polymers ordered by size and by relaxation time correctly?)."""
+    med = lambda get, methods: {e: float(np.median([get(r, e) for r in rows]))  # noqa: E731
+                                for e in methods}
+    rank = lambda a, b: _rank_correlation([r[a] for r in rows], [r[b] for r in rows])  # noqa
+    both = ("learned", "short_md")
     return dict(
-        rg2_rel_error={e: med(f"rg2_rel_error_{e}") for e in ("learned", "short_md",
-                                                               "supervised_gnn")},
-        relaxation_time_rel_error={e: med(f"relaxation_time_rel_error_{e}")
-                                   for e in ("learned", "short_md")},
-        rg2_distribution_l1={e: float(np.median([r["rg2_distribution_l1"][e] for r in rows]))
-                             for e in ("learned", "short_md")},
+        rg2_rel_error=med(lambda r, e: r[f"rg2_rel_error_{e}"], both + ("supervised_gnn",)),
+        relaxation_time_rel_error=med(lambda r, e: r[f"relaxation_time_rel_error_{e}"], both),
+        rg2_distribution_l1=med(lambda r, e: r["rg2_distribution_l1"][e], both),
         spearman=dict(rg2=rank("rg2_truth", "rg2_learned"), relaxation_time=rank(
             "relaxation_time_truth_at_step", "relaxation_time_learned")),
         spearman_short_md=dict(rg2=rank("rg2_truth", "rg2_short_md"), relaxation_time=rank(
@@ -3236,36 +2966,30 @@ def electrolyte_experiment(data_dir="data", seed=0, device="cpu", quick=False,
                            n_replicas=24, collision_threshold=0.8, checkpoint_dir=None) -> dict:
     """Paper [A]'s electrolyte claim: Score GNN refinement, on compositions never trained on.
 
-    Train the Dynamics and Score GNNs on the short runs of the training compositions (chains
-    atoms_per_bead atoms per bead, ions single beads); on each unseen test composition roll out
-    n_replicas replicas (one batch) as long as the long MD, with and without refinement (same
-    seed); compare diffusivities (MSD of unwrapped CG positions), the cation-cation, -anion and
-    -polymer RDFs and the collision rate (non-bonded bead pairs closer than collision_threshold
-    sigma) with the long MD, judged at the learned step, and with MD as short as the training.
-
-    Args:
-        data_dir: folder of electrolyte_*.npz (FileNotFoundError if there are none).
-        cfg, score_cfg, train, refine: configs (default: ELECTROLYTE_PRESETS, seeded with seed).
-        checkpoint_dir: folder to save both trained models to (None: not saved).
-
-    Returns:
-        dict of the figures (README, "Score GNN refinement"), JSON-ready.
+    Trains the Dynamics and Score GNNs on the training compositions' short runs; on each unseen
+    test composition rolls out n_replicas (one batch) as long as the long MD, with and without
+    refinement (same seed), and compares diffusivities, RDFs and the collision rate (non-bonded
+    bead pairs closer than collision_threshold sigma) with the long and the short MD. Configs
+    default to ELECTROLYTE_PRESETS; checkpoint_dir: folder to save both models to.
     """
-    t_start = time.perf_counter()
-    preset = ELECTROLYTE_PRESETS["quick" if quick else "full"]
+    t_start, preset = time.perf_counter(), ELECTROLYTE_PRESETS["quick" if quick else "full"]
     cfg = cfg or DynamicsConfig(**preset["model"])
     score_cfg = score_cfg or ScoreConfig(**preset["score"])
     train = train or TrainConfig(seed=seed, **preset["train"])
     refine = refine or RefineConfig(**preset["refine"])
-    sets, test_ids = _electrolyte_data(data_dir, atoms_per_bead, seed, quick)
+    found = sorted(os.path.basename(p)[:-4]
+                   for p in glob.glob(os.path.join(data_dir, "electrolyte_*.npz")))
+    test_ids = sorted(n[len("electrolyte_test_"):-len("_long")] for n in found
+                      if n.endswith("_long"))
+    sets = [_load_cg(f, atoms_per_bead, seed) for f in _data_files(data_dir, [
+        n for n in found if test_ids and n.startswith("electrolyte_train_")], "electrolyte", quick)]
     xs, cgs = [s[0] for s in sets], [s[1] for s in sets]
     print(f"training the Dynamics and Score GNNs on {len(sets)} electrolytes "
           f"({', '.join(str(c.n_beads) for c in cgs)} beads), "
           f"{sum(x.shape[1] for x in xs)} x {sets[0][2].time[-1]:g} tau", flush=True)
-    t0 = time.perf_counter()
-    model = train_dynamics(xs, cgs, cfg, train, device=device)
-    score = train_score(xs, cgs, score_cfg, train, device=device)
-    train_seconds = time.perf_counter() - t0
+    train_seconds, (model, score) = _best_time(lambda: (
+        train_dynamics(xs, cgs, cfg, train, device=device),
+        train_score(xs, cgs, score_cfg, train, device=device)), 1)
     if checkpoint_dir:
         save_checkpoint(os.path.join(checkpoint_dir, "electrolyte_dynamics_gnn.pt"), model)
         save_checkpoint(os.path.join(checkpoint_dir, "electrolyte_score_gnn.pt"), score)
@@ -3288,18 +3012,31 @@ def electrolyte_experiment(data_dir="data", seed=0, device="cpu", quick=False,
                     refine=asdict(refine), atoms_per_bead=atoms_per_bead, quick=quick,
                     seed=seed))
 
-def _electrolyte_data(data_dir, atoms_per_bead, seed, quick):
-    """(_load_cg of each training composition, ids of the test systems) found in data_dir."""
-    names = sorted(os.path.basename(p)[:-4] for p in glob.glob(os.path.join(
-        data_dir, "electrolyte_*.npz")))
-    test_ids = sorted(n[len("electrolyte_test_"):-len("_long")] for n in names
-                      if n.endswith("_long"))
-    sets = [_load_cg(os.path.join(data_dir, n + ".npz"), atoms_per_bead, seed)
-            for n in names if n.startswith("electrolyte_train_")]
-    if not sets or not test_ids:
-        raise _missing(os.path.join(data_dir, "electrolyte_*.npz"), data_dir, "electrolyte",
-                       quick)
-    return sets, test_ids
+def _electrolyte_test(data_dir, k, model, score, refine, m, atoms_per_bead, n_replicas,
+                      collision_threshold, seed, device, quick):
+    """(row, seconds per tau, learned steps, MD dt) of test electrolyte k: rollouts with and
+    without the Score GNN from the short run's first frames."""
+    x_long, cg, long = _load_cg(os.path.join(data_dir, f"electrolyte_test_{k}_long.npz"),
+                                atoms_per_bead, seed)
+    x_short = _load_cg(os.path.join(data_dir, f"electrolyte_test_{k}_short.npz"),
+                       atoms_per_bead, seed)[0]
+    species, K = bead_species(cg), model.cfg.n_history
+    frame_dt = float(long.time[1] - long.time[0])
+    step_tau, fit = m * frame_dt, ELECTROLYTE_PRESETS["quick" if quick else "full"]["fit"]
+    n_steps = int(round((long.time[-1] - long.time[0]) / step_tau))
+    history = np.repeat(x_short[0:(K + 1) * m:m, 0][None], n_replicas, axis=0)  # [R, K+1, n, 3]
+    (tau, repeats), frames, seconds = MD_TIMING["quick" if quick else "full"], {}, {}
+    for name, ref in (("learned", langevin_refiner(score, cg, refine)), ("learned_no_score", None)):
+        seconds[name], frames[name] = _timed_rollout(model, cg, history, n_steps, step_tau, repeats,
+                                                     seed + 1, ref, f"{name} rollout, system {k}")
+    seconds["md"] = _md_seconds_per_tau(long, tau, device, n_replicas, repeats)
+    stats = lambda f, dt: _transport_and_structure(f, dt, cg, species, fit,   # noqa: E731
+                                                   collision_threshold)
+    truth = stats(x_long[::m], step_tau)                 # structure at the learned step ...
+    truth["D"], truth["msd"] = _diffusivities(x_long, frame_dt, species, fit)  # D: all frames
+    methods = {name: stats(f[1:], step_tau) for name, f in frames.items()}
+    methods["short_md"] = stats(x_short, frame_dt)
+    return _electrolyte_row(k, cg, truth, methods, step_tau), seconds, n_steps, long.info["dt"]
 
 def _transport_and_structure(frames, dt, cg, species, fit, threshold, n_bins=30) -> dict:
     """D per species, the three RDFs and the collision rate per frame of frames [T, R, n, 3]
@@ -3316,8 +3053,7 @@ def _transport_and_structure(frames, dt, cg, species, fit, threshold, n_bins=30)
     return dict(D=D, msd=msd, rdf=rdf, r=r, collisions=coll.mean(1))
 
 def _diffusivities(frames, dt, species, fit):
-    """D of each species from frames [T, R, n, 3] (mean over replicas), and the MSD curves they
-    come from: {"lag_tau": [T], species: [T] (mean over replicas, sigma^2)}."""
+    """(D, MSD curves) of each species from unwrapped frames [T, R, n, 3], mean over replicas."""
     D, msd = {}, dict(lag_tau=(dt * np.arange(len(frames))).tolist())
     for s in ELECTROLYTE_SPECIES:
         sel = frames[:, :, species == s]                                    # [T, R, n_s, 3]
@@ -3326,92 +3062,41 @@ def _diffusivities(frames, dt, species, fit):
         msd[s] = np.mean(curves, axis=0).tolist()
     return D, msd
 
-def _electrolyte_row(k, cg, truth, learned, no_score, short, frame_dt, step_tau) -> dict:
-    """Figures of test system k from the _transport_and_structure dicts of each method."""
+def _electrolyte_row(k, cg, truth, methods, step_tau) -> dict:
+    """Figures of test system k from the _transport_and_structure dicts of truth and methods."""
     dr = truth["r"][1] - truth["r"][0]
-    methods = dict(learned=learned, learned_no_score=no_score, short_md=short)
+    every, rollouts = dict(ground_truth=truth, **methods), ("learned", "learned_no_score")
     row = dict(system=k, n_beads=cg.n_beads, box=cg.box,
-               D={"ground_truth": truth["D"], **{m: v["D"] for m, v in methods.items()}},
-               msd={"ground_truth": truth["msd"], **{m: v["msd"] for m, v in methods.items()}},
-               rdf=dict(r=truth["r"].tolist(), ground_truth={p: g.tolist() for p, g in
-                                                             truth["rdf"].items()}),
-               collision_rate={"ground_truth": float(truth["collisions"].mean())},
-               collisions_over_time=dict(time_tau=(np.arange(len(learned["collisions"]))
-                                                   * step_tau).tolist()))
+               D={m: v["D"] for m, v in every.items()}, msd={m: v["msd"] for m, v in every.items()},
+               rdf=dict(r=truth["r"].tolist(), **{m: {p: g.tolist() for p, g in v["rdf"].items()}
+                                                 for m, v in every.items()}),
+               collision_rate={m: float(every[m]["collisions"].mean())
+                               for m in ("ground_truth",) + rollouts},
+               collisions_over_time=dict(time_tau=(np.arange(len(methods["learned"][
+                   "collisions"])) * step_tau).tolist(),
+                   **{m: methods[m]["collisions"].tolist() for m in rollouts}))
     for m, v in methods.items():
         row[f"diffusivity_log10_error_{m}"] = float(np.mean(
             [abs(np.log10(v["D"][s] / truth["D"][s])) for s in ELECTROLYTE_SPECIES]))
         row[f"rdf_l1_{m}"] = float(np.mean([np.abs(v["rdf"][p] - truth["rdf"][p]).sum() * dr
                                             for p in truth["rdf"]]))
-        row["rdf"][m] = {p: g.tolist() for p, g in v["rdf"].items()}
-        if m != "short_md":
-            row["collision_rate"][m] = float(v["collisions"].mean())
-            row["collisions_over_time"][m] = v["collisions"].tolist()
     return row
 
-def _electrolyte_test(data_dir, k, model, score, refine, m, atoms_per_bead, n_replicas,
-                      collision_threshold, seed, device, quick):
-    """Judge the learned simulator on test electrolyte k: rollouts with and without the Score GNN
-    from the short run's first frames, against the long and the short MD. Returns (row of
-    _electrolyte_row, seconds per tau of each method, learned steps, MD time step)."""
-    x_long, cg, long = _load_cg(os.path.join(data_dir, f"electrolyte_test_{k}_long.npz"),
-                                atoms_per_bead, seed)
-    x_short = _load_cg(os.path.join(data_dir, f"electrolyte_test_{k}_short.npz"),
-                       atoms_per_bead, seed)[0]
-    species, K = bead_species(cg), model.cfg.n_history
-    frame_dt = float(long.time[1] - long.time[0])
-    step_tau, fit = m * frame_dt, ELECTROLYTE_PRESETS["quick" if quick else "full"]["fit"]
-    n_steps = int(round((long.time[-1] - long.time[0]) / step_tau))
-    history = np.repeat(x_short[0:(K + 1) * m:m, 0][None], n_replicas, axis=0)  # [R, K+1, n, 3]
-    (tau, repeats), frames, seconds = MD_TIMING["quick" if quick else "full"], {}, {}
-    refiners = (("learned", langevin_refiner(score, cg, refine)), ("learned_no_score", None))
-    for name, ref in refiners:
-        rollout(model, cg, history, 2, seed=seed + 1, refine=ref)   # warm-up
-        t, frames[name] = _best_time(lambda: rollout(
-            model, cg, history, n_steps, seed=seed + 1, refine=ref,
-            label=f"{name} rollout, system {k}"), repeats)
-        seconds[name] = t / (n_steps * step_tau)
-    seconds["md"] = _md_seconds_per_tau(long, tau, device, n_replicas, repeats)
-    stats = lambda f, dt: _transport_and_structure(f, dt, cg, species, fit,   # noqa: E731
-                                                   collision_threshold)
-    truth = stats(x_long[::m], step_tau)                 # structure at the learned step ...
-    truth["D"], truth["msd"] = _diffusivities(x_long, frame_dt, species, fit)  # D: all frames
-    row = _electrolyte_row(k, cg, truth, stats(frames["learned"][1:], step_tau),
-                           stats(frames["learned_no_score"][1:], step_tau),
-                           stats(x_short, frame_dt), frame_dt, step_tau)
-    return row, seconds, n_steps, long.info["dt"]
-
 def _electrolyte_means(rows) -> dict:
-    """Means over the test systems of each method's D error, RDF L1 and collision rate."""
-    mean = lambda key: float(np.mean([r[key] for r in rows]))                # noqa: E731
+    """Means over the test systems, and the rank correlation of D over (system, species)."""
+    mean = lambda get, ms: {m: float(np.mean([get(r, m) for r in rows])) for m in ms}  # noqa
+    d_rank = lambda m: {"diffusivity": _rank_correlation(*zip(*[  # noqa: E731
+        (r["D"]["ground_truth"][s], r["D"][m][s]) for r in rows for s in ELECTROLYTE_SPECIES]))}
     methods = ("learned", "learned_no_score", "short_md")
     return dict(
-        diffusivity_log10_mae={m: mean(f"diffusivity_log10_error_{m}") for m in methods},
-        rdf_l1={m: mean(f"rdf_l1_{m}") for m in methods},
-        collision_rate={m: float(np.mean([r["collision_rate"][m] for r in rows]))
-                        for m in ("ground_truth", "learned", "learned_no_score")},
-        spearman={"diffusivity": _d_rank("learned", rows)},
-        spearman_no_score={"diffusivity": _d_rank("learned_no_score", rows)},
-        spearman_short_md={"diffusivity": _d_rank("short_md", rows)})
-
-def _d_rank(method, rows) -> float:
-    """Spearman rank correlation of a method's D with the truth's over (system, species)."""
-    pairs = [(r["D"]["ground_truth"][s], r["D"][method][s]) for r in rows
-             for s in ELECTROLYTE_SPECIES]
-    return _rank_correlation(*zip(*pairs))
+        diffusivity_log10_mae=mean(lambda r, m: r[f"diffusivity_log10_error_{m}"], methods),
+        rdf_l1=mean(lambda r, m: r[f"rdf_l1_{m}"], methods),
+        collision_rate=mean(lambda r, m: r["collision_rate"][m],
+                            ("ground_truth", "learned", "learned_no_score")),
+        spearman=d_rank("learned"), spearman_no_score=d_rank("learned_no_score"),
+        spearman_short_md=d_rank("short_md"))
 
 # ---- paper B: the stiff molecule at three temperatures, gaps of K MD steps ----------------------
-
-def _segments(traj_positions, traj_velocities, gap, first, stop, stride):
-    """Cut [n_frames, n_replicas, n_atoms, 3] into [n_segments, gap + 1, n_atoms, 3], segment s
-    covering frames starts[s] .. starts[s] + gap, all inside [first, stop)."""
-    starts = np.arange(first, stop - gap, stride)
-    idx = starts[:, None] + np.arange(gap + 1)                           # [S, gap + 1]
-
-    def cut(a):                                                          # [S, K+1, R, n, 3]
-        seg = np.moveaxis(a[idx], 2, 1)                                  # [S, R, K+1, n, 3]
-        return seg.reshape(-1, *seg.shape[2:])
-    return cut(traj_positions), cut(traj_velocities)
 
 def split_segments(traj, gap, train_fraction=0.8, train_stride=None):
     """Time split of every replica: training segments early, held-out segments late.
@@ -3419,20 +3104,21 @@ def split_segments(traj, gap, train_fraction=0.8, train_stride=None):
     Training segments start every `train_stride` frames (default K / 4: overlapping, about the
     same cost per epoch for any K) in the first `train_fraction` of the frames; held-out ones
     tile the rest every K frames (as in [B]: every K-th frame is known), after a buffer of K
-    frames so that no held-out frame borders a training frame.
-
-    Returns:
-        ((train positions, velocities), (test positions, velocities)), each
-        [n_segments, gap + 1, n_atoms, 3].
+    frames so that no held-out frame borders a training frame. Returns ((train positions,
+    velocities), (test positions, velocities)), each [n_segments, gap + 1, n_atoms, 3].
     """
     pos, vel = traj.positions, traj.velocities
     if pos.ndim == 3:                                    # no replica axis: one replica
         pos, vel = pos[:, None], vel[:, None]
     n_frames = pos.shape[0]
     n_train = int(train_fraction * n_frames)
-    stride = train_stride or max(1, gap // 4)
-    train = _segments(pos, vel, gap, 0, n_train, stride)
-    test = _segments(pos, vel, gap, n_train + gap, n_frames, gap)
+
+    def cut(first, stop, stride):     # segment s of replica r at s * R + r: frames s .. s + K
+        idx = np.arange(first, stop - gap, stride)[:, None] + np.arange(gap + 1)  # [S, K + 1]
+        return tuple(np.moveaxis(a[idx], 2, 1).reshape(-1, gap + 1, *a.shape[2:])
+                     for a in (pos, vel))
+    train = cut(0, n_train, train_stride or max(1, gap // 4))
+    test = cut(n_train + gap, n_frames, gap)
     if len(train[0]) == 0 or len(test[0]) == 0:
         raise ValueError(f"gap = {gap} leaves no training or held-out segment in {n_frames} "
                          "frames; use a smaller gap or longer trajectories")
@@ -3448,72 +3134,61 @@ def free_energy_difference(true_values, values, kT, n_bins=30):
     Bins span the central 99% of the true values; p is the count per bin over *all* samples (mass
     outside is missing, not renormalised away); an empty bin gets one count, so a method that
     never visits a bin pays a large but finite penalty. F is shifted by the true minimum.
-
-    Returns:
-        dict: l1 (mean |F - F_true| over bins, epsilon), max, centres, F_true, F ([n_bins] each).
+    Returns dict: l1 (mean |F - F_true| over bins), max, centres, F_true, F ([n_bins] each).
     """
     edges = np.linspace(*np.percentile(true_values, [0.5, 99.5]), n_bins + 1)
-
-    def free_energy(x):
-        counts = np.histogram(x, edges)[0]
-        return -kT * np.log(np.maximum(counts, 1) / x.size)
     kT = _positive(kT, "kT")
-    f_true, f = free_energy(np.ravel(true_values)), free_energy(np.ravel(values))
-    shift = f_true.min()
-    diff = np.abs(f - f_true)
+    f_true, f = (-kT * np.log(np.maximum(np.histogram(x, edges)[0], 1) / x.size)
+                 for x in (np.ravel(true_values), np.ravel(values)))
+    diff, shift = np.abs(f - f_true), f_true.min()
     return dict(l1=float(diff.mean()), max=float(diff.max()),
                 centres=(0.5 * (edges[1:] + edges[:-1])).tolist(),
                 F_true=(f_true - shift).tolist(), F=(f - shift).tolist())
 
-def _free_energy_report(true_values, values_by_method, kT):
-    """free_energy_difference for each method, gathered as {l1: {method: ..}, max: .., F: ..}."""
-    per = {m: free_energy_difference(true_values, v, kT) for m, v in values_by_method.items()}
-    first = next(iter(per.values()))
-    return dict(coordinate="C-H bond length (sigma)", centres=first["centres"],
-                F_true=first["F_true"], l1={m: r["l1"] for m, r in per.items()},
-                max={m: r["max"] for m, r in per.items()}, F={m: r["F"] for m, r in per.items()})
-
-
-def _run_temperature(path, label, gap, device, train_cfg, hidden):
-    """Train Bi- and uni-directional LSTMs at one temperature; interpolate the held-out gaps.
-    Returns (per-method positions [S, K + 1, n, 3] in the lab frame, true positions, the
-    Bi-LSTM's endpoint error, kT, frame dt, number of replicas)."""
+def _run_temperature(path, label, gap, device, train_cfg, hidden, inner, t_start) -> dict:
+    """Linear, Hermite, Bi- and uni-LSTM on one temperature's held-out gaps: MAE, F, trace."""
     traj, _ = load_trajectory(path)
     kT, dt = STIFF_TEMPERATURES[label], float(traj.time[1] - traj.time[0])
     (tr_p, tr_v), (te_p, te_v) = split_segments(traj, gap)
     _, reference = stiff_molecule()
-    masses = traj.system.masses
     # Each segment in its own frame (fixed from its two ends): see segment_frames.
-    com, rot = segment_frames(tr_p[:, 0], tr_p[:, -1], masses, reference)
+    com, rot = segment_frames(tr_p[:, 0], tr_p[:, -1], traj.system.masses, reference)
     tr_p, tr_v = to_frame(tr_p, tr_v, com, rot)
-    com, rot = segment_frames(te_p[:, 0], te_p[:, -1], masses, reference)
+    com, rot = segment_frames(te_p[:, 0], te_p[:, -1], traj.system.masses, reference)
     fr_p, fr_v = to_frame(te_p, te_v, com, rot)
     print(f"{label} (kT = {kT}): {len(tr_p)} training / {len(te_p)} held-out segments of "
           f"K = {gap} steps", flush=True)
     out = {"linear": np.moveaxis(linear_interpolation(te_p[:, 0], te_p[:, -1], gap + 1), 0, 1),
            "hermite": np.moveaxis(hermite_interpolation(
                te_p[:, 0], te_v[:, 0], te_p[:, -1], te_v[:, -1], dt * np.arange(gap + 1)), 0, 1)}
-    endpoint_error = 0.0
     for name, bidirectional in (("bilstm", True), ("unilstm", False)):
         cfg = InterpolatorConfig(n_atoms=traj.positions.shape[-2], hidden=hidden,
                                  bidirectional=bidirectional)
         model = train_interpolator(tr_p, tr_v, cfg, train_cfg, device, f"[{label} {name}]")
         p, v = model.interpolate((fr_p[:, 0], fr_v[:, 0]), (fr_p[:, -1], fr_v[:, -1]), gap)
-        p, v = from_frame(p, v, com, rot)                               # back to the lab frame
-        out[name] = p
-        if bidirectional:
-            endpoint_error = max(float(np.abs(p[:, [0, -1]] - te_p[:, [0, -1]]).max()),
-                                 float(np.abs(v[:, [0, -1]] - te_v[:, [0, -1]]).max()))
-    return out, te_p, endpoint_error, kT, dt, traj.positions.shape[1]
+        out[name], v = from_frame(p, v, com, rot)                       # back to the lab frame
+        if bidirectional:                                # both ends exact, by construction
+            end_err = max(float(np.abs(out[name][:, [0, -1]] - te_p[:, [0, -1]]).max()),
+                          float(np.abs(v[:, [0, -1]] - te_v[:, [0, -1]]).max()))
+    mae = {m: float(np.abs(p[:, inner] - te_p[:, inner]).mean()) for m, p in out.items()}
+    print(f"{label}: position MAE over the gap  " + "  ".join(f"{m} {v:.5f}" for m, v in
+          mae.items()) + f"   (Bi-LSTM endpoint error {end_err:.1e}; "
+          f"{time.perf_counter() - t_start:.0f}s)", flush=True)
+    fe = {m: free_energy_difference(_ch_bond_lengths(te_p[:, inner]),
+                                    _ch_bond_lengths(p[:, inner]), kT) for m, p in out.items()}
+    return dict(mae=mae, endpoint_error=end_err, dt=dt, free_energy=dict(
+        coordinate="C-H bond length (sigma)", centres=fe["linear"]["centres"],
+        F_true=fe["linear"]["F_true"], **{k: {m: r[k] for m, r in fe.items()}
+                                          for k in ("l1", "max", "F")}),
+        trace=_interpolation_trace(out, te_p, traj.positions.shape[1], dt, gap))
 
 def _interpolation_trace(out, true, n_replicas, dt, gap, n_segments=3) -> dict:
-    """The first C-H bond's length through n_segments consecutive held-out gaps of replica 0, true
-    and by each method (split_segments stores segment s of replica r at s * n_replicas + r;
-    consecutive segments share their end frames)."""
+    """The first C-H bond through n_segments consecutive held-out gaps of replica 0 (segment s
+    of replica r is at s * n_replicas + r), true and by each method."""
     idx = np.arange(n_segments) * n_replicas
     idx = idx[idx < len(true)]
 
-    def series(p):                                                       # [S, K + 1, n, 3]
+    def series(p):                               # consecutive segments share their end frames
         b = _ch_bond_lengths(p[idx])[..., 0]                             # [n_seg, K + 1]
         return np.concatenate([b[:, :-1].ravel(), b[-1, -1:]]).tolist()
     return dict(time_tau=(dt * np.arange(len(idx) * gap + 1)).tolist(), known_every=gap,
@@ -3524,17 +3199,12 @@ def interpolation_experiment(data_dir="data", gap=20, seed=0, device="cpu", quic
                              hidden: int = 128) -> dict:
     """Paper [B] on the stiff molecule: fill gaps of K = gap steps at low / mid / high kT.
 
-    Per temperature one Bi-LSTM and one uni-directional LSTM (each z-scored with its own
-    statistics) train on the first 80% of every replica's frames; every figure comes from the
-    held-out segments tiling the last 20%. data_dir holds stiff_{low,mid,high}.npz
-    (FileNotFoundError if not); labels: temperatures to run (default all of STIFF_TEMPERATURES).
-
-    Returns:
-        dict: mae[label][method] (position MAE over the gap's interior, sigma; methods bilstm,
-        unilstm, hermite, linear), mae_hydrogen (the light atoms alone), endpoint_error (max
-        |x_hat - x| of the Bi-LSTM at t0 and t1), free_energy[label] (of the C-H bond length,
-        _free_energy_report), trace[label] (_interpolation_trace), gap, seconds,
-        vibration_period_steps (C-H period / dt), config.
+    Per temperature (labels: default all of STIFF_TEMPERATURES) a Bi-LSTM and a uni-directional
+    LSTM train on the first 80% of every replica's frames; every figure comes from the held-out
+    segments tiling the last 20%. Returns dict: mae[label][method] (position MAE over the gap's
+    interior, sigma), endpoint_error (max |x_hat - x| of the Bi-LSTM at t0 and t1),
+    free_energy[label] (of the C-H bond length), trace[label], gap, seconds,
+    vibration_period_steps (C-H period / dt), config.
     """
     t_start = time.perf_counter()
     gap = _check_gap(gap)
@@ -3545,49 +3215,29 @@ def interpolation_experiment(data_dir="data", gap=20, seed=0, device="cpu", quic
     preset = INTERPOLATION_PRESETS["quick" if quick else "full"]
     train = train or InterpTrainConfig(seed=seed, **preset["train"])
     hidden = min(hidden, preset["max_hidden"] or hidden)
-    for lab in STIFF_TEMPERATURES:
-        if not os.path.exists(os.path.join(data_dir, f"stiff_{lab}.npz")):
-            raise _missing(os.path.join(data_dir, f"stiff_{lab}.npz"), data_dir, "stiff", quick)
-    result = dict(mae={}, free_energy={}, mae_hydrogen={}, trace={}, gap=gap,
-                  endpoint_error=0.0, config=dict(train=asdict(train), hidden=hidden,
-                                                  quick=quick))
-    inner = slice(1, gap)                                                # the missing frames
-    for label in labels:
-        out, true, end_err, kT, dt, n_replicas = _run_temperature(
-            os.path.join(data_dir, f"stiff_{label}.npz"), label, gap, device, train, hidden)
-        result["trace"][label] = _interpolation_trace(out, true, n_replicas, dt, gap)
-        result["mae"][label] = {m: float(np.abs(p[:, inner] - true[:, inner]).mean())
-                                for m, p in out.items()}
-        result["mae_hydrogen"][label] = {m: float(np.abs(p[:, inner, 6:] - true[:, inner, 6:])
-                                                  .mean()) for m, p in out.items()}
-        result["free_energy"][label] = _free_energy_report(
-            _ch_bond_lengths(true[:, inner]),
-            {m: _ch_bond_lengths(p[:, inner]) for m, p in out.items()}, kT)
-        result["endpoint_error"] = max(result["endpoint_error"], end_err)
-        print(f"{label}: position MAE over the gap  " + "  ".join(
-            f"{m} {v:.5f}" for m, v in result["mae"][label].items()) +
-            f"   (Bi-LSTM endpoint error {end_err:.1e}; {time.perf_counter() - t_start:.0f}s)",
-            flush=True)
-    result["vibration_period_steps"] = StiffMoleculeModel().ch_period() / dt
-    result["seconds"] = time.perf_counter() - t_start
-    return result
+    paths = dict(zip(STIFF_TEMPERATURES, _data_files(
+        data_dir, [f"stiff_{lab}" for lab in STIFF_TEMPERATURES], "stiff", quick)))
+    runs = {lab: _run_temperature(paths[lab], lab, gap, device, train, hidden, slice(1, gap),
+                                  t_start) for lab in labels}
+    return dict(**{key: {lab: r[key] for lab, r in runs.items()}
+                   for key in ("mae", "free_energy", "trace")}, gap=gap,
+                endpoint_error=max([0.0] + [r["endpoint_error"] for r in runs.values()]),
+                config=dict(train=asdict(train), hidden=hidden, quick=quick),
+                vibration_period_steps=StiffMoleculeModel().ch_period() / runs[labels[-1]]["dt"],
+                seconds=time.perf_counter() - t_start)
 
 def gap_sweep(data_dir="data", gaps=(5, 10, 20, 40, 80), seed=0, device="cpu", quick=False,
               labels=None) -> dict:
-    """Position MAE per method as the gap K grows (one full experiment per K; about the same
-    training cost per K, training segments starting every K / 4 frames).
-
-    Returns:
-        dict {"mae": {str(K): {label: {method: MAE}}}, "endpoint_error", "seconds"}.
-    """
+    """Position MAE per method as the gap K grows, one interpolation_experiment per K (about the
+    same training cost per K). Returns {"mae": {str(K): {label: {method: MAE}}},
+    "endpoint_error", "seconds"}."""
     t0 = time.perf_counter()
-    out = dict(mae={}, endpoint_error=0.0)
-    for k in gaps:
-        res = interpolation_experiment(data_dir, k, seed, device, quick, labels)
-        out["mae"][str(int(k))] = res["mae"]
-        out["endpoint_error"] = max(out["endpoint_error"], res["endpoint_error"])
-    out["seconds"] = time.perf_counter() - t0
-    return out
+    runs = {str(int(k)): interpolation_experiment(data_dir, k, seed, device, quick, labels)
+            for k in gaps}
+    return dict(mae={k: r["mae"] for k, r in runs.items()},
+                endpoint_error=max([0.0] + [r["endpoint_error"] for r in runs.values()]),
+                seconds=time.perf_counter() - t0)
+
 
 # -------------------------------------------------------------------------------------------------
 # 10. Figures: the papers' plots, redrawn from results/summary.json (only if matplotlib is there)
@@ -3595,16 +3245,14 @@ def gap_sweep(data_dir="data", gaps=(5, 10, 20, 40, 80), seed=0, device="cpu", q
 # matplotlib is not a dependency: write_figures() returns [] and says so when it is missing. Every
 # figure is drawn from the JSON the experiments return, so `write_figures(load_json(...))` redraws
 # them from a finished run without recomputing anything.
-
-_COLORS = dict(truth="k", ground_truth="k", learned="C0", learned_no_score="C3", short_md="C2",
-               bilstm="C0", unilstm="C1", hermite="C2", linear="C3")
-_NAMES = dict(truth="long MD", ground_truth="long MD", learned="learned (Dynamics GNN)",
-              learned_no_score="learned, no Score GNN", short_md="short MD", bilstm="Bi-LSTM",
-              unilstm="uni-LSTM", hermite="Hermite spline", linear="linear")
+_STYLE = dict(truth=("k", "long MD"), ground_truth=("k", "long MD"), short_md=("C2", "short MD"),
+              learned=("C0", "learned (Dynamics GNN)"), bilstm=("C0", "Bi-LSTM"),
+              learned_no_score=("C3", "learned, no Score GNN"), unilstm=("C1", "uni-LSTM"),
+              hermite=("C2", "Hermite spline"), linear=("C3", "linear"))  # (colour, legend name)
 
 def write_figures(summary: dict, out_dir: str) -> list:
-    """Draw every figure whose data `summary` holds (the dict the demo writes to summary.json)
-    into out_dir as PNG files; returns their paths ([] without matplotlib)."""
+    """Draw every figure whose data `summary` (the demo's summary.json) holds into out_dir as
+    PNG files; returns their paths ([] without matplotlib)."""
     try:
         import matplotlib
         matplotlib.use("Agg")                      # files only, no display needed
@@ -3613,28 +3261,28 @@ def write_figures(summary: dict, out_dir: str) -> list:
         print("matplotlib is not installed: no figures (pip install matplotlib to get them)")
         return []
     paths = []
-    for name, key, draw in _FIGURES:
+    for name, key, panels, draw, *grid in _FIGURES:      # only the experiments that ran
         if key in summary:
-            fig = draw(plt, summary[key])
-            path = os.path.join(out_dir, name)
-            atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110))
+            res = summary[key]
+            fig = draw(plt, res) if panels is None else _grid(plt, panels(res), draw, *grid)
+            paths.append(os.path.join(out_dir, name))
+            atomic_write(paths[-1], lambda fh: fig.savefig(fh, format="png", dpi=110))
             plt.close(fig)
-            paths.append(path)
     return paths
 
-def _label(method: str) -> str:
-    """Legend name of a method; the electrolyte's 'learned' is the refined one."""
-    return _NAMES[method] + (" + Score GNN" if method == "learned" else "")
+def _kw(m: str, refined=False) -> dict:
+    """Line colour and legend name of a method; refined: the electrolyte's 'learned' is the one
+    refined by the Score GNN."""
+    color, name = _STYLE[m]
+    return dict(color=color, label=name + (" + Score GNN" if refined and m == "learned" else ""))
 
 def _grid(plt, panels, draw, xlabel, ylabel, n_cols=4, width=3.2, height=2.6):
-    """A figure of one panel per (title, data) of `panels`, draw(ax, data) on each, n_cols to a
-    row; y labels on the first column, the legend in the first panel."""
-    n = len(panels)
-    n_cols = min(n, n_cols)
-    n_rows = -(-n // n_cols)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(width * n_cols, height * n_rows),
-                             squeeze=False)
-    for ax in axes.ravel()[n:]:
+    """One panel per (title, data) of `panels`, draw(ax, data) on each, n_cols to a row; y labels
+    on the first column, the legend in the first panel."""
+    n_cols = min(len(panels), n_cols)                    # no empty columns for few panels
+    fig, axes = plt.subplots(-(-len(panels) // n_cols), n_cols, squeeze=False,  # ceil: rows
+                             figsize=(width * n_cols, height * -(-len(panels) // n_cols)))
+    for ax in axes.ravel()[len(panels):]:
         ax.set_visible(False)
     for i, (ax, (title, data)) in enumerate(zip(axes.ravel(), panels)):
         draw(ax, data)
@@ -3646,11 +3294,9 @@ def _grid(plt, panels, draw, xlabel, ylabel, n_cols=4, width=3.2, height=2.6):
     fig.tight_layout()
     return fig
 
-def _draw_rg2_histogram(ax, row):
-    """[A] Fig. 3 in miniature: the R_g^2 histogram of one unseen polymer."""
-    h = row["rg2_histogram"]
+def _draw_rg2_histogram(ax, row):              # [A] Fig. 3 in miniature, one unseen polymer
     for m in ("truth", "learned", "short_md"):
-        ax.stairs(h[m], h["edges"], color=_COLORS[m], label=_NAMES[m], lw=1.5)
+        ax.stairs(row["rg2_histogram"][m], row["rg2_histogram"]["edges"], lw=1.5, **_kw(m))
 
 def _draw_rg2_acf(ax, row):
     """R_g^2 ACF vs lag (log axis): long and short MD at every frame (lines), long MD and learned
@@ -3658,11 +3304,10 @@ def _draw_rg2_acf(ax, row):
     acf = row["rg2_acf"]
     curve = lambda lag, m: (acf[lag][1:len(acf[m])], acf[m][1:])          # noqa: E731
     for m in ("truth", "short_md"):
-        ax.plot(*curve("lag_tau", m), color=_COLORS[m], label=_NAMES[m], lw=1)
+        ax.plot(*curve("lag_tau", m), lw=1, **_kw(m))
     ax.plot(*curve("lag_step_tau", "truth_at_step"), "o", ms=3, mfc="none",
-            color=_COLORS["truth"], label="long MD, at the learned step")
-    ax.plot(*curve("lag_step_tau", "learned"), "s-", ms=3, lw=0.8, color=_COLORS["learned"],
-            label=_NAMES["learned"])
+            color="k", label="long MD, at the learned step")
+    ax.plot(*curve("lag_step_tau", "learned"), "s-", ms=3, lw=0.8, **_kw("learned"))
     ax.axhline(0, color="0.7", lw=0.8)
     ax.set_xscale("log")
     ax.set_ylim(-0.6, 1.05)
@@ -3674,7 +3319,7 @@ def _fig_polymer_fes(plt, res):
     fig, axes = plt.subplots(1, 2, figsize=(7.6, 3.4), layout="constrained")
     for ax, (key, title) in zip(axes, (("F_true", "long MD"), ("F", "learned"))):
         F = np.array(fes[key], dtype=float)
-        F[F == fes["empty_bins_are"]] = np.nan
+        F[F == fes["empty_bins_are"]] = np.nan           # never visited: drawn white
         im = ax.imshow(F.T, origin="lower", cmap="viridis", vmin=0, vmax=5, aspect="auto")
         ax.set_title(f"polymer 0: {title}", fontsize=9)
         ax.set_xlabel("PC 1 (bin)")
@@ -3682,75 +3327,69 @@ def _fig_polymer_fes(plt, res):
     fig.colorbar(im, ax=axes, label="F (kT)")
     return fig
 
-def _draw_msd(ax, row_species):
-    """Mean squared displacement of one species (log-log), every method."""
+def _draw_msd(ax, row_species):                 # MSD of one species (log-log), every method
     row, s = row_species
     for m, curve in row["msd"].items():
-        ax.loglog(curve["lag_tau"][1:], curve[s][1:], color=_COLORS[m], label=_label(m))
+        ax.loglog(curve["lag_tau"][1:], curve[s][1:], **_kw(m, True))
 
-def _draw_rdf(ax, row_pair):
-    """[A] Fig. 5 in miniature: one RDF with and without the Score GNN."""
+def _draw_rdf(ax, row_pair):                    # [A] Fig. 5 in miniature: with / without Score GNN
     row, p = row_pair
     for m in ("ground_truth", "learned", "learned_no_score", "short_md"):
-        ax.plot(row["rdf"]["r"], row["rdf"][m][p], color=_COLORS[m], label=_label(m))
+        ax.plot(row["rdf"]["r"], row["rdf"][m][p], **_kw(m, True))
 
-def _draw_collisions(ax, row):
-    """Collision rate along the learned rollouts, with and without refinement."""
+def _draw_collisions(ax, row):                  # collision rate along the learned rollouts
     c = row["collisions_over_time"]
     for m in ("learned", "learned_no_score"):
-        ax.plot(c["time_tau"], c[m], color=_COLORS[m], label=_label(m))
+        ax.plot(c["time_tau"], c[m], **_kw(m, True))
     ax.axhline(row["collision_rate"]["ground_truth"], color="k", ls="--", label="long MD")
 
 def _draw_trace(ax, tr):
     """[B] Fig. 4 in miniature: one C-H bond through three gaps, true and by each method."""
     t = np.asarray(tr["time_tau"])
     for m in ("truth", "bilstm", "unilstm", "hermite", "linear"):
-        ax.plot(t, tr[m], color=_COLORS[m], lw=2.0 if m == "truth" else 1.0,
-                ls="-" if m in ("truth", "bilstm") else "--", label=_NAMES[m])
-    known = slice(None, None, tr["known_every"])
+        ax.plot(t, tr[m], lw=2.0 if m == "truth" else 1.0,
+                ls="-" if m in ("truth", "bilstm") else "--", **_kw(m))
+    known = slice(None, None, tr["known_every"])         # the frames the methods were given
     ax.plot(t[known], np.asarray(tr["truth"])[known], "ko", ms=4)
 
-def _draw_free_energy(ax, fe):
-    """Free energy of the C-H bond length from the interpolated frames vs the true frames."""
+def _draw_free_energy(ax, fe):                  # F(C-H bond) from interpolated vs true frames
     ax.plot(fe["centres"], fe["F_true"], color="k", lw=2, label="true frames")
     for m, F in fe["F"].items():
-        ax.plot(fe["centres"], F, color=_COLORS[m], label=_NAMES[m])
+        ax.plot(fe["centres"], F, **_kw(m))
 
+# Panels: experiment result -> [(title, data)].
 _POLYMERS = lambda res: [(f"polymer {r['polymer']} ({r['n_beads']} beads)", r)  # noqa: E731
                          for r in res["per_polymer"]]
-_SYSTEMS = lambda res, cols, name: [(f"system {r['system']}: {name(c)}", (r, c))  # noqa: E731
-                                    for r in res["per_system"] for c in cols]
-_KT = lambda res, key: [(f"kT = {STIFF_TEMPERATURES[lab]} ({lab})", v)          # noqa: E731
-                        for lab, v in res[key].items()]
-_PAIRS = [f"{a}-{b}" for a, b in ELECTROLYTE_RDF_PAIRS]
-# The figures, in order: (file, experiment key of the summary, res -> figure).
+_SYSTEMS = lambda cols, name: lambda res: [(f"system {r['system']}: {name(c)}", (r, c))  # noqa
+                                           for r in res["per_system"] for c in cols]
+_KT = lambda key, note="": lambda res: [  # noqa: E731
+    (f"kT = {STIFF_TEMPERATURES[lab]} ({lab}){note}", v) for lab, v in res[key].items()]
+_COLLISIONS = lambda res: [  # noqa: E731
+    (f"system {r['system']}: pairs closer than {res['collision_threshold']:g} sigma", r)
+    for r in res["per_system"]]
+_TAU = r"lag ($\tau$)"
+# The figures, in order: (file, summary key, panels (None: draw(plt, res) is the figure), draw,
+# x label, y label[, n_cols, width, height of a panel]).
 _FIGURES = [
-    ("polymer_rg2_distributions.png", "polymer", lambda plt, res: _grid(
-        plt, _POLYMERS(res), _draw_rg2_histogram, r"$R_g^2$ ($\sigma^2$)", "fraction of frames")),
-    ("polymer_rg2_acf.png", "polymer", lambda plt, res: _grid(
-        plt, _POLYMERS(res), _draw_rg2_acf, r"lag ($\tau$)", r"ACF of $R_g^2$")),
-    ("polymer_free_energy_surface.png", "polymer", _fig_polymer_fes),
-    ("electrolyte_msd.png", "electrolyte", lambda plt, res: _grid(
-        plt, _SYSTEMS(res, ELECTROLYTE_SPECIES, str), _draw_msd, r"lag ($\tau$)",
-        r"MSD ($\sigma^2$)", n_cols=3, width=3.4, height=2.7)),
-    ("electrolyte_rdf.png", "electrolyte", lambda plt, res: _grid(
-        plt, _SYSTEMS(res, _PAIRS, lambda p: f"g(r) {p}"), _draw_rdf, r"r ($\sigma$)", "g(r)",
-        n_cols=3, width=3.4, height=2.7)),
-    ("electrolyte_collisions.png", "electrolyte", lambda plt, res: _grid(
-        plt, [(f"system {r['system']}: pairs closer than {res['collision_threshold']:g} sigma", r)
-              for r in res["per_system"]], _draw_collisions, r"time ($\tau$)",
-        "fraction of bead pairs", n_cols=2, width=4.0)),
-    ("interpolation_traces.png", "interpolation", lambda plt, res: _grid(
-        plt, [(t + "; dots: known frames", d) for t, d in _KT(res, "trace")], _draw_trace,
-        r"time ($\tau$)", r"C-H bond length ($\sigma$)", n_cols=3, width=4.2)),
-    ("interpolation_free_energy.png", "interpolation", lambda plt, res: _grid(
-        plt, _KT(res, "free_energy"), _draw_free_energy, r"C-H bond length ($\sigma$)",
-        r"F ($\epsilon$)", n_cols=3, width=4.2))]
+    ("polymer_rg2_distributions.png", "polymer", _POLYMERS, _draw_rg2_histogram,
+     r"$R_g^2$ ($\sigma^2$)", "fraction of frames"),
+    ("polymer_rg2_acf.png", "polymer", _POLYMERS, _draw_rg2_acf, _TAU, r"ACF of $R_g^2$"),
+    ("polymer_free_energy_surface.png", "polymer", None, _fig_polymer_fes),
+    ("electrolyte_msd.png", "electrolyte", _SYSTEMS(ELECTROLYTE_SPECIES, str), _draw_msd, _TAU,
+     r"MSD ($\sigma^2$)", 3, 3.4, 2.7),
+    ("electrolyte_rdf.png", "electrolyte", _SYSTEMS([f"{a}-{b}" for a, b in ELECTROLYTE_RDF_PAIRS],
+                                                    lambda p: f"g(r) {p}"),
+     _draw_rdf, r"r ($\sigma$)", "g(r)", 3, 3.4, 2.7),
+    ("electrolyte_collisions.png", "electrolyte", _COLLISIONS, _draw_collisions,
+     r"time ($\tau$)", "fraction of bead pairs", 2, 4.0),
+    ("interpolation_traces.png", "interpolation", _KT("trace", "; dots: known frames"),
+     _draw_trace, r"time ($\tau$)", r"C-H bond length ($\sigma$)", 3, 4.2),
+    ("interpolation_free_energy.png", "interpolation", _KT("free_energy"), _draw_free_energy,
+     r"C-H bond length ($\sigma$)", r"F ($\epsilon$)", 3, 4.2)]
 
 # -------------------------------------------------------------------------------------------------
 # 11. Benchmark and command line
 # -------------------------------------------------------------------------------------------------
-
 def _chain_replicas(n_chains: int = 64, n_beads: int = 24):
     """Benchmark workload (a): n_chains independent copies of a one-type bead-spring chain."""
     bonds = np.stack([np.arange(n_beads - 1), np.arange(1, n_beads)], 1)
@@ -3759,150 +3398,134 @@ def _chain_replicas(n_chains: int = 64, n_beads: int = 24):
                     r_cut=2.5)
     x = np.zeros((n_beads, 3))
     x[:, 0] = 0.97 * np.arange(n_beads)
-    x[1::2, 1] = 0.25
+    x[1::2, 1] = 0.25                                # a zig-zag: no straight-line start
     return system, np.repeat(x[None], n_chains, axis=0)
-
-def _throughput(system, x, n_steps, device, dtype, warmup=200):
-    """atom-steps per second of simulate() after `warmup` steps of equilibration."""
-    eq = simulate(system, x, warmup, save_every=warmup, device=device, dtype=dtype)
-    x, v = eq.positions[-1], eq.velocities[-1]
-    t0 = time.perf_counter()
-    tr = simulate(system, x, n_steps, save_every=n_steps, velocities=v, device=device,
-                  dtype=dtype, seed=1)
-    seconds = time.perf_counter() - t0
-    return x.size // 3 * n_steps / seconds, n_steps / max(tr.info["pair_list_builds"] - 1, 1)
 
 def _openmm_context(system: System, x, kT=1.0, gamma=1.0, dt=0.005):
     """(openmm.Context, integrator) for the same System and start x [n, 3] or [R, n, 3] on
-    OpenMM's CPU platform (LangevinMiddleIntegrator, the torch thread count), or None when
-    openmm is not importable. Reduced units map onto OpenMM's exactly (sigma = 1 nm,
-    epsilon = 1 kJ/mol, mass 1 = 1 amu, so tau = 1 ps; kT = 1 kJ/mol). Open-boundary replicas
-    sit 100 sigma apart on a grid, out of each other's cut-off (simulate() keeps them apart by
-    construction). Pair parameters come from the per-type diagonal by Lorentz-Berthelot, exact
-    for the one-type benchmark systems; bonded pairs are excluded from LJ, as here."""
+    OpenMM's CPU platform (LangevinMiddleIntegrator, the torch thread count), or None without
+    openmm. Reduced units map exactly (sigma = 1 nm, epsilon = 1 kJ/mol, mass 1 amu, tau = 1 ps).
+    Open-boundary replicas sit 100 sigma apart, out of each other's cut-off. LJ parameters are
+    the per-type diagonal (Lorentz-Berthelot: exact for one type); bonded pairs skip LJ, as here."""
     try:
         import openmm
     except ImportError:
         return None
-    x = x if x.ndim == 3 else x[None]
+    x = x if x.ndim == 3 else x[None]                # [R, n, 3]: R replicas
     R, n = x.shape[:2]
+    periodic = system.box is not None
+    if periodic and R != 1:
+        raise ValueError("the OpenMM comparison takes one replica of a periodic system")
     mm, nb, bonds = openmm.System(), openmm.NonbondedForce(), openmm.HarmonicBondForce()
-    nb.setNonbondedMethod(nb.CutoffPeriodic if system.box is not None else nb.CutoffNonPeriodic)
+    nb.setNonbondedMethod(nb.CutoffPeriodic if periodic else nb.CutoffNonPeriodic)
     nb.setCutoffDistance(system.r_cut)
     nb.setUseDispersionCorrection(False)
-    if system.box is not None:
-        if R != 1:
-            raise ValueError("the OpenMM comparison takes one replica of a periodic system")
+    if periodic:
         mm.setDefaultPeriodicBoxVectors(*(openmm.Vec3(*(system.box * e)) for e in np.eye(3)))
     t = system.types
-    g = int(np.ceil(R ** (1 / 3)))                    # replicas on a cubic grid
-    offsets = 100.0 * np.stack(np.unravel_index(np.arange(R), (g, g, g)), 1)
     for r in range(R):
         for a in range(n):
             mm.addParticle(float(system.masses[a]))
             nb.addParticle(0.0, float(system.sigma[t[a], t[a]]), float(system.epsilon[t[a], t[a]]))
-        for (i, j), k, r0 in zip(system.bonds, system.bond_k, system.bond_r0):
-            bonds.addBond(int(i) + r * n, int(j) + r * n, float(r0), float(k))
-            nb.addException(int(i) + r * n, int(j) + r * n, 0.0, 1.0, 0.0)   # 1-2 only, as here
+        for (i, j), k, r0 in zip(system.bonds + r * n, system.bond_k, system.bond_r0):
+            bonds.addBond(int(i), int(j), float(r0), float(k))
+            nb.addException(int(i), int(j), 0.0, 1.0, 0.0)   # 1-2 only, as here
     mm.addForce(nb)
     mm.addForce(bonds)
     temperature = kT / 0.00831446261815324          # kJ/mol per K: kT = 1 kJ/mol
     integrator = openmm.LangevinMiddleIntegrator(temperature, gamma, dt)
     context = openmm.Context(mm, integrator, openmm.Platform.getPlatformByName("CPU"),
                              {"Threads": str(torch.get_num_threads())})
-    context.setPositions((x + (0.0 if system.box is not None else offsets[:, None])).reshape(-1, 3))
+    g = int(np.ceil(R ** (1 / 3)))                    # replicas on a cubic grid
+    offsets = 100.0 * np.stack(np.unravel_index(np.arange(R), (g, g, g)), 1)
+    context.setPositions((x + (0.0 if periodic else offsets[:, None])).reshape(-1, 3))
     context.setVelocitiesToTemperature(temperature, 1)
     return context, integrator
 
-def _openmm_throughput(system, x, n_steps, warmup=200):
-    """atom-steps per second of OpenMM on the workload (None without openmm)."""
-    made = _openmm_context(system, x)
-    if made is None:
-        return None
-    context, integrator = made
-    integrator.step(warmup)
-    context.getState(getPositions=True)
+def _throughput(system, x, n_steps, device, dtype, warmup):
+    """(atom-steps/s, steps per pair-list build) of simulate() after `warmup` steps, and OpenMM's
+    atom-steps/s on the same workload (None without openmm or off the CPU)."""
+    eq = simulate(system, x, warmup, save_every=warmup, device=device, dtype=dtype)  # thermalise
     t0 = time.perf_counter()
-    integrator.step(n_steps)
-    context.getState(getPositions=True)                # waits for the last step
-    return x.size // 3 * n_steps / (time.perf_counter() - t0)
+    tr = simulate(system, eq.positions[-1], n_steps, save_every=n_steps,
+                  velocities=eq.velocities[-1], device=device, dtype=dtype, seed=1)
+    rate = x.size // 3 * n_steps / (time.perf_counter() - t0)
+    made = _openmm_context(system, x) if device.type == "cpu" else None
+    omm = None                                           # OpenMM's rate, when it ran
+    if made is not None:                                 # same warm-up and steps, from x itself
+        context, integrator = made
+        integrator.step(warmup)
+        context.getState(getPositions=True)
+        t0 = time.perf_counter()
+        integrator.step(n_steps)
+        context.getState(getPositions=True)                # waits for the last step
+        omm = x.size // 3 * n_steps / (time.perf_counter() - t0)
+    return rate, n_steps / max(tr.info["pair_list_builds"] - 1, 1), omm
 
 def bench(device: str = "cpu", dtype: str = "float32", quick: bool = False) -> list:
     """MD throughput on the issue's workloads (and OpenMM's, when it is importable and the
-    device is the CPU: same workloads, same run); prints a table and returns its rows."""
+    device is the CPU: same workloads, same run), then the partitioner on a branched 10^4-atom
+    graph into 10^3 parts; prints a table and returns its rows."""
     dev = resolve_device(device)
+    # (a) many small open chains (one static pair list each); (b) a periodic LJ fluid at two
+    # sizes (cell-list rebuilds: the cost per atom-step should not grow with N)
     work = [("(a) 64 chains x 24 beads, open, LJ 2.5", *_chain_replicas(), 2000)]
-    for n in (1000, 8000):
-        system, x = lj_fluid(n, 0.8)
-        work.append((f"(b) LJ fluid rho=0.8, periodic, N={n}", system, x,
-                     2000 if n == 1000 else 400))
-    rows = []
+    work += [(f"(b) LJ fluid rho=0.8, periodic, N={n}", *lj_fluid(n, 0.8), n_steps)
+             for n, n_steps in ((1000, 2000), (8000, 400))]
     print(f"MD throughput on {dev} ({dtype}, {torch.get_num_threads()} threads), dt=0.005, "
           f"Langevin gamma=1, kT=1")
+    rows = []
     for label, system, x, n_steps in work:
-        n_steps = n_steps // 10 if quick else n_steps
-        warmup = 20 if quick else 200
-        rate, per_build = _throughput(system, x, n_steps, dev, dtype, warmup)
-        omm = _openmm_throughput(system, x, n_steps, warmup) if dev.type == "cpu" else None
+        n_steps, warmup = (n_steps // 10, 20) if quick else (n_steps, 200)
+        rate, per_build, omm = _throughput(system, x, n_steps, dev, dtype, warmup)
         rows.append(dict(workload=label, atoms=int(x.size // 3), atom_steps_per_s=rate,
                          ns_per_atom_step=1e9 / rate, steps_per_list_build=per_build,
                          openmm_atom_steps_per_s=omm))
-        static = system.box is None and system.n_atoms <= _STATIC_GROUP_SIZE
-        rebuilt = ("static pair list" if static
-                   else f"pair list rebuilt every {per_build:.1f} steps")
+        static = system.box is None and system.n_atoms <= _STATIC_GROUP_SIZE  # as PairList
+        rebuilt = "static pair list" if static else f"pair list rebuilt every {per_build:.1f} steps"
         vs = "" if omm is None else f"  OpenMM CPU {omm:.3e} -> ratio {rate / omm:.2f}"
         print_table([(label, rate, "atom-steps/s ", 1e9 / rate, "ns/atom-step ",
                       f"({rebuilt}){vs}")], ("42s", "10.3e", "s", "7.1f", "s", "s"))
     if all(r["openmm_atom_steps_per_s"] is None for r in rows):
         print("  (openmm is not installed: no OpenMM comparison; pip install openmm to add it)")
-    ratio = rows[2]["ns_per_atom_step"] / rows[1]["ns_per_atom_step"]
+    ratio = rows[2]["ns_per_atom_step"] / rows[1]["ns_per_atom_step"]  # ~1: linear in N
     print(f"  cost per atom-step, N=8000 / N=1000: {ratio:.2f}")
-    rows.append(_bench_partition(quick))
-    return rows
-
-def _bench_partition(quick: bool) -> dict:
-    """Greedy spectral partitioning of a branched 10^4-atom graph into 10^3 parts."""
     n_atoms, bonds = branched_graph(1000 if quick else 10_000, np.random.default_rng(0))
-    n_parts = n_atoms // 10
-    t0 = time.perf_counter()
+    n_parts, t0 = n_atoms // 10, time.perf_counter()      # the issue's 10^4 atoms -> 10^3 parts
     labels = spectral_partition(n_atoms, bonds, n_parts)
     seconds = time.perf_counter() - t0
-    sizes = np.bincount(labels)
     print(f"spectral_partition: branched graph, {n_atoms} atoms -> {n_parts} parts in "
-          f"{seconds:.2f}s (largest part {sizes.max()}, mean {n_atoms / n_parts:.0f}; "
-          f"{edge_cut(bonds, labels)} bonds cut)")
-    return dict(workload="spectral_partition", atoms=n_atoms, parts=n_parts, seconds=seconds)
+          f"{seconds:.2f}s (largest part {np.bincount(labels).max()}, mean "
+          f"{n_atoms / n_parts:.0f}; {edge_cut(bonds, labels)} bonds cut)")
+    return rows + [dict(workload="spectral_partition", atoms=n_atoms, parts=n_parts,
+                        seconds=seconds)]
 
 def demo(args) -> int:
     """`python cgmd_ref.py`: MD ground truth, paper A (polymers, then the electrolyte with the
     Score GNN), paper B; prints each experiment's table and one table of claims beside their
     baselines, writes results/summary.json and (with matplotlib) the figures."""
-    import subprocess   # only the command line writes data: data_gen.py, beside this file
     t_start = time.perf_counter()
     data_dir = args.data or os.path.join("data", "quick" if args.quick else "")
+    # data_gen.py skips the files that exist, so asking it again (as --quick does) is cheap
     if not os.path.exists(os.path.join(data_dir, "metadata.json")) or args.quick:
         print(f"generating missing datasets in {data_dir} (python data_gen.py)", flush=True)
-        subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                     "data_gen.py")]
-                       + (["--quick"] if args.quick else []) + ["--out", data_dir, "--seed",
-                                                                str(args.seed), "--device",
-                                                                args.device], check=True)
-    summary = dict(md_ground_truth=md_ground_truth_summary(data_dir))
-    _print_ground_truth(summary["md_ground_truth"], load_json(os.path.join(data_dir,
-                                                                           "metadata.json")))
+        gen = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_gen.py")
+        subprocess.run([sys.executable, gen, *(["--quick"] if args.quick else []), "--out",
+                        data_dir, "--seed", str(args.seed), "--device", args.device], check=True)
+    kw = dict(seed=args.seed, device=args.device, quick=args.quick)
+    summary = dict(md_ground_truth=md_ground_truth_summary(data_dir))   # what the data say
+    _print_ground_truth(summary["md_ground_truth"],
+                        load_json(os.path.join(data_dir, "metadata.json")))
     print("\nPaper A: the learned CG simulator on unseen (class II) polymers", flush=True)
     summary["polymer"] = polymer_experiment(
-        data_dir, seed=args.seed, device=args.device, quick=args.quick,
-        checkpoint=os.path.join(args.out, "dynamics_gnn.pt"))
+        data_dir, checkpoint=os.path.join(args.out, "dynamics_gnn.pt"), **kw)
     _print_polymer_table(summary["polymer"])
     print("\nPaper A: Score GNN refinement on unseen electrolyte compositions", flush=True)
-    summary["electrolyte"] = electrolyte_experiment(
-        data_dir, seed=args.seed, device=args.device, quick=args.quick, checkpoint_dir=args.out)
+    summary["electrolyte"] = electrolyte_experiment(data_dir, checkpoint_dir=args.out, **kw)
     _print_electrolyte_table(summary["electrolyte"])
     print("\nPaper B: filling gaps of K = 20 MD steps in the stiff molecule's trajectories",
           flush=True)
-    summary["interpolation"] = interpolation_experiment(
-        data_dir, gap=20, seed=args.seed, device=args.device, quick=args.quick)
+    summary["interpolation"] = interpolation_experiment(data_dir, gap=20, **kw)
     _print_interpolation_table(summary["interpolation"])
     summary["claims"] = claims(summary)
     summary["run"] = dict(seconds=time.perf_counter() - t_start, seed=args.seed,
@@ -3923,34 +3546,30 @@ def claims(s: dict) -> list:
     pe, pt, d, g, c = (p["rg2_rel_error"], p["relaxation_time_rel_error"],
                        e["diffusivity_log10_mae"], e["rdf_l1"], e["collision_rate"])
     sp, sps, cov = p["spearman"], p["spearman_short_md"], p["calibration"]["coverage_95"]
-    rows = [
-        ("[A] polymers", "<Rg2> median rel. error", pe["learned"],
-         dict(short_md=pe["short_md"], supervised_gnn=pe["supervised_gnn"]),
-         pe["learned"] < pe["short_md"]),
-        ("[A] polymers", "Rg2 relaxation time median rel. error", pt["learned"],
-         dict(short_md=pt["short_md"]), pt["learned"] < pt["short_md"]),
-        ("[A] polymers", "Spearman rank corr. <Rg2>", sp["rg2"], dict(short_md=sps["rg2"]),
-         sp["rg2"] >= 0.7),
-        ("[A] polymers", "Spearman rank corr. relaxation time", sp["relaxation_time"],
-         dict(short_md=sps["relaxation_time"]), sp["relaxation_time"] >= 0.7),
-        ("[A] polymers", "one-step 95% interval coverage", cov, dict(nominal=0.95),
-         0.90 <= cov <= 0.99),
-        ("[A] polymers", "speedup over MD (x)", p["speedup"], dict(md=1.0), p["speedup"] >= 100),
-        ("[A] electrolyte", "collision rate", c["learned"],
-         dict(no_score=c["learned_no_score"], long_md=c["ground_truth"]),
-         c["learned"] < c["learned_no_score"]),
-        ("[A] electrolyte", "RDF L1", g["learned"],
-         dict(no_score=g["learned_no_score"], short_md=g["short_md"]),
-         g["learned"] < g["learned_no_score"]),
-        ("[A] electrolyte", "mean |log10 D error|", d["learned"],
-         dict(no_score=d["learned_no_score"], short_md=d["short_md"]),
-         d["learned"] < min(d["learned_no_score"], d["short_md"])),
-        ("[A] electrolyte", "Spearman rank corr. D", e["spearman"]["diffusivity"],
-         dict(no_score=e["spearman_no_score"]["diffusivity"],
-              short_md=e["spearman_short_md"]["diffusivity"]),
-         e["spearman"]["diffusivity"] >= 0.7),
-        ("[A] electrolyte", "speedup over MD (x)", e["speedup"], dict(md=1.0),
-         e["speedup"] >= 100)]
+    sd = [e[k]["diffusivity"] for k in ("spearman", "spearman_no_score", "spearman_short_md")]
+    # [A]'s electrolyte baselines: the same Dynamics GNN without the Score GNN, and short MD
+    vs = lambda r: dict(no_score=r["learned_no_score"], short_md=r["short_md"])  # noqa: E731
+    A, E = "[A] polymers", "[A] electrolyte"
+    rows = [(A, "<Rg2> median rel. error", pe["learned"],
+             dict(short_md=pe["short_md"], supervised_gnn=pe["supervised_gnn"]),
+             pe["learned"] < pe["short_md"]),
+            (A, "Rg2 relaxation time median rel. error", pt["learned"],
+             dict(short_md=pt["short_md"]), pt["learned"] < pt["short_md"]),
+            (A, "Spearman rank corr. <Rg2>", sp["rg2"], dict(short_md=sps["rg2"]),
+             sp["rg2"] >= 0.7),
+            (A, "Spearman rank corr. relaxation time", sp["relaxation_time"],
+             dict(short_md=sps["relaxation_time"]), sp["relaxation_time"] >= 0.7),
+            (A, "one-step 95% interval coverage", cov, dict(nominal=0.95), 0.90 <= cov <= 0.99),
+            (A, "speedup over MD (x)", p["speedup"], dict(md=1.0), p["speedup"] >= 100),
+            (E, "collision rate", c["learned"],
+             dict(no_score=c["learned_no_score"], long_md=c["ground_truth"]),
+             c["learned"] < c["learned_no_score"]),
+            (E, "RDF L1", g["learned"], vs(g), g["learned"] < g["learned_no_score"]),
+            (E, "mean |log10 D error|", d["learned"], vs(d), d["learned"] < min(vs(d).values())),
+            (E, "Spearman rank corr. D", sd[0], dict(no_score=sd[1], short_md=sd[2]),
+             sd[0] >= 0.7),
+            (E, "speedup over MD (x)", e["speedup"], dict(md=1.0), e["speedup"] >= 100)]
+    # [B]: the Bi-LSTM beside every other interpolator, per temperature
     for figure, per_label in (("position MAE over the gap", i["mae"]), ("F(C-H bond) L1", {
             label: fe["l1"] for label, fe in i["free_energy"].items()})):
         for label, by_method in per_label.items():
@@ -3971,6 +3590,9 @@ def print_table(rows, specs, header=None, note="") -> None:
         print("  " + " ".join(f"{v:{w}}" if isinstance(v, str) else f"{v:{spec}}"
                               for v, spec, w in zip(row, specs, place)), flush=True)
 
+# The tables the demo prints. Each experiment's table ends with its verdict lines (the measured
+# number, its baselines, the target its issue set); the closing claims table repeats them. The
+# '%' format multiplies by 100, then formats as 'f': the digits of f"{100 * x:.1f}%".
 def _print_claims(rows: list, run: dict) -> None:
     """The closing table: every claim of this run beside its baselines."""
     quick = " (quick: tiny data, not results)" if run["quick"] else ""
@@ -3979,21 +3601,21 @@ def _print_claims(rows: list, run: dict) -> None:
     print_table([(r["experiment"], r["figure"], r["value"], " " + (", ".join(
         f"{k} {v:.3g}" for k, v in r["baselines"].items() if k != "md") or "MD = 1"),
         "holds" if r["holds"] else "NO") for r in rows], ("15s", "37s", "8.3g", "51s", "s"))
+    # (a speedup's baseline is MD itself: "MD = 1")
     print(f"  whole run {run['seconds']:.0f}s on {run['device']} ({run['threads']} threads)")
 
-def _print_ground_truth(summary: dict, meta: dict) -> None:
+def _print_ground_truth(s: dict, meta: dict) -> None:
     """The long-MD targets beside the short-MD baseline, and the electrolytes' diffusivities."""
     print("\nMD ground truth for the unseen (class II) test polymers: long MD "
-          f"({summary['long_md_replicas']} replicas x {summary['long_md_tau']:g} tau) and one "
-          f"short run as long as a training trajectory ({summary['short_md_tau']:g} tau)")
+          f"({s['long_md_replicas']} replicas x {s['long_md_tau']:g} tau) and one "
+          f"short run as long as a training trajectory ({s['short_md_tau']:g} tau)")
     print_table([(r["polymer"], r["n_atoms"], f"{r['rg2_truth']:>9.3f} +- {r['rg2_truth_se']:.3f}",
-                  r["rg2_short_md"], f"{100 * r['short_md_rel_error']:.1f}%", r["relaxation_time"])
-                 for r in summary["polymer"]], (">7", ">5", ">16", ">15.3f", ">14", ">21.1f"),
+                  r["rg2_short_md"], r["short_md_rel_error"], r["relaxation_time"])
+                 for r in s["polymer"]], (">7", ">5", ">16", ">15.3f", ">14.1%", ">21.1f"),
                 ("polymer", "atoms", "<Rg2> long MD", "<Rg2> short MD", "short MD error",
                  "Rg2 relaxation (tau)"))
-    print(f"  median relative error of short MD: "
-          f"{100 * summary['short_md_rg2_median_rel_error']:.1f}% (what a learned simulator "
-          "trained on short runs has to beat)")
+    print(f"  median relative error of short MD: {s['short_md_rg2_median_rel_error']:.1%} (what a "
+          "learned simulator trained on short runs has to beat)")
     for name, entry in sorted(meta.items()):
         if isinstance(entry, dict) and "diffusivity" in entry:
             d = ", ".join(f"D_{k} = {v['D']:.4f}" for k, v in entry["diffusivity"].items())
@@ -4002,27 +3624,27 @@ def _print_ground_truth(summary: dict, meta: dict) -> None:
 def _print_polymer_table(res: dict) -> None:
     """Per test polymer: <R_g^2> and its R_g^2 relaxation time from each method, then the
     medians, ranks, calibration, speed, stability and weight selection."""
-    print_table([[r[k] for k in ("polymer", "n_beads", "rg2_truth", "rg2_learned", "rg2_short_md",
-                                 "rg2_supervised_gnn", "relaxation_time_truth_at_step",
-                                 "relaxation_time_learned", "relaxation_time_short_md")]
-                 for r in res["per_polymer"]],
+    keys = ("polymer n_beads rg2_truth rg2_learned rg2_short_md rg2_supervised_gnn relaxation_time"
+            "_truth_at_step relaxation_time_learned relaxation_time_short_md").split()
+    print_table([[r[k] for k in keys] for r in res["per_polymer"]],
                 (">7", ">5", ">12.3f", ">8.3f", ">9.3f", ">9.3f", ">10.2f", ">8.2f", ">9.2f"),
                 ("polymer", "beads", "<Rg2> truth", "learned", "short MD", "sup. GNN",
                  "tau truth", "learned", "short MD"))
+    # [A]'s headline: trained on short runs only, the learned simulator's long rollouts estimate
+    # <Rg2> and its relaxation time better than a short MD run of the training runs' length
     e, t, st = res["rg2_rel_error"], res["relaxation_time_rel_error"], res["stability"]
-    print(f"  median |error| of <Rg2>: learned {100 * e['learned']:.1f}%, short MD "
-          f"{100 * e['short_md']:.1f}%, supervised GNN {100 * e['supervised_gnn']:.1f}%   "
-          f"(target: learned <= 5% and below short MD)")
-    print(f"  median |error| of the Rg2 relaxation time: learned {100 * t['learned']:.1f}%, "
-          f"short MD {100 * t['short_md']:.1f}%   (target: learned within 30%)")
     sp, ss, cal = res["spearman"], res["spearman_short_md"], res["calibration"]
+    print(f"  median |error| of <Rg2>: learned {e['learned']:.1%}, short MD {e['short_md']:.1%}, "
+          f"supervised GNN {e['supervised_gnn']:.1%}   (target: learned <= 5% and below short MD)")
+    print(f"  median |error| of the Rg2 relaxation time: learned {t['learned']:.1%}, "
+          f"short MD {t['short_md']:.1%}   (target: learned within 30%)")
     print(f"  Spearman rank correlation with the truth over the {res['n_test']} polymers: <Rg2> "
           f"learned {sp['rg2']:.2f} (short MD {ss['rg2']:.2f}, supervised GNN "
           f"{res['spearman_supervised_gnn']['rg2']:.2f}); relaxation time learned "
           f"{sp['relaxation_time']:.2f} (short MD {ss['relaxation_time']:.2f})   (target >= 0.7)")
-    print(f"  calibration on held-out long-MD steps: {100 * cal['coverage_95']:.1f}% of "
-          f"coordinates inside the predicted 95% interval ({100 * cal['coverage_50']:.1f}% "
-          f"inside the 50% one; target 90-99%)")
+    print(f"  calibration on held-out long-MD steps: {cal['coverage_95']:.1%} of coordinates "
+          f"inside the predicted 95% interval ({cal['coverage_50']:.1%} inside the 50% one; "
+          "target 90-99%)")
     print(f"  one learned step = {res['learned_step_tau']:g} tau = "
           f"{res['md_steps_per_learned_step']} MD steps; seconds per simulated tau: MD "
           f"{res['seconds_per_tau']['md']:.2e}, learned {res['seconds_per_tau']['learned']:.2e}"
@@ -4032,24 +3654,27 @@ def _print_polymer_table(res: dict) -> None:
               f"{st['max_bond']:.2f} (MD {st['max_bond_truth']:.2f}); mean bond "
               f"{st['mean_bond']:.2f} (MD {st['mean_bond_truth']:.2f})")
     v = res["validation"]
-    if v["selected_iteration"]:
-        score = dict(v["scores"])[v["selected_iteration"]]
+    if v["selected_iteration"]:                          # None: no validation rollouts ran
         print(f"  weights from iteration {v['selected_iteration']} of "
               f"{res['config']['train']['n_iterations']}: the best validation rollout on "
-              f"{v['n_polymers']} held-out class I polymers (rms log <Rg2> error {score:.3f})")
+              f"{v['n_polymers']} held-out class I polymers (rms log <Rg2> error "
+              f"{dict(v['scores'])[v['selected_iteration']]:.3f})")
     print(f"  training {res['train_seconds']:.0f}s, whole experiment {res['seconds']:.0f}s")
 
 def _print_electrolyte_table(res: dict) -> None:
     """Per test electrolyte: D of each species, RDF L1 and collision rate, with and without the
     Score GNN, beside long and short MD."""
-    methods = ("ground_truth", "learned", "learned_no_score", "short_md")
     print_table([(r["system"], m, *(r["D"][m][s] for s in ELECTROLYTE_SPECIES),
                   "" if m == "ground_truth" else f"{r[f'rdf_l1_{m}']:.3f}",
                   f"{r['collision_rate'][m]:.5f}" if m in r["collision_rate"] else "")
-                 for r in res["per_system"] for m in methods],
+                 for r in res["per_system"]
+                 for m in ("ground_truth", "learned", "learned_no_score", "short_md")],
                 (">6", ">17", ">9.4f", ">8.4f", ">9.4f", ">7", ">10"),
                 ("system", "method", "D cation", "D anion", "D polymer", "RDF L1", "collisions"))
-    d, g, c = res["diffusivity_log10_mae"], res["rdf_l1"], res["collision_rate"]
+    # [A]'s Score GNN: refining each learned step removes the collisions (beads too close) the
+    # Dynamics GNN alone makes, and brings the RDF back toward the truth
+    d, g, c, s = (res[k] for k in ("diffusivity_log10_mae", "rdf_l1", "collision_rate",
+                                   "seconds_per_tau"))
     print(f"  mean |log10 D error|: learned {d['learned']:.3f}, without Score GNN "
           f"{d['learned_no_score']:.3f}, short MD {d['short_md']:.3f}   (target: learned "
           "below both)")
@@ -4062,7 +3687,6 @@ def _print_electrolyte_table(res: dict) -> None:
     print(f"  collision rate (pairs closer than {res['collision_threshold']:g} sigma): truth "
           f"{c['ground_truth']:.5f}, learned {c['learned']:.5f}, without Score GNN "
           f"{c['learned_no_score']:.5f}   (target: learned <= 2x truth and below no-score)")
-    s = res["seconds_per_tau"]
     print(f"  one learned step = {res['learned_step_tau']:g} tau = "
           f"{res['md_steps_per_learned_step']} MD steps + {res['score_evaluations_per_step']} "
           f"Score GNN evaluations; seconds per simulated tau ({res['n_replicas']} replicas): MD "
@@ -4072,7 +3696,7 @@ def _print_electrolyte_table(res: dict) -> None:
 
 def _print_interpolation_table(res: dict) -> None:
     """Position MAE per method and temperature, and the free-energy L1 of the C-H bond."""
-    methods = ("bilstm", "unilstm", "hermite", "linear")
+    methods = ("bilstm", "unilstm", "hermite", "linear")  # [B]: both ends of a gap beat one
     print_table([(f"{label} {STIFF_TEMPERATURES[label]}", *(row[m] for m in methods))
                  for label, row in res["mae"].items()],
                 (">10", ">10.5f", ">9.5f", ">9.5f", ">9.5f"), ("kT", *methods),
@@ -4084,17 +3708,20 @@ def _print_interpolation_table(res: dict) -> None:
           f"{res['vibration_period_steps']:.1f} MD steps; {res['seconds']:.0f}s")
 
 def main(argv=None) -> int:
+    """The command line: `demo` (default) or `bench`; --help lists the options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("command", nargs="?", default="demo", choices=["demo", "bench"],
-                        help="demo (default): the end-to-end run; bench: MD throughput")
-    parser.add_argument("--device", default="cpu",
-                        help="cpu (default), cuda, cuda:N, or auto (a GPU if torch sees one)")
-    parser.add_argument("--dtype", default="float32", choices=list(_DTYPES))
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a first look")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data", default=None, help="dataset folder (default data/)")
-    parser.add_argument("--out", default="results", help="results folder")
+    add = parser.add_argument
+    add("command", nargs="?", default="demo", choices=["demo", "bench"],
+        help="demo (default): the end-to-end run; bench: MD throughput")
+    add("--device", default="cpu",
+        help="cpu (default), cuda, cuda:N, or auto (a GPU if torch sees one)")
+    add("--dtype", default="float32", choices=list(_DTYPES))
+    add("--quick", action="store_true", help="tiny sizes, for a first look")
+    add("--seed", type=int, default=0)
+    add("--data", default=None, help="dataset folder (default data/)")
+    add("--out", default="results", help="results folder")
     args = parser.parse_args(argv)
+    # at most one thread per core: oversubscribed threads make the timings (and runs) slower
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     if args.command == "bench":
         bench(args.device, args.dtype, args.quick)
