@@ -6,7 +6,9 @@ Only the public API is called (plus the benchmark's own OpenMM harness in §11).
 Statistical tests use fixed seeds and tolerances derived from the expected error of the
 quantity tested (the derivation sits beside each assert). Physics runs in float64.
 """
+import contextlib
 import dataclasses
+import io
 import json
 import math
 import os
@@ -1692,37 +1694,6 @@ def test_bead_species_of_an_electrolyte():
     assert np.all(np.bincount(cg.labels)[ions] == 1)
 
 
-def test_polymer_experiment_quick_smoke(tmp_path):
-    res = C.polymer_experiment(_quick_data(tmp_path / "d", "polymers"), quick=True,
-                               stability_steps=20,
-                               checkpoint=str(tmp_path / "m.pt"))
-    assert set(res["rg2_rel_error"]) == {"learned", "short_md", "supervised_gnn"}
-    assert set(res["relaxation_time_rel_error"]) == {"learned", "short_md"}
-    assert res["n_test"] == len(res["per_polymer"]) == 2 and res["speedup"] > 0
-    assert res["stability"]["finite"] and os.path.exists(tmp_path / "m.pt")
-    assert set(res["spearman"]) == {"rg2", "relaxation_time"}
-    assert all(-1 <= v <= 1 for v in res["spearman"].values())
-    assert 0 <= res["calibration"]["coverage_95"] <= 1
-    assert res["validation"]["n_polymers"] == 1 and res["validation"]["selected_iteration"]
-    json.dumps(res, allow_nan=False)
-
-
-def test_electrolyte_experiment_quick_smoke(tmp_path):
-    res = C.electrolyte_experiment(_quick_data(tmp_path / "d", "electrolyte"), quick=True,
-                                   n_replicas=2,
-                                   checkpoint_dir=str(tmp_path))
-    for key in ("diffusivity_log10_mae", "rdf_l1"):
-        assert set(res[key]) == {"learned", "learned_no_score", "short_md"}
-    assert set(res["collision_rate"]) == {"ground_truth", "learned", "learned_no_score"}
-    assert res["n_test"] == len(res["per_system"]) == 2 and res["speedup"] > 0
-    assert -1 <= res["spearman"]["diffusivity"] <= 1
-    assert os.path.exists(tmp_path / "electrolyte_score_gnn.pt")
-    back = C.load_checkpoint(tmp_path / "electrolyte_score_gnn.pt",
-                             expected_config=C.ScoreConfig(**res["config"]["score"]))
-    assert isinstance(back, C.ScoreGNN)
-    json.dumps(res, allow_nan=False)
-
-
 def test_quick_experiment_runs_end_to_end(tmp_path):
     _quick_data(tmp_path, "stiff")
     res = C.interpolation_experiment(str(tmp_path), quick=True, labels=["low", "high"])
@@ -1753,7 +1724,15 @@ def test_experiments_bad_input(call, match):
 
 def test_data_gen_quick_is_idempotent_and_the_demo_reads_it(tmp_path):
     data = tmp_path / "data"
-    first = _run(os.path.join(HERE, "data_gen.py"), "--quick", "--out", str(data), cwd=HERE)
+    sys.path.insert(0, HERE)
+    import data_gen
+
+    def gen():      # in-process (the demo below runs data_gen.py as a script, as users do)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            data_gen.main(["--quick", "--out", str(data)])
+        return out.getvalue()
+    first = gen()
     meta = json.loads((data / "metadata.json").read_text())
     names = {"polymer_train", "polymer_test_short", "polymer_test_long", "stiff_low",
              "stiff_mid", "stiff_high", "electrolyte_train_0", "electrolyte_test_1_long"}
@@ -1763,14 +1742,12 @@ def test_data_gen_quick_is_idempotent_and_the_demo_reads_it(tmp_path):
         traj, _ = C.load_trajectory(data / meta[name]["file"])
         assert np.all(np.isfinite(traj.positions))
     # production starts after the burn-in, not from the built (zig-zag) configuration
-    sys.path.insert(0, HERE)
-    import data_gen
     _, test_polymers = data_gen.polymer_sets(data_gen.SIZES["quick"], 0)
     start = np.concatenate([p[1] for p in test_polymers])
     traj, _ = C.load_trajectory(data / "polymer_test_long.npz")
     assert np.abs(traj.positions[0, 0] - start).max() > 0.1
     assert "skipped" not in first
-    again = _run(os.path.join(HERE, "data_gen.py"), "--quick", "--out", str(data), cwd=HERE)
+    again = gen()
     assert again.count("skipped") == len([k for k in meta if isinstance(meta[k], dict)
                                           and "file" in meta[k]])
     results = tmp_path / "results"
@@ -1798,6 +1775,25 @@ def test_data_gen_quick_is_idempotent_and_the_demo_reads_it(tmp_path):
     low = claims[("[B] kT 0.1", "position MAE over the gap")]
     assert low["holds"] == (mae["bilstm"] < min(mae["hermite"], mae["linear"], mae["unilstm"]))
     assert "Summary, seed 0" in printed and summary["run"]["quick"] is True
+    # each [A] experiment's results, as the demo stored them (smoke runs of both experiments)
+    res = summary["polymer"]
+    assert set(res["rg2_rel_error"]) == {"learned", "short_md", "supervised_gnn"}
+    assert set(res["relaxation_time_rel_error"]) == {"learned", "short_md"}
+    assert res["n_test"] == len(res["per_polymer"]) == 2 and res["speedup"] > 0
+    assert res["stability"]["finite"] and (results / "dynamics_gnn.pt").exists()
+    assert set(res["spearman"]) == {"rg2", "relaxation_time"}
+    assert all(-1 <= v <= 1 for v in res["spearman"].values())
+    assert 0 <= res["calibration"]["coverage_95"] <= 1
+    assert res["validation"]["n_polymers"] == 1 and res["validation"]["selected_iteration"]
+    res = summary["electrolyte"]
+    for key in ("diffusivity_log10_mae", "rdf_l1"):
+        assert set(res[key]) == {"learned", "learned_no_score", "short_md"}
+    assert set(res["collision_rate"]) == {"ground_truth", "learned", "learned_no_score"}
+    assert res["n_test"] == len(res["per_system"]) == 2 and res["speedup"] > 0
+    assert -1 <= res["spearman"]["diffusivity"] <= 1
+    back = C.load_checkpoint(results / "electrolyte_score_gnn.pt",
+                             expected_config=C.ScoreConfig(**res["config"]["score"]))
+    assert isinstance(back, C.ScoreGNN)
     # figures: drawn when matplotlib is there, and said so when it is not
     try:
         import matplotlib  # noqa: F401
