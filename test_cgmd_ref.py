@@ -1722,18 +1722,30 @@ def test_experiments_bad_input(call, match):
 
 # ---- §10 figures, §11 bench and command line: the scripts end to end ----------------------------
 
-def test_data_gen_quick_is_idempotent_and_the_demo_reads_it(tmp_path):
-    data = tmp_path / "data"
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """`data_gen.py --quick` twice (in-process), then the quick demo on that data (as a script,
+    which runs data_gen.py as a script too): the outputs the three tests below check."""
+    tmp = tmp_path_factory.mktemp("quick_run")
+    data, results = tmp / "data", tmp / "results"
     sys.path.insert(0, HERE)
     import data_gen
 
-    def gen():      # in-process (the demo below runs data_gen.py as a script, as users do)
+    def gen():
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             data_gen.main(["--quick", "--out", str(data)])
         return out.getvalue()
-    first = gen()
-    meta = json.loads((data / "metadata.json").read_text())
+    first, again = gen(), gen()
+    printed = _run(os.path.join(HERE, "cgmd_ref.py"), "--quick", "--data", str(data), "--out",
+                   str(results), cwd=HERE)
+    return dict(data=data, results=results, first=first, again=again, printed=printed,
+                meta=json.loads((data / "metadata.json").read_text()),
+                summary=json.loads((results / "summary.json").read_text()), data_gen=data_gen)
+
+
+def test_data_gen_quick_is_idempotent(quick_run):
+    data, meta, data_gen = quick_run["data"], quick_run["meta"], quick_run["data_gen"]
     names = {"polymer_train", "polymer_test_short", "polymer_test_long", "stiff_low",
              "stiff_mid", "stiff_high", "electrolyte_train_0", "electrolyte_test_1_long"}
     assert names <= set(meta) and meta["size"] == "quick"
@@ -1746,15 +1758,15 @@ def test_data_gen_quick_is_idempotent_and_the_demo_reads_it(tmp_path):
     start = np.concatenate([p[1] for p in test_polymers])
     traj, _ = C.load_trajectory(data / "polymer_test_long.npz")
     assert np.abs(traj.positions[0, 0] - start).max() > 0.1
-    assert "skipped" not in first
-    again = gen()
-    assert again.count("skipped") == len([k for k in meta if isinstance(meta[k], dict)
-                                          and "file" in meta[k]])
-    results = tmp_path / "results"
-    printed = _run(os.path.join(HERE, "cgmd_ref.py"), "--quick", "--data", str(data), "--out",
-                   str(results), cwd=HERE)
-    summary = json.loads((results / "summary.json").read_text())
-    assert len(summary["md_ground_truth"]["polymer"]) == meta["polymer_test_long"]["n_polymers"]
+    assert "skipped" not in quick_run["first"]
+    assert quick_run["again"].count("skipped") == len(
+        [k for k in meta if isinstance(meta[k], dict) and "file" in meta[k]])
+
+
+def test_demo_closing_table_repeats_the_experiments_numbers(quick_run):
+    summary, printed, results = quick_run["summary"], quick_run["printed"], quick_run["results"]
+    n_test = quick_run["meta"]["polymer_test_long"]["n_polymers"]
+    assert len(summary["md_ground_truth"]["polymer"]) == n_test
     assert "short MD" in printed
     # the closing table repeats the experiments' own numbers, and 'holds' is their comparison
     claims = {(c["experiment"], c["figure"]): c for c in summary["claims"]}
@@ -1775,7 +1787,19 @@ def test_data_gen_quick_is_idempotent_and_the_demo_reads_it(tmp_path):
     low = claims[("[B] kT 0.1", "position MAE over the gap")]
     assert low["holds"] == (mae["bilstm"] < min(mae["hermite"], mae["linear"], mae["unilstm"]))
     assert "Summary, seed 0" in printed and summary["run"]["quick"] is True
-    # each [A] experiment's results, as the demo stored them (smoke runs of both experiments)
+    # figures: drawn when matplotlib is there, and said so when it is not
+    try:
+        import matplotlib  # noqa: F401
+        pngs = sorted(p.name for p in results.glob("*.png"))
+        assert len(pngs) == 8 and "electrolyte_rdf.png" in pngs, pngs
+        assert all((results / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
+    except ImportError:
+        assert "matplotlib is not installed" in printed and not list(results.glob("*.png"))
+
+
+def test_demo_stores_each_paper_a_experiment(quick_run):
+    # smoke runs of both [A] experiments, as the demo stored their results
+    summary, results = quick_run["summary"], quick_run["results"]
     res = summary["polymer"]
     assert set(res["rg2_rel_error"]) == {"learned", "short_md", "supervised_gnn"}
     assert set(res["relaxation_time_rel_error"]) == {"learned", "short_md"}
@@ -1794,14 +1818,6 @@ def test_data_gen_quick_is_idempotent_and_the_demo_reads_it(tmp_path):
     back = C.load_checkpoint(results / "electrolyte_score_gnn.pt",
                              expected_config=C.ScoreConfig(**res["config"]["score"]))
     assert isinstance(back, C.ScoreGNN)
-    # figures: drawn when matplotlib is there, and said so when it is not
-    try:
-        import matplotlib  # noqa: F401
-        pngs = sorted(p.name for p in results.glob("*.png"))
-        assert len(pngs) == 8 and "electrolyte_rdf.png" in pngs, pngs
-        assert all((results / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
-    except ImportError:
-        assert "matplotlib is not installed" in printed and not list(results.glob("*.png"))
 
 
 def test_openmm_comparison_simulates_the_same_forces():
