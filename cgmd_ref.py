@@ -3271,8 +3271,7 @@ def write_figures(summary: dict, out_dir: str) -> list:
     return paths
 
 def _kw(m: str, refined=False) -> dict:
-    """Line colour and legend name of a method; refined: the electrolyte's 'learned' is the one
-    refined by the Score GNN."""
+    """Colour and legend name of method m (refined: the electrolyte's, with the Score GNN)."""
     color, name = _STYLE[m]
     return dict(color=color, label=name + (" + Score GNN" if refined and m == "learned" else ""))
 
@@ -3280,16 +3279,15 @@ def _grid(plt, panels, draw, xlabel, ylabel, n_cols=4, width=3.2, height=2.6):
     """One panel per (title, data) of `panels`, draw(ax, data) on each, n_cols to a row; y labels
     on the first column, the legend in the first panel."""
     n_cols = min(len(panels), n_cols)                    # no empty columns for few panels
-    fig, axes = plt.subplots(-(-len(panels) // n_cols), n_cols, squeeze=False,  # ceil: rows
-                             figsize=(width * n_cols, height * -(-len(panels) // n_cols)))
+    n_rows = -(-len(panels) // n_cols)                   # ceil
+    fig, axes = plt.subplots(n_rows, n_cols, squeeze=False,
+                             figsize=(width * n_cols, height * n_rows))
     for ax in axes.ravel()[len(panels):]:
         ax.set_visible(False)
     for i, (ax, (title, data)) in enumerate(zip(axes.ravel(), panels)):
         draw(ax, data)
         ax.set_title(title, fontsize=9)
-        ax.set_xlabel(xlabel)
-        if i % n_cols == 0:
-            ax.set_ylabel(ylabel)
+        ax.set(xlabel=xlabel, ylabel=ylabel if i % n_cols == 0 else "")
     axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
     return fig
@@ -3298,9 +3296,7 @@ def _draw_rg2_histogram(ax, row):              # [A] Fig. 3 in miniature, one un
     for m in ("truth", "learned", "short_md"):
         ax.stairs(row["rg2_histogram"][m], row["rg2_histogram"]["edges"], lw=1.5, **_kw(m))
 
-def _draw_rg2_acf(ax, row):
-    """R_g^2 ACF vs lag (log axis): long and short MD at every frame (lines), long MD and learned
-    at the learned step (markers)."""
+def _draw_rg2_acf(ax, row):    # R_g^2 ACF: MD at every frame (lines), at the learned step (dots)
     acf = row["rg2_acf"]
     curve = lambda lag, m: (acf[lag][1:len(acf[m])], acf[m][1:])          # noqa: E731
     for m in ("truth", "short_md"):
@@ -3309,8 +3305,7 @@ def _draw_rg2_acf(ax, row):
             color="k", label="long MD, at the learned step")
     ax.plot(*curve("lag_step_tau", "learned"), "s-", ms=3, lw=0.8, **_kw("learned"))
     ax.axhline(0, color="0.7", lw=0.8)
-    ax.set_xscale("log")
-    ax.set_ylim(-0.6, 1.05)
+    ax.set(xscale="log", ylim=(-0.6, 1.05))
 
 def _fig_polymer_fes(plt, res):
     """[A]-style free-energy surface of polymer 0 on the truth's first two principal components
@@ -3329,8 +3324,8 @@ def _fig_polymer_fes(plt, res):
 
 def _draw_msd(ax, row_species):                 # MSD of one species (log-log), every method
     row, s = row_species
-    for m, curve in row["msd"].items():
-        ax.loglog(curve["lag_tau"][1:], curve[s][1:], **_kw(m, True))
+    for m in (m for m in _STYLE if m in row["msd"]):     # a fixed order, as JSON sorts keys
+        ax.loglog(row["msd"][m]["lag_tau"][1:], row["msd"][m][s][1:], **_kw(m, True))
 
 def _draw_rdf(ax, row_pair):                    # [A] Fig. 5 in miniature: with / without Score GNN
     row, p = row_pair
@@ -3343,8 +3338,7 @@ def _draw_collisions(ax, row):                  # collision rate along the learn
         ax.plot(c["time_tau"], c[m], **_kw(m, True))
     ax.axhline(row["collision_rate"]["ground_truth"], color="k", ls="--", label="long MD")
 
-def _draw_trace(ax, tr):
-    """[B] Fig. 4 in miniature: one C-H bond through three gaps, true and by each method."""
+def _draw_trace(ax, tr):         # [B] Fig. 4 in miniature: one C-H bond through three gaps
     t = np.asarray(tr["time_tau"])
     for m in ("truth", "bilstm", "unilstm", "hermite", "linear"):
         ax.plot(t, tr[m], lw=2.0 if m == "truth" else 1.0,
@@ -3354,8 +3348,8 @@ def _draw_trace(ax, tr):
 
 def _draw_free_energy(ax, fe):                  # F(C-H bond) from interpolated vs true frames
     ax.plot(fe["centres"], fe["F_true"], color="k", lw=2, label="true frames")
-    for m, F in fe["F"].items():
-        ax.plot(fe["centres"], F, **_kw(m))
+    for m in (m for m in _STYLE if m in fe["F"]):
+        ax.plot(fe["centres"], fe["F"][m], **_kw(m))
 
 # Panels: experiment result -> [(title, data)].
 _POLYMERS = lambda res: [(f"polymer {r['polymer']} ({r['n_beads']} beads)", r)  # noqa: E731
@@ -3363,7 +3357,8 @@ _POLYMERS = lambda res: [(f"polymer {r['polymer']} ({r['n_beads']} beads)", r)  
 _SYSTEMS = lambda cols, name: lambda res: [(f"system {r['system']}: {name(c)}", (r, c))  # noqa
                                            for r in res["per_system"] for c in cols]
 _KT = lambda key, note="": lambda res: [  # noqa: E731
-    (f"kT = {STIFF_TEMPERATURES[lab]} ({lab}){note}", v) for lab, v in res[key].items()]
+    (f"kT = {kT} ({lab}){note}", res[key][lab]) for lab, kT in STIFF_TEMPERATURES.items()
+    if lab in res[key]]
 _COLLISIONS = lambda res: [  # noqa: E731
     (f"system {r['system']}: pairs closer than {res['collision_threshold']:g} sigma", r)
     for r in res["per_system"]]
@@ -3392,13 +3387,11 @@ _FIGURES = [
 # -------------------------------------------------------------------------------------------------
 def _chain_replicas(n_chains: int = 64, n_beads: int = 24):
     """Benchmark workload (a): n_chains independent copies of a one-type bead-spring chain."""
-    bonds = np.stack([np.arange(n_beads - 1), np.arange(1, n_beads)], 1)
+    i = np.arange(n_beads)
     system = System(types=np.zeros(n_beads, dtype=np.int64), masses=np.ones(n_beads),
-                    bonds=bonds, bond_k=100.0, bond_r0=1.0, epsilon=[[1.0]], sigma=[[1.0]],
-                    r_cut=2.5)
-    x = np.zeros((n_beads, 3))
-    x[:, 0] = 0.97 * np.arange(n_beads)
-    x[1::2, 1] = 0.25                                # a zig-zag: no straight-line start
+                    bonds=np.stack([i[:-1], i[1:]], 1), bond_k=100.0, bond_r0=1.0,
+                    epsilon=[[1.0]], sigma=[[1.0]], r_cut=2.5)
+    x = np.stack([0.97 * i, 0.25 * (i % 2), 0.0 * i], 1)   # a zig-zag: no straight-line start
     return system, np.repeat(x[None], n_chains, axis=0)
 
 def _openmm_context(system: System, x, kT=1.0, gamma=1.0, dt=0.005):
@@ -3450,17 +3443,16 @@ def _throughput(system, x, n_steps, device, dtype, warmup):
     tr = simulate(system, eq.positions[-1], n_steps, save_every=n_steps,
                   velocities=eq.velocities[-1], device=device, dtype=dtype, seed=1)
     rate = x.size // 3 * n_steps / (time.perf_counter() - t0)
+    per_build = n_steps / max(tr.info["pair_list_builds"] - 1, 1)
     made = _openmm_context(system, x) if device.type == "cpu" else None
-    omm = None                                           # OpenMM's rate, when it ran
-    if made is not None:                                 # same warm-up and steps, from x itself
-        context, integrator = made
-        integrator.step(warmup)
-        context.getState(getPositions=True)
+    if made is None:
+        return rate, per_build, None
+    context, integrator = made                           # same warm-up and steps, from x itself
+    for steps in (warmup, n_steps):
         t0 = time.perf_counter()
-        integrator.step(n_steps)
-        context.getState(getPositions=True)                # waits for the last step
-        omm = x.size // 3 * n_steps / (time.perf_counter() - t0)
-    return rate, n_steps / max(tr.info["pair_list_builds"] - 1, 1), omm
+        integrator.step(steps)
+        context.getState(getPositions=True)              # waits for the last step
+    return rate, per_build, x.size // 3 * n_steps / (time.perf_counter() - t0)
 
 def bench(device: str = "cpu", dtype: str = "float32", quick: bool = False) -> list:
     """MD throughput on the issue's workloads (and OpenMM's, when it is importable and the
@@ -3618,8 +3610,8 @@ def _print_ground_truth(s: dict, meta: dict) -> None:
           "learned simulator trained on short runs has to beat)")
     for name, entry in sorted(meta.items()):
         if isinstance(entry, dict) and "diffusivity" in entry:
-            d = ", ".join(f"D_{k} = {v['D']:.4f}" for k, v in entry["diffusivity"].items())
-            print(f"  {name}: {d}")
+            print(f"  {name}: " + ", ".join(f"D_{k} = {v['D']:.4f}"
+                                            for k, v in entry["diffusivity"].items()))
 
 def _print_polymer_table(res: dict) -> None:
     """Per test polymer: <R_g^2> and its R_g^2 relaxation time from each method, then the
