@@ -2386,14 +2386,13 @@ def relaxation_time(x, dt):
     gives ~tau. If C never crosses zero the whole ACF is integrated, an UNDER-estimate.
     """
     dt = _positive(dt, "dt")
-    x = _as_array(x, "x", ndim=1, expected="[T] with T >= 3")
-    if x.shape[0] < 3:
-        raise ValueError(f"x has {x.shape[0]} samples; expected T >= 3")
-    acf = autocorrelation(x)
-    non_positive = np.flatnonzero(acf <= 0)
-    if non_positive.size == 0:
+    if np.ndim(x) == 1 and len(x) < 3:
+        raise ValueError(f"x has {len(x)} samples; expected T >= 3")
+    acf = autocorrelation(x)                          # (which checks x)
+    k = np.flatnonzero(acf <= 0)[:1]                  # the first lag with C <= 0, if any
+    if k.size == 0:
         return float(np.trapezoid(acf, dx=dt))
-    k = non_positive[0]
+    k = int(k[0])
     a, b = acf[k - 1], acf[k]                         # a > 0 >= b
     tail = 0.5 * a * a / (a - b)                      # triangle up to C = 0
     return float((np.trapezoid(acf[:k], dx=1.0) + tail) * dt)
@@ -2524,10 +2523,9 @@ def collision_rate(positions, threshold, *, box=None, exclude=None):
 # ---- free-energy surface on principal components ------------------------------------------------
 def pairwise_distance_features(positions):
     """Internal distances |x_i - x_j|, i < j in triu order: [T, n (n-1) / 2] from [T, n, 3]."""
-    expected = "[T, n_atoms, 3] with n_atoms >= 2"
-    pos = _as_array(positions, "positions", ndim=3, last=3, expected=expected)
+    pos = _as_array(positions, "positions", ndim=3, last=3, expected="[T, n_atoms >= 2, 3]")
     if pos.shape[1] < 2:
-        raise ValueError(f"positions has shape {pos.shape}; expected {expected}")
+        raise ValueError(f"positions has shape {pos.shape}; expected [T, n_atoms >= 2, 3]")
     i, j = np.triu_indices(pos.shape[1], k=1)
     return np.linalg.norm(pos[:, i] - pos[:, j], axis=-1)
 
