@@ -367,8 +367,6 @@ class PairList:
         d2 = (x - self.x_ref).square().sum(0)
         top = torch.topk(d2, min(2, d2.numel())).values.sqrt().cpu().tolist()
         return top[0], sum(top)
-    def needs_rebuild(self, top2: float) -> bool:
-        return (not self.static) and top2 > self.skin
     def displacements(self, x: torch.Tensor) -> torch.Tensor:
         """Minimum-image pair vectors d_ij = x_i - x_j, [3, P]."""
         d = x.index_select(1, self.i).sub_(x.index_select(1, self.j))
@@ -446,10 +444,10 @@ def _from_engine(x: torch.Tensor, n_replicas: int) -> np.ndarray:
     return x.detach().T.cpu().numpy().reshape(n_replicas, -1, 3)
 
 def _force_field_at(system: System, positions):
+    """(float64 ForceField with its pair list built, engine coordinates, positions batched?)."""
     x = system.check_positions(positions)
     xr = x if x.ndim == 3 else x[None]
-    ff = ForceField(system, len(xr), "cpu", torch.float64)
-    xe = _to_engine(xr, "cpu", torch.float64)
+    ff, xe = ForceField(system, len(xr)), _to_engine(xr, "cpu", torch.float64)
     ff.pairs.build(xe)
     return ff, xe, x.ndim == 3
 
@@ -582,7 +580,7 @@ def _check_and_rebuild(x, ff: ForceField, step: int, steps_since: int) -> bool:
             raise SimulationBlowUp(f"simulation blew up at step {step}: an atom moved {moved:.3g}"
                                    f" sigma in {steps_since} steps; try a smaller dt")
         ff.pairs.x_ref = x.clone()
-    elif ff.pairs.needs_rebuild(top2):
+    elif top2 > ff.pairs.skin:                            # the Verlet skin is used up
         if moved > ff.pairs.skin + 0.5 * steps_since:
             raise SimulationBlowUp(f"simulation blew up at step {step}: an atom moved {moved:.3g}"
                                    " sigma since the last pair-list build; try a smaller dt")
