@@ -367,6 +367,8 @@ class PairList:
         d2 = (x - self.x_ref).square().sum(0)
         top = torch.topk(d2, min(2, d2.numel())).values.sqrt().cpu().tolist()
         return top[0], sum(top)
+    def needs_rebuild(self, top2: float) -> bool:
+        return (not self.static) and top2 > self.skin
     def displacements(self, x: torch.Tensor) -> torch.Tensor:
         """Minimum-image pair vectors d_ij = x_i - x_j, [3, P]."""
         d = x.index_select(1, self.i).sub_(x.index_select(1, self.j))
@@ -580,7 +582,7 @@ def _check_and_rebuild(x, ff: ForceField, step: int, steps_since: int) -> bool:
             raise SimulationBlowUp(f"simulation blew up at step {step}: an atom moved {moved:.3g}"
                                    f" sigma in {steps_since} steps; try a smaller dt")
         ff.pairs.x_ref = x.clone()
-    elif top2 > ff.pairs.skin:                            # the Verlet skin is used up
+    elif ff.pairs.needs_rebuild(top2):
         if moved > ff.pairs.skin + 0.5 * steps_since:
             raise SimulationBlowUp(f"simulation blew up at step {step}: an atom moved {moved:.3g}"
                                    " sigma since the last pair-list build; try a smaller dt")
