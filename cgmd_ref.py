@@ -1666,15 +1666,13 @@ def train_dynamics(cg_positions, cg, cfg: DynamicsConfig = DynamicsConfig(),
                    train: TrainConfig = TrainConfig(), device="cpu",
                    dtype=torch.float32, label: str = "dynamics", validate=None,
                    validate_every: int = 250, validate_from: int = 0) -> DynamicsGNN:
-    """Fit a DynamicsGNN to CG trajectories by the Gaussian NLL of one learned step.
-
-    As in GNS [2] and [A], the history x_{t-Ks} .. x_t (s = stride frames) gets noise and the
-    target comes from the *noisy* history, a = x_{t+s} - 2 x~_t + x~_{t-s}: the model learns to
-    steer back to real configurations. cg_positions: frames [F, R, n, 3] of `cg`, or a list of
-    them with `cg` a list of CGSystems (taken in turn). validate(model) -> score (lower is better)
-    runs every validate_every iterations from validate_from on and at the end; the best weights
-    are kept (as GNS [2] selects checkpoints), see model.validation, model.selected_iteration.
-    """
+    """Fit a DynamicsGNN to CG trajectories by the Gaussian NLL of one learned step. As in GNS
+    [2] and [A], the history x_{t-Ks} .. x_t (s = stride frames) gets noise and the target comes
+    from the *noisy* history, a = x_{t+s} - 2 x~_t + x~_{t-s}: the model learns to steer back to
+    real configurations. cg_positions: frames [F, R, n, 3] of `cg`, or a list of them with `cg` a
+    list of CGSystems (taken in turn). validate(model) -> score (lower is better) runs every
+    validate_every iterations from validate_from on and at the end; the best weights are kept
+    (as GNS [2] selects checkpoints), see model.validation, model.selected_iteration."""
     K, m = cfg.n_history, _positive_int(train.stride, "stride")
     validate_every = _positive_int(validate_every, "validate_every")
     if not train.rg2_weight >= 0:
@@ -1786,12 +1784,10 @@ class _Fit:
 def rollout(model: DynamicsGNN, cg: CGSystem, history, n_steps: int, *, seed: int = 0,
             label: Optional[str] = None, refine=None) -> np.ndarray:
     """Run the learned simulator on `cg` (unseen systems too): sample a_t, Euler step, refine.
-
-    history [R, K + 1, n, 3] holds R replicas' first frames, one learned step apart. `refine`,
-    refine(x_next, history, generator) -> x_next, e.g. langevin_refiner(score_gnn, cg), is [A]'s
-    Score GNN refinement; `seed` seeds both. Returns frames [n_steps + 1, R, n, 3] (numpy), the
-    last history frame first; SimulationBlowUp names the step where a position turns non-finite.
-    """
+    history [R, K + 1, n, 3]: R replicas' first frames, one learned step apart. refine(x_next,
+    history, generator) -> x_next, e.g. langevin_refiner(score_gnn, cg), is [A]'s Score GNN
+    refinement; `seed` seeds both. Returns frames [n_steps + 1, R, n, 3] (numpy), the last
+    history frame first; SimulationBlowUp names the step where a position turns non-finite."""
     n_steps = _positive_int(n_steps, "n_steps")
     dev, dt = model.vel_scale.device, next(model.parameters()).dtype
     h = torch.as_tensor(np.asarray(history), dtype=dt, device=dev)
