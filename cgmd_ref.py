@@ -1544,8 +1544,7 @@ class GeometricGNN(torch.nn.Module):
         unit = graph.displacement / graph.distance.clamp_min(1e-6)
         vector = torch.zeros(graph.n_nodes, 3, dtype=h.dtype, device=h.device).index_add_(
             0, graph.receivers, edge_out[:, :1] * unit)
-        c = node_out[:, :self.n_node_vectors, None]
-        vector = vector + (c * node_vectors).sum(1)
+        vector = vector + (node_out[:, :self.n_node_vectors, None] * node_vectors).sum(1)
         return vector, node_out[:, self.n_node_vectors:], edge_out[:, 1:]
 
 @dataclass
@@ -1585,10 +1584,11 @@ class DynamicsGNN(torch.nn.Module):
         t = lambda a: torch.as_tensor(a, device=self.vel_scale.device)  # noqa: E731
         return self.embedding(t(cg.atom_types), t(cg.bonds), t(cg.bond_type), t(cg.labels),
                               cg.n_beads)
-    def features(self, history, cg: CGSystem, embedding=None, pairs=None):
-        """Invariant inputs of history [B, K + 1, n, 3] (oldest first): node features (bead
-        embedding, mass, speeds |v^k|, v^1 . v^k), edge features (distance, bond flag, u . v^k of
-        sender and receiver), the graph of the last frame, velocities v [B n, K, 3]."""
+    def forward(self, history, cg: CGSystem, embedding=None, pairs=None) -> StepDistribution:
+        """history [B, K + 1, n, 3], oldest first -> StepDistribution. Invariant inputs: bead
+        embedding, mass, speeds |v^k|, v^1 . v^k per node; distance, bond flag, u . v^k at both
+        ends per edge of the last frame's graph. `embedding` (bead_embedding(cg)) and `pairs`
+        (cg.candidate_pairs() as a tensor) save recomputing them at every rollout step."""
         K = self.cfg.n_history
         (B, _, n, _), dt = _check_history(history, K, cg.n_beads).shape, history.dtype
         g, beads = _graph_and_beads(self, history[:, -1], cg, embedding, pairs)
@@ -1598,13 +1598,8 @@ class DynamicsGNN(torch.nn.Module):
         u = (g.displacement / g.distance)[:, None]                       # [E, 1, 3]
         edge = torch.cat([g.distance / self.cfg.radius, g.edge_type[:, None].to(dt),
                           (u * v[g.senders]).sum(-1), (u * v[g.receivers]).sum(-1)], dim=1)
-        return node, edge, g, v
-    def forward(self, history, cg: CGSystem, embedding=None, pairs=None) -> StepDistribution:
-        """history [B, K + 1, n, 3] -> StepDistribution. `embedding` (bead_embedding(cg)) and
-        `pairs` (cg.candidate_pairs() as a tensor) save recomputing them at every rollout step."""
-        node, edge, g, v = self.features(history, cg, embedding, pairs)
         vector, s, es = self.net(node, edge, g, v)                     # encode, process, decode
-        (B, _, n, _), a = history.shape, self.acc_scale.to(history.dtype)
+        a = self.acc_scale.to(dt)
         return StepDistribution(mean=a * vector.reshape(B, n, 3),
                                 scale=a * torch.nn.functional.softplus(s).reshape(B, n),
                                 edge_scale=a * es[:, 0] if self.cfg.correlated else None,
@@ -1619,8 +1614,7 @@ def _graph_and_beads(model, frame, cg: CGSystem, embedding=None, pairs=None):
     bonds = torch.as_tensor(cg.cg_bonds, device=dev).reshape(-1, 2)
     g = pair_graph(frame, pairs, bonds, model.cfg.radius, box=cg.box)
     mass = torch.as_tensor(cg.bead_mass, device=dev, dtype=dt) / model.mass_scale.to(dt)
-    B = frame.shape[0]
-    return g, torch.cat([emb.to(dt).repeat(B, 1), mass.repeat(B)[:, None]], dim=1)
+    return g, torch.cat([emb.to(dt).repeat(len(frame), 1), mass.repeat(len(frame))[:, None]], 1)
 
 # ---- training: Gaussian NLL of one learned step, with noise on the input history -----------------
 @dataclass
@@ -1672,15 +1666,13 @@ def train_dynamics(cg_positions, cg, cfg: DynamicsConfig = DynamicsConfig(),
                    train: TrainConfig = TrainConfig(), device="cpu",
                    dtype=torch.float32, label: str = "dynamics", validate=None,
                    validate_every: int = 250, validate_from: int = 0) -> DynamicsGNN:
-    """Fit a DynamicsGNN to CG trajectories by the Gaussian NLL of one learned step.
-
-    As in GNS [2] and [A], the history x_{t-Ks} .. x_t (s = stride frames) gets noise and the
-    target comes from the *noisy* history, a = x_{t+s} - 2 x~_t + x~_{t-s}: the model learns to
-    steer back to real configurations. cg_positions: frames [F, R, n, 3] of `cg`, or a list of
-    them with `cg` a list of CGSystems (taken in turn). validate(model) -> score (lower is better)
-    runs every validate_every iterations from validate_from on and at the end; the best weights
-    are kept (as GNS [2] selects checkpoints), see model.validation, model.selected_iteration.
-    """
+    """Fit a DynamicsGNN to CG trajectories by the Gaussian NLL of one learned step. As in GNS
+    [2] and [A], the history x_{t-Ks} .. x_t (s = stride frames) gets noise and the target comes
+    from the *noisy* history, a = x_{t+s} - 2 x~_t + x~_{t-s}: the model learns to steer back to
+    real configurations. cg_positions: frames [F, R, n, 3] of `cg`, or a list of them with `cg` a
+    list of CGSystems (taken in turn). validate(model) -> score (lower is better) runs every
+    validate_every iterations from validate_from on and at the end; the best weights are kept
+    (as GNS [2] selects checkpoints), see model.validation, model.selected_iteration."""
     K, m = cfg.n_history, _positive_int(train.stride, "stride")
     validate_every = _positive_int(validate_every, "validate_every")
     if not train.rg2_weight >= 0:
@@ -1751,9 +1743,8 @@ class _Fit:
     """After each loss: Adam (gradient norm clipped, learning rate decaying exponentially to
     lr_final), validate(model) on schedule (done() keeps the best weights), progress every 10 s."""
     def __init__(self, model, train, label, what, validate=None, every=250, start=0):
-        self.model, self.n, self.clip = model, train.n_iterations, train.clip
-        self.label, self.what, self.validate, self.every, self.start = (label, what, validate,
-                                                                        every, start)
+        self.model, self.train, self.label, self.what = model, train, label, what
+        self.validate, self.every, self.start, self.n = validate, every, start, train.n_iterations
         self.opt = torch.optim.Adam(model.parameters(), lr=train.lr)
         self.sched = torch.optim.lr_scheduler.ExponentialLR(
             self.opt, (train.lr_final / train.lr) ** (1 / max(self.n, 1)))
@@ -1762,22 +1753,21 @@ class _Fit:
     def step(self, it, loss):
         self.opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train.clip)
         self.opt.step()
         self.sched.step()
-        v = loss.item()
+        v, model = loss.item(), self.model
         self.smooth = v if self.smooth is None else 0.98 * self.smooth + 0.02 * v
-        if self.validate is not None and it >= self.start and (it % self.every == 0
-                                                               or it == self.n):
-            self.model.eval()
+        due = it >= self.start and (it % self.every == 0 or it == self.n)
+        if self.validate is not None and due:
             with torch.no_grad():
-                score = float(self.validate(self.model))
-            self.model.train()
+                score = float(self.validate(model.eval()))
             self.scores.append((it, score))
+            model.train()
             if self.label is not None:
                 print(f"  {self.label}: validation at iteration {it}: {score:.4f}", flush=True)
             if self.best is None or score < self.best[0]:
-                self.best = score, it, {k: t.clone() for k, t in self.model.state_dict().items()}
+                self.best = score, it, {k: t.clone() for k, t in model.state_dict().items()}
         now = time.perf_counter()
         if self.label is not None and (now - self.t_print > 10 or it == self.n):
             self.t_print, rate = now, it / (now - self.t0)
@@ -1794,12 +1784,10 @@ class _Fit:
 def rollout(model: DynamicsGNN, cg: CGSystem, history, n_steps: int, *, seed: int = 0,
             label: Optional[str] = None, refine=None) -> np.ndarray:
     """Run the learned simulator on `cg` (unseen systems too): sample a_t, Euler step, refine.
-
-    history [R, K + 1, n, 3] holds R replicas' first frames, one learned step apart. `refine`,
-    refine(x_next, history, generator) -> x_next, e.g. langevin_refiner(score_gnn, cg), is [A]'s
-    Score GNN refinement; `seed` seeds both. Returns frames [n_steps + 1, R, n, 3] (numpy), the
-    last history frame first; SimulationBlowUp names the step where a position turns non-finite.
-    """
+    history [R, K + 1, n, 3]: R replicas' first frames, one learned step apart. refine(x_next,
+    history, generator) -> x_next, e.g. langevin_refiner(score_gnn, cg), is [A]'s Score GNN
+    refinement; `seed` seeds both. Returns frames [n_steps + 1, R, n, 3] (numpy), the last
+    history frame first; SimulationBlowUp names the step where a position turns non-finite."""
     n_steps = _positive_int(n_steps, "n_steps")
     dev, dt = model.vel_scale.device, next(model.parameters()).dtype
     h = torch.as_tensor(np.asarray(history), dtype=dt, device=dev)
