@@ -3015,7 +3015,7 @@ def electrolyte_experiment(data_dir="data", seed=0, device="cpu", quick=False,
 def _electrolyte_test(data_dir, k, model, score, refine, m, atoms_per_bead, n_replicas,
                       collision_threshold, seed, device, quick):
     """(row, seconds per tau, learned steps, MD dt) of test electrolyte k: rollouts with and
-    without the Score GNN from the short run's first frames."""
+    without the Score GNN from the short run's first frames, beside the long and short MD."""
     x_long, cg, long = _load_cg(os.path.join(data_dir, f"electrolyte_test_{k}_long.npz"),
                                 atoms_per_bead, seed)
     x_short = _load_cg(os.path.join(data_dir, f"electrolyte_test_{k}_short.npz"),
@@ -3030,57 +3030,49 @@ def _electrolyte_test(data_dir, k, model, score, refine, m, atoms_per_bead, n_re
         seconds[name], frames[name] = _timed_rollout(model, cg, history, n_steps, step_tau, repeats,
                                                      seed + 1, ref, f"{name} rollout, system {k}")
     seconds["md"] = _md_seconds_per_tau(long, tau, device, n_replicas, repeats)
-    stats = lambda f, dt: _transport_and_structure(f, dt, cg, species, fit,   # noqa: E731
-                                                   collision_threshold)
-    truth = stats(x_long[::m], step_tau)                 # structure at the learned step ...
-    truth["D"], truth["msd"] = _diffusivities(x_long, frame_dt, species, fit)  # D: all frames
+    stats = lambda f, dt, every=1: _transport_and_structure(  # noqa: E731
+        f, dt, cg, species, fit, collision_threshold, every)
+    # The truth's D from all MD frames, its structure at the learned step (as the rollouts')
+    truth = stats(x_long, frame_dt, m)
     methods = {name: stats(f[1:], step_tau) for name, f in frames.items()}
     methods["short_md"] = stats(x_short, frame_dt)
-    return _electrolyte_row(k, cg, truth, methods, step_tau), seconds, n_steps, long.info["dt"]
+    dr, every = truth["r"][1] - truth["r"][0], dict(ground_truth=truth, **methods)
+    rollouts = ("learned", "learned_no_score")
+    row = dict(system=k, n_beads=cg.n_beads, box=cg.box,
+               D={e: v["D"] for e, v in every.items()}, msd={e: v["msd"] for e, v in every.items()},
+               rdf=dict(r=truth["r"].tolist(), **{e: {p: g.tolist() for p, g in v["rdf"].items()}
+                                                 for e, v in every.items()}),
+               collision_rate={e: float(every[e]["collisions"].mean())
+                               for e in ("ground_truth",) + rollouts},
+               collisions_over_time=dict(time_tau=(np.arange(len(methods["learned"][
+                   "collisions"])) * step_tau).tolist(),
+                   **{e: methods[e]["collisions"].tolist() for e in rollouts}))
+    for e, v in methods.items():
+        row[f"diffusivity_log10_error_{e}"] = float(np.mean(
+            [abs(np.log10(v["D"][s] / truth["D"][s])) for s in ELECTROLYTE_SPECIES]))
+        row[f"rdf_l1_{e}"] = float(np.mean([np.abs(v["rdf"][p] - truth["rdf"][p]).sum() * dr
+                                            for p in truth["rdf"]]))
+    return row, seconds, n_steps, long.info["dt"]
 
-def _transport_and_structure(frames, dt, cg, species, fit, threshold, n_bins=30) -> dict:
-    """D per species, the three RDFs and the collision rate per frame of frames [T, R, n, 3]
-    (unwrapped, `dt` apart). Collisions: non-bonded bead pairs closer than `threshold`."""
-    T, R = frames.shape[:2]
-    flat = frames.reshape(T * R, cg.n_beads, 3)
+def _transport_and_structure(frames, dt, cg, species, fit, threshold, every=1, n_bins=30) -> dict:
+    """D and MSD per species (mean over replicas) of unwrapped frames [T, R, n, 3], `dt` apart;
+    the three RDFs and the collision rate per frame (non-bonded bead pairs closer than
+    `threshold`) of every `every`-th frame."""
+    T, R = frames[::every].shape[:2]
+    flat = frames[::every].reshape(T * R, cg.n_beads, 3)
     rdf = {}
     for a, b in ELECTROLYTE_RDF_PAIRS:
         r, g = radial_distribution(flat[:, species == a], cg.box, cg.box / 2, n_bins,
                                    None if a == b else flat[:, species == b])
         rdf[f"{a}-{b}"] = g
     coll = collision_rate(flat, threshold, box=cg.box, exclude=cg.cg_bonds).reshape(T, R)
-    D, msd = _diffusivities(frames, dt, species, fit)
-    return dict(D=D, msd=msd, rdf=rdf, r=r, collisions=coll.mean(1))
-
-def _diffusivities(frames, dt, species, fit):
-    """(D, MSD curves) of each species from unwrapped frames [T, R, n, 3], mean over replicas."""
     D, msd = {}, dict(lag_tau=(dt * np.arange(len(frames))).tolist())
     for s in ELECTROLYTE_SPECIES:
         sel = frames[:, :, species == s]                                    # [T, R, n_s, 3]
-        curves = [mean_squared_displacement(sel[:, r]) for r in range(sel.shape[1])]
+        curves = [mean_squared_displacement(sel[:, r]) for r in range(R)]
         D[s] = float(np.mean([_einstein_slope(c, dt, *fit) for c in curves]))
         msd[s] = np.mean(curves, axis=0).tolist()
-    return D, msd
-
-def _electrolyte_row(k, cg, truth, methods, step_tau) -> dict:
-    """Figures of test system k from the _transport_and_structure dicts of truth and methods."""
-    dr = truth["r"][1] - truth["r"][0]
-    every, rollouts = dict(ground_truth=truth, **methods), ("learned", "learned_no_score")
-    row = dict(system=k, n_beads=cg.n_beads, box=cg.box,
-               D={m: v["D"] for m, v in every.items()}, msd={m: v["msd"] for m, v in every.items()},
-               rdf=dict(r=truth["r"].tolist(), **{m: {p: g.tolist() for p, g in v["rdf"].items()}
-                                                 for m, v in every.items()}),
-               collision_rate={m: float(every[m]["collisions"].mean())
-                               for m in ("ground_truth",) + rollouts},
-               collisions_over_time=dict(time_tau=(np.arange(len(methods["learned"][
-                   "collisions"])) * step_tau).tolist(),
-                   **{m: methods[m]["collisions"].tolist() for m in rollouts}))
-    for m, v in methods.items():
-        row[f"diffusivity_log10_error_{m}"] = float(np.mean(
-            [abs(np.log10(v["D"][s] / truth["D"][s])) for s in ELECTROLYTE_SPECIES]))
-        row[f"rdf_l1_{m}"] = float(np.mean([np.abs(v["rdf"][p] - truth["rdf"][p]).sum() * dr
-                                            for p in truth["rdf"]]))
-    return row
+    return dict(D=D, msd=msd, rdf=rdf, r=r, collisions=coll.mean(1))
 
 def _electrolyte_means(rows) -> dict:
     """Means over the test systems, and the rank correlation of D over (system, species)."""
