@@ -2824,7 +2824,9 @@ def rg2_validation(x_val, cg_val: CGSystem, stride: int, n_history: int, *, n_re
     return validate
 
 def _polymer_judge(model, data, m, burn_in_tau, stability_steps, seed, device, quick) -> dict:
-    """Roll out on the test polymers (m frames a step), timed beside MD; judge each method."""
+    """Roll out on the test polymers (m frames a step), timed beside MD; judge each method by
+    the medians of its errors and by Spearman ranks of estimate vs truth (LiFlow's test of
+    transfer: are unseen polymers ordered by size and by relaxation time correctly?)."""
     (x_tr, cg_tr, tr), (x_short, cg_te, short), (x_long, _, long) = data
     frame_dt = float(tr.time[1] - tr.time[0])
     step_tau = m * frame_dt
@@ -2845,12 +2847,23 @@ def _polymer_judge(model, data, m, burn_in_tau, stability_steps, seed, device, q
     rows = [_polymer_row(k, truth[k], learned[k], short_rg2[k], float(supervised[k]),
                          int((cg_te.molecule == k).sum()), frame_dt, m)
             for k in range(len(truth))]
-    sel0 = np.flatnonzero(cg_te.molecule == 0)                          # polymer 0's beads
+    med = lambda get, methods: {e: float(np.median([get(r, e) for r in rows]))  # noqa: E731
+                                for e in methods}
+    rank = lambda a, b: _rank_correlation([r[a] for r in rows], [r[b] for r in rows])  # noqa
+    both, sel0 = ("learned", "short_md"), np.flatnonzero(cg_te.molecule == 0)  # polymer 0's beads
     cover = one_step_coverage(model, cg_te, x_long, m, seed=seed)
     return dict(
-        **_polymer_summary(rows), calibration=dict(
-            coverage_95=cover["coverage"]["0.95"], coverage_50=cover["coverage"]["0.5"],
-            mean_z2=cover["mean_z2"], n_coordinates=cover["n_coordinates"]),
+        rg2_rel_error=med(lambda r, e: r[f"rg2_rel_error_{e}"], both + ("supervised_gnn",)),
+        relaxation_time_rel_error=med(lambda r, e: r[f"relaxation_time_rel_error_{e}"], both),
+        rg2_distribution_l1=med(lambda r, e: r["rg2_distribution_l1"][e], both),
+        spearman=dict(rg2=rank("rg2_truth", "rg2_learned"), relaxation_time=rank(
+            "relaxation_time_truth_at_step", "relaxation_time_learned")),
+        spearman_short_md=dict(rg2=rank("rg2_truth", "rg2_short_md"), relaxation_time=rank(
+            "relaxation_time_truth", "relaxation_time_short_md")),
+        spearman_supervised_gnn=dict(rg2=rank("rg2_truth", "rg2_supervised_gnn")),
+        calibration=dict(coverage_95=cover["coverage"]["0.95"],
+                         coverage_50=cover["coverage"]["0.5"], mean_z2=cover["mean_z2"],
+                         n_coordinates=cover["n_coordinates"]),
         seconds_per_tau=per_tau, speedup=per_tau["md"] / per_tau["learned"], n_test=len(rows),
         per_polymer=rows, free_energy_surface_polymer0=_fes_difference(
             x_long[::m, :, sel0].reshape(-1, len(sel0), 3),
@@ -2925,23 +2938,6 @@ def _stability_check(model, cg, history, n_steps, seed, x_truth) -> dict:
                 max_bond=float(bond.max()), max_bond_truth=float(bond_true.max()),
                 mean_bond=float(bond.mean()), mean_bond_truth=float(bond_true.mean()),
                 seconds=time.perf_counter() - t0)
-
-def _polymer_summary(rows) -> dict:
-    """Medians of each method's errors, and Spearman ranks of estimate vs truth (LiFlow's test
-    of transfer: are unseen polymers ordered by size and by relaxation time correctly?)."""
-    med = lambda get, methods: {e: float(np.median([get(r, e) for r in rows]))  # noqa: E731
-                                for e in methods}
-    rank = lambda a, b: _rank_correlation([r[a] for r in rows], [r[b] for r in rows])  # noqa
-    both = ("learned", "short_md")
-    return dict(
-        rg2_rel_error=med(lambda r, e: r[f"rg2_rel_error_{e}"], both + ("supervised_gnn",)),
-        relaxation_time_rel_error=med(lambda r, e: r[f"relaxation_time_rel_error_{e}"], both),
-        rg2_distribution_l1=med(lambda r, e: r["rg2_distribution_l1"][e], both),
-        spearman=dict(rg2=rank("rg2_truth", "rg2_learned"), relaxation_time=rank(
-            "relaxation_time_truth_at_step", "relaxation_time_learned")),
-        spearman_short_md=dict(rg2=rank("rg2_truth", "rg2_short_md"), relaxation_time=rank(
-            "relaxation_time_truth", "relaxation_time_short_md")),
-        spearman_supervised_gnn=dict(rg2=rank("rg2_truth", "rg2_supervised_gnn")))
 
 # ---- paper A: the electrolyte experiment (Score GNN refinement, unseen compositions) ------------
 
