@@ -3164,23 +3164,20 @@ def _run_temperature(path, label, gap, device, train_cfg, hidden, inner, t_start
           f"{time.perf_counter() - t_start:.0f}s)", flush=True)
     fe = {m: free_energy_difference(_ch_bond_lengths(te_p[:, inner]),
                                     _ch_bond_lengths(p[:, inner]), kT) for m, p in out.items()}
+    # The trace: the first C-H bond through 3 consecutive held-out gaps of replica 0 (segment s
+    # of replica r is at s * R + r); consecutive segments share their end frames.
+    idx = np.arange(3) * traj.positions.shape[1]
+    idx = idx[idx < len(te_p)]
+
+    def series(p):
+        b = _ch_bond_lengths(p[idx])[..., 0]                             # [n_seg, K + 1]
+        return np.concatenate([b[:, :-1].ravel(), b[-1, -1:]]).tolist()
     return dict(mae=mae, endpoint_error=end_err, dt=dt, free_energy=dict(
         coordinate="C-H bond length (sigma)", centres=fe["linear"]["centres"],
         F_true=fe["linear"]["F_true"], **{k: {m: r[k] for m, r in fe.items()}
                                           for k in ("l1", "max", "F")}),
-        trace=_interpolation_trace(out, te_p, traj.positions.shape[1], dt, gap))
-
-def _interpolation_trace(out, true, n_replicas, dt, gap, n_segments=3) -> dict:
-    """The first C-H bond through n_segments consecutive held-out gaps of replica 0 (segment s
-    of replica r is at s * n_replicas + r), true and by each method."""
-    idx = np.arange(n_segments) * n_replicas
-    idx = idx[idx < len(true)]
-
-    def series(p):                               # consecutive segments share their end frames
-        b = _ch_bond_lengths(p[idx])[..., 0]                             # [n_seg, K + 1]
-        return np.concatenate([b[:, :-1].ravel(), b[-1, -1:]]).tolist()
-    return dict(time_tau=(dt * np.arange(len(idx) * gap + 1)).tolist(), known_every=gap,
-                truth=series(true), **{m: series(p) for m, p in out.items()})
+        trace=dict(time_tau=(dt * np.arange(len(idx) * gap + 1)).tolist(), known_every=gap,
+                   truth=series(te_p), **{m: series(p) for m, p in out.items()}))
 
 def interpolation_experiment(data_dir="data", gap=20, seed=0, device="cpu", quick=False,
                              labels=None, train: Optional[InterpTrainConfig] = None,
