@@ -2701,8 +2701,7 @@ def _timed_rollout(model, cg, history, n_steps, step_tau, repeats, seed, refine=
                                                  refine=refine, label=label), repeats)
     return seconds / (n_steps * step_tau), frames
 
-def _md_seconds_per_tau(traj: Trajectory, tau: float, device, n_replicas=None,
-                        repeats: int = 3) -> float:
+def _md_seconds_per_tau(traj, tau, device, n_replicas=None, repeats=3) -> float:
     """Wall time per simulated tau of simulate() from traj's last frame (or n_replicas of it)."""
     dt = traj.info["dt"]
     n = max(1, int(round(tau / dt)))
@@ -2713,10 +2712,6 @@ def _md_seconds_per_tau(traj: Trajectory, tau: float, device, n_replicas=None,
     seconds, _ = _best_time(lambda: simulate(traj.system, x, n, dt=dt, velocities=v,
                                              save_every=n, device=device), repeats)
     return seconds / (n * dt)
-
-def _rank_correlation(a, b) -> float:
-    """Spearman's rank correlation of two sequences (nan when either is constant)."""
-    return float(spearmanr(a, b).statistic) if len(a) > 1 else float("nan")
 
 def _relaxation(series, dt) -> float:
     """Mean over replicas of the R_g^2 relaxation time of series [T, R]."""
@@ -2849,7 +2844,8 @@ def _polymer_judge(model, data, m, burn_in_tau, stability_steps, seed, device, q
             for k in range(len(truth))]
     med = lambda get, methods: {e: float(np.median([get(r, e) for r in rows]))  # noqa: E731
                                 for e in methods}
-    rank = lambda a, b: _rank_correlation([r[a] for r in rows], [r[b] for r in rows])  # noqa
+    rank = lambda a, b: float("nan") if len(rows) < 2 else float(  # noqa: E731
+        spearmanr([r[a] for r in rows], [r[b] for r in rows]).statistic)
     both, sel0 = ("learned", "short_md"), np.flatnonzero(cg_te.molecule == 0)  # polymer 0's beads
     cover = one_step_coverage(model, cg_te, x_long, m, seed=seed)
     return dict(
@@ -3073,8 +3069,9 @@ def _transport_and_structure(frames, dt, cg, species, fit, threshold, every=1, n
 def _electrolyte_means(rows) -> dict:
     """Means over the test systems, and the rank correlation of D over (system, species)."""
     mean = lambda get, ms: {m: float(np.mean([get(r, m) for r in rows])) for m in ms}  # noqa
-    d_rank = lambda m: {"diffusivity": _rank_correlation(*zip(*[  # noqa: E731
-        (r["D"]["ground_truth"][s], r["D"][m][s]) for r in rows for s in ELECTROLYTE_SPECIES]))}
+    d_rank = lambda m: {"diffusivity": float(spearmanr(*zip(*[  # noqa: E731
+        (r["D"]["ground_truth"][s], r["D"][m][s]) for r in rows
+        for s in ELECTROLYTE_SPECIES])).statistic)}
     methods = ("learned", "learned_no_score", "short_md")
     return dict(
         diffusivity_log10_mae=mean(lambda r, m: r[f"diffusivity_log10_error_{m}"], methods),
