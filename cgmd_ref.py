@@ -2766,26 +2766,13 @@ def polymer_experiment(data_dir="data", seed=0, device="cpu", quick=False,
     files = _data_files(data_dir, [f"polymer_{k}" for k in ("train", "test_short", "test_long")],
                         "polymers", quick)
     data = [_load_cg(f, atoms_per_bead, seed) for f in files]      # the test sets: same polymers
-    train_seconds, model = _best_time(lambda: _train_polymer_model(
-        data[0][2], cfg, train, atoms_per_bead, seed, n_validation, device), 1)
-    if checkpoint:
-        save_checkpoint(checkpoint, model)
-    return dict(**_polymer_judge(model, data, train.stride, burn_in_tau, stability_steps, seed,
-                                 device, quick),
-                validation=dict(n_polymers=n_validation, scores=getattr(model, "validation", []),
-                                selected_iteration=getattr(model, "selected_iteration", None)),
-                train_seconds=train_seconds, seconds=time.perf_counter() - t_start,
-                config=dict(model=asdict(cfg), train=asdict(train),
-                            atoms_per_bead=atoms_per_bead, quick=quick, seed=seed))
-
-def _train_polymer_model(tr: Trajectory, cfg, train, atoms_per_bead, seed, n_validation,
-                         device, max_group: int = 48) -> DynamicsGNN:
-    """Train on all polymers but the last n_validation, in groups of <= max_group (one a step)."""
+    t_train, tr, max_group = time.perf_counter(), data[0][2], 48
     starts = np.flatnonzero(np.diff(tr.system.molecule, prepend=-1)).tolist()  # first atoms
     n_train = len(starts) - n_validation
     if n_train < 1 or n_validation < 0:
         raise ValueError(f"n_validation = {n_validation}; expected 0 <= n_validation < "
                          f"{len(starts)} (the number of training polymers)")
+    # Training polymers in groups of <= max_group (one group a training step)
     n_groups = -(-n_train // max_group)
     cuts = [starts[i * n_train // n_groups] for i in range(n_groups)] + (
         starts[n_train:n_train + 1] or [tr.system.n_atoms])
@@ -2797,9 +2784,19 @@ def _train_polymer_model(tr: Trajectory, cfg, train, atoms_per_bead, seed, n_val
     validate = None if not n_validation else rg2_validation(*_load_cg(
         tr, atoms_per_bead, seed, starts[n_train], tr.system.n_atoms)[:2], train.stride,
         cfg.n_history, seed=seed)
-    return train_dynamics([g[0] for g in groups], [g[1] for g in groups], cfg, train,
-                          device=device, validate=validate,
-                          validate_from=train.n_iterations // 2)
+    model = train_dynamics([g[0] for g in groups], [g[1] for g in groups], cfg, train,
+                           device=device, validate=validate,
+                           validate_from=train.n_iterations // 2)
+    train_seconds = time.perf_counter() - t_train
+    if checkpoint:
+        save_checkpoint(checkpoint, model)
+    return dict(**_polymer_judge(model, data, train.stride, burn_in_tau, stability_steps, seed,
+                                 device, quick),
+                validation=dict(n_polymers=n_validation, scores=getattr(model, "validation", []),
+                                selected_iteration=getattr(model, "selected_iteration", None)),
+                train_seconds=train_seconds, seconds=time.perf_counter() - t_start,
+                config=dict(model=asdict(cfg), train=asdict(train),
+                            atoms_per_bead=atoms_per_bead, quick=quick, seed=seed))
 
 def rg2_validation(x_val, cg_val: CGSystem, stride: int, n_history: int, *, n_replicas=8,
                    n_steps=24, n_burn=4, seed=0):
