@@ -2687,8 +2687,7 @@ def _timed_rollout(model, cg, history, n_steps, step_tau, repeats, seed, refine=
                                                  refine=refine, label=label), repeats)
     return seconds / (n_steps * step_tau), frames
 
-def _md_seconds_per_tau(traj: Trajectory, tau: float, device, n_replicas=None,
-                        repeats: int = 3) -> float:
+def _md_seconds_per_tau(traj, tau, device, n_replicas=None, repeats=3) -> float:
     """Wall time per simulated tau of simulate() from traj's last frame (or n_replicas of it)."""
     dt = traj.info["dt"]
     n = max(1, int(round(tau / dt)))
@@ -2699,10 +2698,6 @@ def _md_seconds_per_tau(traj: Trajectory, tau: float, device, n_replicas=None,
     seconds, _ = _best_time(lambda: simulate(traj.system, x, n, dt=dt, velocities=v,
                                              save_every=n, device=device), repeats)
     return seconds / (n * dt)
-
-def _rank_correlation(a, b) -> float:
-    """Spearman's rank correlation of two sequences (nan when either is constant)."""
-    return float(spearmanr(a, b).statistic) if len(a) > 1 else float("nan")
 
 def _relaxation(series, dt) -> float:
     """Mean over replicas of the R_g^2 relaxation time of series [T, R]."""
@@ -2757,26 +2752,13 @@ def polymer_experiment(data_dir="data", seed=0, device="cpu", quick=False,
     files = _data_files(data_dir, [f"polymer_{k}" for k in ("train", "test_short", "test_long")],
                         "polymers", quick)
     data = [_load_cg(f, atoms_per_bead, seed) for f in files]      # the test sets: same polymers
-    train_seconds, model = _best_time(lambda: _train_polymer_model(
-        data[0][2], cfg, train, atoms_per_bead, seed, n_validation, device), 1)
-    if checkpoint:
-        save_checkpoint(checkpoint, model)
-    return dict(**_polymer_judge(model, data, train.stride, burn_in_tau, stability_steps, seed,
-                                 device, quick),
-                validation=dict(n_polymers=n_validation, scores=getattr(model, "validation", []),
-                                selected_iteration=getattr(model, "selected_iteration", None)),
-                train_seconds=train_seconds, seconds=time.perf_counter() - t_start,
-                config=dict(model=asdict(cfg), train=asdict(train),
-                            atoms_per_bead=atoms_per_bead, quick=quick, seed=seed))
-
-def _train_polymer_model(tr: Trajectory, cfg, train, atoms_per_bead, seed, n_validation,
-                         device, max_group: int = 48) -> DynamicsGNN:
-    """Train on all polymers but the last n_validation, in groups of <= max_group (one a step)."""
+    t_train, tr, max_group = time.perf_counter(), data[0][2], 48
     starts = np.flatnonzero(np.diff(tr.system.molecule, prepend=-1)).tolist()  # first atoms
     n_train = len(starts) - n_validation
     if n_train < 1 or n_validation < 0:
         raise ValueError(f"n_validation = {n_validation}; expected 0 <= n_validation < "
                          f"{len(starts)} (the number of training polymers)")
+    # Training polymers in groups of <= max_group (one group a training step)
     n_groups = -(-n_train // max_group)
     cuts = [starts[i * n_train // n_groups] for i in range(n_groups)] + (
         starts[n_train:n_train + 1] or [tr.system.n_atoms])
@@ -2788,9 +2770,19 @@ def _train_polymer_model(tr: Trajectory, cfg, train, atoms_per_bead, seed, n_val
     validate = None if not n_validation else rg2_validation(*_load_cg(
         tr, atoms_per_bead, seed, starts[n_train], tr.system.n_atoms)[:2], train.stride,
         cfg.n_history, seed=seed)
-    return train_dynamics([g[0] for g in groups], [g[1] for g in groups], cfg, train,
-                          device=device, validate=validate,
-                          validate_from=train.n_iterations // 2)
+    model = train_dynamics([g[0] for g in groups], [g[1] for g in groups], cfg, train,
+                           device=device, validate=validate,
+                           validate_from=train.n_iterations // 2)
+    train_seconds = time.perf_counter() - t_train
+    if checkpoint:
+        save_checkpoint(checkpoint, model)
+    return dict(**_polymer_judge(model, data, train.stride, burn_in_tau, stability_steps, seed,
+                                 device, quick),
+                validation=dict(n_polymers=n_validation, scores=getattr(model, "validation", []),
+                                selected_iteration=getattr(model, "selected_iteration", None)),
+                train_seconds=train_seconds, seconds=time.perf_counter() - t_start,
+                config=dict(model=asdict(cfg), train=asdict(train),
+                            atoms_per_bead=atoms_per_bead, quick=quick, seed=seed))
 
 def rg2_validation(x_val, cg_val: CGSystem, stride: int, n_history: int, *, n_replicas=8,
                    n_steps=24, n_burn=4, seed=0):
@@ -2810,7 +2802,9 @@ def rg2_validation(x_val, cg_val: CGSystem, stride: int, n_history: int, *, n_re
     return validate
 
 def _polymer_judge(model, data, m, burn_in_tau, stability_steps, seed, device, quick) -> dict:
-    """Roll out on the test polymers (m frames a step), timed beside MD; judge each method."""
+    """Roll out on the test polymers (m frames a step), timed beside MD; judge each method by
+    the medians of its errors and by Spearman ranks of estimate vs truth (LiFlow's test of
+    transfer: are unseen polymers ordered by size and by relaxation time correctly?)."""
     (x_tr, cg_tr, tr), (x_short, cg_te, short), (x_long, _, long) = data
     frame_dt = float(tr.time[1] - tr.time[0])
     step_tau = m * frame_dt
@@ -2831,12 +2825,24 @@ def _polymer_judge(model, data, m, burn_in_tau, stability_steps, seed, device, q
     rows = [_polymer_row(k, truth[k], learned[k], short_rg2[k], float(supervised[k]),
                          int((cg_te.molecule == k).sum()), frame_dt, m)
             for k in range(len(truth))]
-    sel0 = np.flatnonzero(cg_te.molecule == 0)                          # polymer 0's beads
+    med = lambda get, methods: {e: float(np.median([get(r, e) for r in rows]))  # noqa: E731
+                                for e in methods}
+    rank = lambda a, b: float("nan") if len(rows) < 2 else float(  # noqa: E731
+        spearmanr([r[a] for r in rows], [r[b] for r in rows]).statistic)
+    both, sel0 = ("learned", "short_md"), np.flatnonzero(cg_te.molecule == 0)  # polymer 0's beads
     cover = one_step_coverage(model, cg_te, x_long, m, seed=seed)
     return dict(
-        **_polymer_summary(rows), calibration=dict(
-            coverage_95=cover["coverage"]["0.95"], coverage_50=cover["coverage"]["0.5"],
-            mean_z2=cover["mean_z2"], n_coordinates=cover["n_coordinates"]),
+        rg2_rel_error=med(lambda r, e: r[f"rg2_rel_error_{e}"], both + ("supervised_gnn",)),
+        relaxation_time_rel_error=med(lambda r, e: r[f"relaxation_time_rel_error_{e}"], both),
+        rg2_distribution_l1=med(lambda r, e: r["rg2_distribution_l1"][e], both),
+        spearman=dict(rg2=rank("rg2_truth", "rg2_learned"), relaxation_time=rank(
+            "relaxation_time_truth_at_step", "relaxation_time_learned")),
+        spearman_short_md=dict(rg2=rank("rg2_truth", "rg2_short_md"), relaxation_time=rank(
+            "relaxation_time_truth", "relaxation_time_short_md")),
+        spearman_supervised_gnn=dict(rg2=rank("rg2_truth", "rg2_supervised_gnn")),
+        calibration=dict(coverage_95=cover["coverage"]["0.95"],
+                         coverage_50=cover["coverage"]["0.5"], mean_z2=cover["mean_z2"],
+                         n_coordinates=cover["n_coordinates"]),
         seconds_per_tau=per_tau, speedup=per_tau["md"] / per_tau["learned"], n_test=len(rows),
         per_polymer=rows, free_energy_surface_polymer0=_fes_difference(
             x_long[::m, :, sel0].reshape(-1, len(sel0), 3),
@@ -2912,23 +2918,6 @@ def _stability_check(model, cg, history, n_steps, seed, x_truth) -> dict:
                 mean_bond=float(bond.mean()), mean_bond_truth=float(bond_true.mean()),
                 seconds=time.perf_counter() - t0)
 
-def _polymer_summary(rows) -> dict:
-    """Medians of each method's errors, and Spearman ranks of estimate vs truth (LiFlow's test
-    of transfer: are unseen polymers ordered by size and by relaxation time correctly?)."""
-    med = lambda get, methods: {e: float(np.median([get(r, e) for r in rows]))  # noqa: E731
-                                for e in methods}
-    rank = lambda a, b: _rank_correlation([r[a] for r in rows], [r[b] for r in rows])  # noqa
-    both = ("learned", "short_md")
-    return dict(
-        rg2_rel_error=med(lambda r, e: r[f"rg2_rel_error_{e}"], both + ("supervised_gnn",)),
-        relaxation_time_rel_error=med(lambda r, e: r[f"relaxation_time_rel_error_{e}"], both),
-        rg2_distribution_l1=med(lambda r, e: r["rg2_distribution_l1"][e], both),
-        spearman=dict(rg2=rank("rg2_truth", "rg2_learned"), relaxation_time=rank(
-            "relaxation_time_truth_at_step", "relaxation_time_learned")),
-        spearman_short_md=dict(rg2=rank("rg2_truth", "rg2_short_md"), relaxation_time=rank(
-            "relaxation_time_truth", "relaxation_time_short_md")),
-        spearman_supervised_gnn=dict(rg2=rank("rg2_truth", "rg2_supervised_gnn")))
-
 # ---- paper A: the electrolyte experiment (Score GNN refinement, unseen compositions) ------------
 
 ELECTROLYTE_SPECIES = ("cation", "anion", "polymer")
@@ -3001,7 +2990,7 @@ def electrolyte_experiment(data_dir="data", seed=0, device="cpu", quick=False,
 def _electrolyte_test(data_dir, k, model, score, refine, m, atoms_per_bead, n_replicas,
                       collision_threshold, seed, device, quick):
     """(row, seconds per tau, learned steps, MD dt) of test electrolyte k: rollouts with and
-    without the Score GNN from the short run's first frames."""
+    without the Score GNN from the short run's first frames, beside the long and short MD."""
     x_long, cg, long = _load_cg(os.path.join(data_dir, f"electrolyte_test_{k}_long.npz"),
                                 atoms_per_bead, seed)
     x_short = _load_cg(os.path.join(data_dir, f"electrolyte_test_{k}_short.npz"),
@@ -3016,63 +3005,56 @@ def _electrolyte_test(data_dir, k, model, score, refine, m, atoms_per_bead, n_re
         seconds[name], frames[name] = _timed_rollout(model, cg, history, n_steps, step_tau, repeats,
                                                      seed + 1, ref, f"{name} rollout, system {k}")
     seconds["md"] = _md_seconds_per_tau(long, tau, device, n_replicas, repeats)
-    stats = lambda f, dt: _transport_and_structure(f, dt, cg, species, fit,   # noqa: E731
-                                                   collision_threshold)
-    truth = stats(x_long[::m], step_tau)                 # structure at the learned step ...
-    truth["D"], truth["msd"] = _diffusivities(x_long, frame_dt, species, fit)  # D: all frames
+    stats = lambda f, dt, every=1: _transport_and_structure(  # noqa: E731
+        f, dt, cg, species, fit, collision_threshold, every)
+    # The truth's D from all MD frames, its structure at the learned step (as the rollouts')
+    truth = stats(x_long, frame_dt, m)
     methods = {name: stats(f[1:], step_tau) for name, f in frames.items()}
     methods["short_md"] = stats(x_short, frame_dt)
-    return _electrolyte_row(k, cg, truth, methods, step_tau), seconds, n_steps, long.info["dt"]
+    dr, every = truth["r"][1] - truth["r"][0], dict(ground_truth=truth, **methods)
+    rollouts = ("learned", "learned_no_score")
+    row = dict(system=k, n_beads=cg.n_beads, box=cg.box,
+               D={e: v["D"] for e, v in every.items()}, msd={e: v["msd"] for e, v in every.items()},
+               rdf=dict(r=truth["r"].tolist(), **{e: {p: g.tolist() for p, g in v["rdf"].items()}
+                                                 for e, v in every.items()}),
+               collision_rate={e: float(every[e]["collisions"].mean())
+                               for e in ("ground_truth",) + rollouts},
+               collisions_over_time=dict(time_tau=(np.arange(len(methods["learned"][
+                   "collisions"])) * step_tau).tolist(),
+                   **{e: methods[e]["collisions"].tolist() for e in rollouts}))
+    for e, v in methods.items():
+        row[f"diffusivity_log10_error_{e}"] = float(np.mean(
+            [abs(np.log10(v["D"][s] / truth["D"][s])) for s in ELECTROLYTE_SPECIES]))
+        row[f"rdf_l1_{e}"] = float(np.mean([np.abs(v["rdf"][p] - truth["rdf"][p]).sum() * dr
+                                            for p in truth["rdf"]]))
+    return row, seconds, n_steps, long.info["dt"]
 
-def _transport_and_structure(frames, dt, cg, species, fit, threshold, n_bins=30) -> dict:
-    """D per species, the three RDFs and the collision rate per frame of frames [T, R, n, 3]
-    (unwrapped, `dt` apart). Collisions: non-bonded bead pairs closer than `threshold`."""
-    T, R = frames.shape[:2]
-    flat = frames.reshape(T * R, cg.n_beads, 3)
+def _transport_and_structure(frames, dt, cg, species, fit, threshold, every=1, n_bins=30) -> dict:
+    """D and MSD per species (mean over replicas) of unwrapped frames [T, R, n, 3], `dt` apart;
+    the three RDFs and the collision rate per frame (non-bonded bead pairs closer than
+    `threshold`) of every `every`-th frame."""
+    T, R = frames[::every].shape[:2]
+    flat = frames[::every].reshape(T * R, cg.n_beads, 3)
     rdf = {}
     for a, b in ELECTROLYTE_RDF_PAIRS:
         r, g = radial_distribution(flat[:, species == a], cg.box, cg.box / 2, n_bins,
                                    None if a == b else flat[:, species == b])
         rdf[f"{a}-{b}"] = g
     coll = collision_rate(flat, threshold, box=cg.box, exclude=cg.cg_bonds).reshape(T, R)
-    D, msd = _diffusivities(frames, dt, species, fit)
-    return dict(D=D, msd=msd, rdf=rdf, r=r, collisions=coll.mean(1))
-
-def _diffusivities(frames, dt, species, fit):
-    """(D, MSD curves) of each species from unwrapped frames [T, R, n, 3], mean over replicas."""
     D, msd = {}, dict(lag_tau=(dt * np.arange(len(frames))).tolist())
     for s in ELECTROLYTE_SPECIES:
         sel = frames[:, :, species == s]                                    # [T, R, n_s, 3]
-        curves = [mean_squared_displacement(sel[:, r]) for r in range(sel.shape[1])]
+        curves = [mean_squared_displacement(sel[:, r]) for r in range(R)]
         D[s] = float(np.mean([_einstein_slope(c, dt, *fit) for c in curves]))
         msd[s] = np.mean(curves, axis=0).tolist()
-    return D, msd
-
-def _electrolyte_row(k, cg, truth, methods, step_tau) -> dict:
-    """Figures of test system k from the _transport_and_structure dicts of truth and methods."""
-    dr = truth["r"][1] - truth["r"][0]
-    every, rollouts = dict(ground_truth=truth, **methods), ("learned", "learned_no_score")
-    row = dict(system=k, n_beads=cg.n_beads, box=cg.box,
-               D={m: v["D"] for m, v in every.items()}, msd={m: v["msd"] for m, v in every.items()},
-               rdf=dict(r=truth["r"].tolist(), **{m: {p: g.tolist() for p, g in v["rdf"].items()}
-                                                 for m, v in every.items()}),
-               collision_rate={m: float(every[m]["collisions"].mean())
-                               for m in ("ground_truth",) + rollouts},
-               collisions_over_time=dict(time_tau=(np.arange(len(methods["learned"][
-                   "collisions"])) * step_tau).tolist(),
-                   **{m: methods[m]["collisions"].tolist() for m in rollouts}))
-    for m, v in methods.items():
-        row[f"diffusivity_log10_error_{m}"] = float(np.mean(
-            [abs(np.log10(v["D"][s] / truth["D"][s])) for s in ELECTROLYTE_SPECIES]))
-        row[f"rdf_l1_{m}"] = float(np.mean([np.abs(v["rdf"][p] - truth["rdf"][p]).sum() * dr
-                                            for p in truth["rdf"]]))
-    return row
+    return dict(D=D, msd=msd, rdf=rdf, r=r, collisions=coll.mean(1))
 
 def _electrolyte_means(rows) -> dict:
     """Means over the test systems, and the rank correlation of D over (system, species)."""
     mean = lambda get, ms: {m: float(np.mean([get(r, m) for r in rows])) for m in ms}  # noqa
-    d_rank = lambda m: {"diffusivity": _rank_correlation(*zip(*[  # noqa: E731
-        (r["D"]["ground_truth"][s], r["D"][m][s]) for r in rows for s in ELECTROLYTE_SPECIES]))}
+    d_rank = lambda m: {"diffusivity": float(spearmanr(*zip(*[  # noqa: E731
+        (r["D"]["ground_truth"][s], r["D"][m][s]) for r in rows
+        for s in ELECTROLYTE_SPECIES])).statistic)}
     methods = ("learned", "learned_no_score", "short_md")
     return dict(
         diffusivity_log10_mae=mean(lambda r, m: r[f"diffusivity_log10_error_{m}"], methods),
@@ -3162,23 +3144,20 @@ def _run_temperature(path, label, gap, device, train_cfg, hidden, inner, t_start
           f"{time.perf_counter() - t_start:.0f}s)", flush=True)
     fe = {m: free_energy_difference(_ch_bond_lengths(te_p[:, inner]),
                                     _ch_bond_lengths(p[:, inner]), kT) for m, p in out.items()}
+    # The trace: the first C-H bond through 3 consecutive held-out gaps of replica 0 (segment s
+    # of replica r is at s * R + r); consecutive segments share their end frames.
+    idx = np.arange(3) * traj.positions.shape[1]
+    idx = idx[idx < len(te_p)]
+
+    def series(p):
+        b = _ch_bond_lengths(p[idx])[..., 0]                             # [n_seg, K + 1]
+        return np.concatenate([b[:, :-1].ravel(), b[-1, -1:]]).tolist()
     return dict(mae=mae, endpoint_error=end_err, dt=dt, free_energy=dict(
         coordinate="C-H bond length (sigma)", centres=fe["linear"]["centres"],
         F_true=fe["linear"]["F_true"], **{k: {m: r[k] for m, r in fe.items()}
                                           for k in ("l1", "max", "F")}),
-        trace=_interpolation_trace(out, te_p, traj.positions.shape[1], dt, gap))
-
-def _interpolation_trace(out, true, n_replicas, dt, gap, n_segments=3) -> dict:
-    """The first C-H bond through n_segments consecutive held-out gaps of replica 0 (segment s
-    of replica r is at s * n_replicas + r), true and by each method."""
-    idx = np.arange(n_segments) * n_replicas
-    idx = idx[idx < len(true)]
-
-    def series(p):                               # consecutive segments share their end frames
-        b = _ch_bond_lengths(p[idx])[..., 0]                             # [n_seg, K + 1]
-        return np.concatenate([b[:, :-1].ravel(), b[-1, -1:]]).tolist()
-    return dict(time_tau=(dt * np.arange(len(idx) * gap + 1)).tolist(), known_every=gap,
-                truth=series(true), **{m: series(p) for m, p in out.items()})
+        trace=dict(time_tau=(dt * np.arange(len(idx) * gap + 1)).tolist(), known_every=gap,
+                   truth=series(te_p), **{m: series(p) for m, p in out.items()}))
 
 def interpolation_experiment(data_dir="data", gap=20, seed=0, device="cpu", quick=False,
                              labels=None, train: Optional[InterpTrainConfig] = None,
