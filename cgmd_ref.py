@@ -1054,21 +1054,10 @@ def _partition_component(A, w, k, rng, cap) -> np.ndarray:
         limit += 1.0 if np.all(w == 1) else 0.02 * cap
     return labels
 
-def _allot(weights, sizes, n_parts, cap):
-    """Parts per component: each >= 1 and enough to respect the size cap, the rest by share."""
-    lo = np.minimum(np.maximum(1, np.ceil(weights / cap - 1e-9)).astype(np.int64), sizes)
-    alloc = np.ones_like(lo) if lo.sum() > n_parts else lo    # cap unreachable: >= 1 each
-    ideal = n_parts * weights / weights.sum()
-    while alloc.sum() < n_parts:                              # largest remaining share first
-        alloc[int(np.argmax(np.where(alloc < sizes, ideal - alloc, -np.inf)))] += 1
-    return alloc
-
 def _refine(A, w, labels, cap, max_passes=8):
     """Greedy boundary moves, one atom at a time: to a neighbouring part if that cuts fewer bonds,
     or evens sizes at equal cut, keeping the receiver within the cap and the giver connected."""
     weight = np.bincount(labels, weights=w)
-    members = [set(m.tolist()) for m in np.split(np.argsort(labels, kind="stable"),
-                                                 np.cumsum(np.bincount(labels))[:-1])]
     rows = np.repeat(np.arange(len(labels)), np.diff(A.indptr))
     for _ in range(max_passes):
         moved = 0
@@ -1081,20 +1070,11 @@ def _refine(A, w, labels, cap, max_passes=8):
                 key = (n_q - counts[parts == p].sum(), weight[p] - weight[q] - w[v])
                 if q != p and weight[q] + w[v] <= cap and key > best_key:
                     best, best_key = q, key
-            rest = members[p] - {v}
-            if best is None or not rest:
-                continue
-            seen, stack = set(), [next(iter(rest))]
-            while stack:                              # would the giving part stay connected?
-                x = stack.pop()
-                if x not in seen:
-                    seen.add(x)
-                    stack += [u for u in A.indices[A.indptr[x]:A.indptr[x + 1]].tolist()
-                              if u in rest]
-            if len(seen) == len(rest):
+            rest = np.flatnonzero(labels == p)
+            rest = rest[rest != v]                    # would the giving part stay connected?
+            if best is not None and len(rest) and \
+                    connected_components(A[rest][:, rest], directed=False)[0] == 1:
                 labels[v], moved = best, moved + 1
-                members[p].discard(v)
-                members[best].add(v)
                 weight[[p, best]] += (-w[v], w[v])
         if moved == 0:
             break
@@ -1144,7 +1124,13 @@ def spectral_partition(n_atoms: int, bonds, n_parts: int, *, masses=None, seed: 
         raise ValueError(f"masses must be [n_atoms]={n_atoms} positive numbers")
     cap = (1 + imbalance) * w.sum() / n_parts
     cap = math.ceil(cap - 1e-9) if masses is None else cap
-    alloc = _allot(np.bincount(comp, weights=w), np.bincount(comp), int(n_parts), cap)
+    # parts per component: each >= 1 and enough to respect the cap, the rest by share
+    weights, sizes, n_parts = np.bincount(comp, weights=w), np.bincount(comp), int(n_parts)
+    lo = np.minimum(np.maximum(1, np.ceil(weights / cap - 1e-9)).astype(np.int64), sizes)
+    alloc = np.ones_like(lo) if lo.sum() > n_parts else lo    # cap unreachable: >= 1 each
+    ideal = n_parts * weights / weights.sum()
+    while alloc.sum() < n_parts:                              # largest remaining share first
+        alloc[int(np.argmax(np.where(alloc < sizes, ideal - alloc, -np.inf)))] += 1
     return _partition(A, w, alloc, comp, np.random.default_rng(seed), cap)
 
 def cg_mapping(system: System, atoms_per_bead: float = 4.0, *, seed: int = 0) -> np.ndarray:
