@@ -1193,18 +1193,16 @@ def protein_like_graph(n_residues: int, rng):
 
 # ---- the CG mapping: beads at centres of mass ---------------------------------------------------
 
-def _check_labels(labels, n_atoms: int) -> np.ndarray:
+def bead_masses(labels, masses) -> np.ndarray:
+    """[n_beads]: the summed mass of each bead's atoms (labels: one per atom, 0..n_beads-1)."""
+    masses = _as_array(masses, "masses", ndim=1)
     labels = _as_array(labels, "labels", ndim=1, dtype=np.int64)
-    if labels.shape != (n_atoms,):
-        raise ValueError(f"labels has {len(labels)} entries; expected one per atom ({n_atoms})")
+    if labels.shape != masses.shape:
+        raise ValueError(f"labels has {len(labels)} entries; expected one per atom "
+                         f"({len(masses)})")
     if labels.min() < 0 or np.any(np.bincount(labels) == 0):
         raise ValueError("labels must number the beads 0..n_beads-1 with none empty")
-    return labels
-
-def bead_masses(labels, masses) -> np.ndarray:
-    """[n_beads]: the summed mass of each bead's atoms."""
-    masses = _as_array(masses, "masses", ndim=1)
-    return np.bincount(_check_labels(labels, len(masses)), weights=masses)
+    return np.bincount(labels, weights=masses)
 
 def coarse_grain(positions, labels, masses) -> np.ndarray:
     """Bead positions [..., n_beads, 3]: the mass-weighted centre of each bead's atoms.
@@ -1216,8 +1214,7 @@ def coarse_grain(positions, labels, masses) -> np.ndarray:
     masses = _as_array(masses, "masses", ndim=1)
     if x.shape[-2] != len(masses):
         raise ValueError(f"positions has {x.shape[-2]} atoms but masses has {len(masses)}")
-    labels = _check_labels(labels, len(masses))
-    M = np.bincount(labels, weights=masses)
+    M, labels = bead_masses(labels, masses), np.asarray(labels, dtype=np.int64)
     W = np.zeros((len(M), len(masses)))
     W[labels, np.arange(len(masses))] = masses / M[labels]
     return np.einsum("bi,...ic->...bc", W, x)
@@ -1239,27 +1236,20 @@ def cg_bonds(labels, bonds) -> np.ndarray:
 
 @dataclass
 class Graph:
-    """A batch of graphs as one disjoint graph (torch tensors).
-
-    senders, receivers: [E] node indices; edge_type: [E] (1 = CG bond, 0 = radius edge only);
-    displacement: [E, 3] x[senders] - x[receivers] (minimum image in a box); distance: [E, 1];
-    node_graph: [N] which graph each node belongs to; n_nodes: N.
-    """
-    senders: torch.Tensor
-    receivers: torch.Tensor
-    edge_type: torch.Tensor
-    displacement: torch.Tensor
-    distance: torch.Tensor
-    node_graph: torch.Tensor
-    n_nodes: int
+    """A batch of graphs as one disjoint graph (torch tensors) of E edges and N nodes."""
+    senders: torch.Tensor           # [E] node indices
+    receivers: torch.Tensor         # [E]
+    edge_type: torch.Tensor         # [E] 1 = CG bond, 0 = radius edge only
+    displacement: torch.Tensor      # [E, 3] x[senders] - x[receivers] (minimum image in a box)
+    distance: torch.Tensor          # [E, 1]
+    node_graph: torch.Tensor        # [N] which graph each node belongs to
+    n_nodes: int                    # N
 
 def pair_graph(positions, pairs, bonds, radius: float, *, box: Optional[float] = None) -> Graph:
     """CG graphs of B frames [B, n, 3] (node b * n + i): CG bonds [m, 2] U candidate pairs [P, 2]
     (sender, receiver; both directions of every bond) closer than `radius`. In a box, radius
     edges use the minimum image; a bond keeps the difference of the unwrapped positions
     (molecules are whole), since a stretched bond may be longer than half the box."""
-    if positions.ndim != 3 or positions.shape[-1] != 3:
-        raise ValueError(f"positions has shape {tuple(positions.shape)}; expected [B, n, 3]")
     if box is not None and 2 * radius > box:
         raise ValueError(f"box = {box} is smaller than 2 radius = {2 * radius}; expected a box "
                          "at least twice the radius (minimum image)")
@@ -1290,24 +1280,21 @@ def cg_graph(positions, bonds, radius: float, *, box: Optional[float] = None) ->
     if b.numel() and (b.min() < 0 or b.max() >= n):
         raise ValueError(f"bonds point at beads outside 0..{n - 1}")
     box = None if box is None else _positive(box, "box")
-    i, j = np.nonzero(~np.eye(n, dtype=bool))
-    pairs = torch.as_tensor(np.stack([i, j], axis=1), device=x.device)
+    pairs = torch.as_tensor(np.argwhere(~np.eye(n, dtype=bool)), device=x.device)  # all i != j
     return pair_graph(x, pairs, b, radius, box=box)
 
 def batch_graphs(graphs) -> Graph:
     """Join graphs (e.g. of different systems) into one disjoint graph, offsetting node indices."""
     if not graphs:
         raise ValueError("graphs is empty")
-    offsets = np.cumsum([0] + [g.n_nodes for g in graphs])
-    graph_offsets = np.cumsum([0] + [int(g.node_graph.max()) + 1 for g in graphs])
-    cat = torch.cat
-    return Graph(senders=cat([g.senders + o for g, o in zip(graphs, offsets)]),
-                 receivers=cat([g.receivers + o for g, o in zip(graphs, offsets)]),
-                 edge_type=cat([g.edge_type for g in graphs]),
-                 displacement=cat([g.displacement for g in graphs]),
-                 distance=cat([g.distance for g in graphs]),
-                 node_graph=cat([g.node_graph + o for g, o in zip(graphs, graph_offsets)]),
-                 n_nodes=int(offsets[-1]))
+    nodes = np.cumsum([0] + [g.n_nodes for g in graphs])
+    ids = np.cumsum([0] + [int(g.node_graph.max()) + 1 for g in graphs])
+
+    def cat(field, offsets=None):
+        parts = [getattr(g, field) for g in graphs]
+        return torch.cat(parts if offsets is None else [x + o for x, o in zip(parts, offsets)])
+    return Graph(cat("senders", nodes), cat("receivers", nodes), cat("edge_type"),
+                 cat("displacement"), cat("distance"), cat("node_graph", ids), int(nodes[-1]))
 
 # ---- message passing in plain torch, and the Embedding GNN -------------------------------------
 # One interaction-network block of GNS [2], the unit every GNN here is built from:
@@ -1318,9 +1305,8 @@ def batch_graphs(graphs) -> Graph:
 def mlp(n_in: int, n_hidden: int, n_out: int, n_layers: int = 2) -> torch.nn.Sequential:
     """An MLP with SiLU activations: n_layers linear layers."""
     dims = [n_in] + [n_hidden] * (n_layers - 1) + [n_out]
-    layers = []
-    for a, b in zip(dims[:-1], dims[1:]):
-        layers += [torch.nn.Linear(a, b), torch.nn.SiLU()]
+    layers = [m for a, b in zip(dims[:-1], dims[1:])
+              for m in (torch.nn.Linear(a, b), torch.nn.SiLU())]
     return torch.nn.Sequential(*layers[:-1])
 
 class GraphNetBlock(torch.nn.Module):
