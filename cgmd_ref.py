@@ -955,10 +955,9 @@ def _connected_half(A, f, w, target) -> np.ndarray:
     return first | (~first & ~heaviest(~first))
 
 def _bridges(A, w):
-    """Bridges of a connected graph by one depth-first search (Tarjan's low-link): the tree bond
-    above v is one when no non-tree bond from v's subtree reaches above v (low[v] >= pre[v]).
-    Returns DFS preorder, preorder index, and per bridge the atom below it with the weight and
-    count below: that side is order[pre[child]:][:sub_n] (a subtree is contiguous in preorder)."""
+    """Bridges by one DFS (Tarjan's low-link: the tree bond above v is one when no bond from v's
+    subtree reaches above v). Returns preorder, preorder index, and per bridge the atom below it
+    and that side's weight and count: it is order[pre[child]:][:sub_n] (subtrees are contiguous)."""
     n = A.shape[0]
     order, parent = depth_first_order(A, 0, directed=False, return_predecessors=True)
     pre = np.empty(n, dtype=np.int64)
@@ -1081,7 +1080,7 @@ def _refine(A, w, labels, cap, max_passes=8):
     return labels
 
 def _partition(A, w, alloc, comp, rng, cap):
-    """Partition each connected component into its allotted parts, then refine them all."""
+    """Each connected component cut into its allotted parts, then all refined together."""
     labels, offset, threads = np.empty(A.shape[0], dtype=np.int64), 0, torch.get_num_threads()
     torch.set_num_threads(1)            # many small eigen-solves: threads only add overhead
     try:
@@ -1099,17 +1098,13 @@ def spectral_partition(n_atoms: int, bonds, n_parts: int, *, masses=None, seed: 
     """Labels [n_atoms] of `n_parts` connected, non-empty, balanced parts with few cut bonds.
 
     Components get parts by size (at least one each); self-loops and repeated bonds are ignored.
-
-    Args:
-        masses: optional [n_atoms]: balance parts by mass instead of atom count.
-        seed: seeds the sparse eigensolver's start vector (graphs over 1000 atoms).
-        imbalance: the largest part may weigh (1 + imbalance) x the mean (rounded up to whole
-            atoms when balancing counts), where the component sizes allow it.
+    masses (optional [n_atoms]) balance by mass instead of atom count; seed: the sparse
+    eigensolver's start vector (graphs over 1000 atoms); the largest part may weigh
+    (1 + imbalance) x the mean (rounded up to whole atoms for counts) where components allow.
     """
     if int(n_atoms) != n_atoms or n_atoms < 1:
         raise ValueError(f"n_atoms must be a positive integer, got {n_atoms!r}")
-    b = _as_array(bonds, "bonds", dtype=np.int64).reshape(-1, 2) if np.size(bonds) else \
-        np.zeros((0, 2), dtype=np.int64)
+    b = _as_array(bonds, "bonds", dtype=np.int64).reshape(-1, 2)
     if b.size and (b.min() < 0 or b.max() >= n_atoms):
         raise ValueError(f"bonds point at atoms outside 0..{n_atoms - 1}")
     A = _bond_graph(n_atoms, b)
@@ -1134,11 +1129,9 @@ def spectral_partition(n_atoms: int, bonds, n_parts: int, *, masses=None, seed: 
     return _partition(A, w, alloc, comp, np.random.default_rng(seed), cap)
 
 def cg_mapping(system: System, atoms_per_bead: float = 4.0, *, seed: int = 0) -> np.ndarray:
-    """Bead labels [n_atoms] for a whole System in the spirit of [A]'s `cg_level`.
-
-    A molecule (connected component of the bond graph) of n atoms gets max(1, round(n /
-    atoms_per_bead)) beads, so a lone ion is its own bead; beads are numbered molecule by molecule.
-    """
+    """Bead labels [n_atoms] for a System, as [A]'s `cg_level`: a molecule (bond-graph component)
+    of n atoms gets max(1, round(n / atoms_per_bead)) beads (a lone ion is its own), numbered
+    molecule by molecule."""
     atoms_per_bead = _positive(atoms_per_bead, "atoms_per_bead")
     A = _bond_graph(system.n_atoms, system.bonds)
     _, comp = connected_components(A, directed=False)
@@ -1170,12 +1163,11 @@ def protein_like_graph(n_residues: int, rng):
     """A protein-like bond graph: backbone N-CA-C(=O) per residue, side chains of 0-6 atoms on CA
     (a fifth of those of length >= 2 end in a six-membered ring), one disulfide-like crosslink
     per 50 residues between side-chain tips. Returns (n_atoms, bonds [m, 2])."""
-    bonds, tips, n, previous_c = [], [], 0, None
+    bonds, tips, n, prev_c = [], [], 0, None
     for _ in range(n_residues):
-        N, CA, C, O = n, n + 1, n + 2, n + 3
-        n += 4
-        bonds += [(N, CA), (CA, C), (C, O)] + ([(previous_c, N)] if previous_c is not None else [])
-        previous_c, last = C, CA
+        N, CA, C, n = n, n + 1, n + 2, n + 4                  # O is C + 1
+        bonds += [(N, CA), (CA, C), (C, C + 1)] + ([] if prev_c is None else [(prev_c, N)])
+        prev_c, last = C, CA
         length = int(rng.integers(0, 7))
         for _ in range(length):
             bonds.append((last, n))
@@ -1205,11 +1197,9 @@ def bead_masses(labels, masses) -> np.ndarray:
     return np.bincount(labels, weights=masses)
 
 def coarse_grain(positions, labels, masses) -> np.ndarray:
-    """Bead positions [..., n_beads, 3]: the mass-weighted centre of each bead's atoms.
-
-    Positions must be unwrapped (molecules whole, as simulate() stores them), so no periodic
-    imaging is needed: one product with the mapping matrix W[b, i] = m_i / M_b, i in bead b.
-    """
+    """Bead positions [..., n_beads, 3]: the mass-weighted centre of each bead's atoms. Positions
+    are unwrapped (molecules whole, as simulate() stores them), so no periodic imaging is needed:
+    one product with the mapping matrix W[b, i] = m_i / M_b, i in bead b."""
     x = _as_array(positions, "positions", min_ndim=2, last=3, expected="[..., n_atoms, 3]")
     masses = _as_array(masses, "masses", ndim=1)
     if x.shape[-2] != len(masses):
@@ -1313,10 +1303,9 @@ class GraphNetBlock(torch.nn.Module):
     """One residual interaction-network step with LayerNorm (see the comment above)."""
     def __init__(self, latent: int):
         super().__init__()
-        self.edge_mlp = torch.nn.Sequential(mlp(3 * latent, latent, latent),
-                                            torch.nn.LayerNorm(latent))
-        self.node_mlp = torch.nn.Sequential(mlp(2 * latent, latent, latent),
-                                            torch.nn.LayerNorm(latent))
+        def normed_mlp(n_in):
+            return torch.nn.Sequential(mlp(n_in, latent, latent), torch.nn.LayerNorm(latent))
+        self.edge_mlp, self.node_mlp = normed_mlp(3 * latent), normed_mlp(2 * latent)
 
     def forward(self, h, e, senders, receivers):
         """h [N, latent], e [E, latent] -> updated (h, e)."""
@@ -1340,12 +1329,10 @@ class EmbeddingConfig:
     n_steps: int = 7
 
 class EmbeddingGNN(torch.nn.Module):
-    """Learned bead 'types' from chemistry alone (no positions), [A] section 3.
-
-    Atom- and bond-type embeddings, `n_steps` GraphNetBlocks on the fine bond graph, then the
-    mean over each bead's atoms. Trained end to end with the dynamics loss: this is what lets a
-    model transfer to polymers it has not seen.
-    """
+    """Learned bead 'types' from chemistry alone (no positions), [A] section 3: atom- and
+    bond-type embeddings, `n_steps` GraphNetBlocks on the fine bond graph, then the mean over each
+    bead's atoms. Trained end to end with the dynamics loss, it lets a model transfer to polymers
+    it has not seen."""
     def __init__(self, cfg: EmbeddingConfig = EmbeddingConfig()):
         super().__init__()
         self.cfg = cfg
@@ -1355,10 +1342,9 @@ class EmbeddingGNN(torch.nn.Module):
 
     def forward(self, atom_types, bonds, bond_type, labels, n_beads: int) -> torch.Tensor:
         """atom_types [n], bonds [m, 2], bond_type [m], labels [n] -> [n_beads, latent]."""
-        atom_types = torch.as_tensor(atom_types, dtype=torch.long)
+        atom_types, bt, labels = (torch.as_tensor(v, dtype=torch.long)
+                                  for v in (atom_types, bond_type, labels))
         b = torch.as_tensor(bonds, dtype=torch.long).reshape(-1, 2)
-        bt = torch.as_tensor(bond_type, dtype=torch.long)
-        labels = torch.as_tensor(labels, dtype=torch.long)
         if len(bt) != len(b) or len(labels) != len(atom_types):
             raise ValueError(f"bond_type has {len(bt)} entries for {len(b)} bonds and labels "
                              f"{len(labels)} for {len(atom_types)} atoms; expected equal")
