@@ -1002,8 +1002,8 @@ def _recursive_bisection(A, w, k, rng, mean, cap) -> np.ndarray:
     """Labels 0..k-1 of a connected graph; splits above the last level keep half of the size
     slack in reserve for the levels below."""
     n = A.shape[0]
-    if k in (1, n):
-        return np.arange(n, dtype=np.int64) if k == n else np.zeros(n, dtype=np.int64)
+    if k in (1, n):                                   # one part, or one atom per part
+        return np.arange(n, dtype=np.int64) * (k == n)
     first, k1 = _bisect(A, w, k, rng, mean, (cap / mean - 1) * (1.0 if k == 2 else 0.5))
     labels = np.empty(n, dtype=np.int64)
     for mask, kk, offset in ((first, k1, 0), (~first, k - k1, k1)):
@@ -1038,8 +1038,7 @@ def _partition_component(A, w, k, rng, cap) -> np.ndarray:
     cap (from `cap` up, one atom at a time) that needs <= k parts, heaviest parts then bisected
     until there are k."""
     labels = _recursive_bisection(A, w, k, rng, w.sum() / k, cap)
-    heaviest = np.bincount(labels, weights=w).max()
-    limit = cap
+    limit, heaviest = cap, np.bincount(labels, weights=w).max()
     while limit < heaviest - 1e-9:
         packed = _pack(A, w, limit)
         if packed.max() + 1 <= k:
@@ -1069,8 +1068,7 @@ def _refine(A, w, labels, cap, max_passes=8):
                 key = (n_q - counts[parts == p].sum(), weight[p] - weight[q] - w[v])
                 if q != p and weight[q] + w[v] <= cap and key > best_key:
                     best, best_key = q, key
-            rest = np.flatnonzero(labels == p)
-            rest = rest[rest != v]                    # would the giving part stay connected?
+            rest = np.setdiff1d(np.flatnonzero(labels == p), v)   # does the giver stay connected?
             if best is not None and len(rest) and \
                     connected_components(A[rest][:, rest], directed=False)[0] == 1:
                 labels[v], moved = best, moved + 1
@@ -1119,8 +1117,8 @@ def spectral_partition(n_atoms: int, bonds, n_parts: int, *, masses=None, seed: 
         raise ValueError(f"masses must be [n_atoms]={n_atoms} positive numbers")
     cap = (1 + imbalance) * w.sum() / n_parts
     cap = math.ceil(cap - 1e-9) if masses is None else cap
-    # parts per component: each >= 1 and enough to respect the cap, the rest by share
     weights, sizes, n_parts = np.bincount(comp, weights=w), np.bincount(comp), int(n_parts)
+    # parts per component: each >= 1 and enough to respect the cap, the rest by share
     lo = np.minimum(np.maximum(1, np.ceil(weights / cap - 1e-9)).astype(np.int64), sizes)
     alloc = np.ones_like(lo) if lo.sum() > n_parts else lo    # cap unreachable: >= 1 each
     ideal = n_parts * weights / weights.sum()
@@ -1252,10 +1250,9 @@ def pair_graph(positions, pairs, bonds, radius: float, *, box: Optional[float] =
         d = torch.where(bonded[:, None], d, _minimum_image(d, box))
     r = d.norm(dim=-1)                                                   # [B, P]
     frame, p = ((r < radius) | bonded).nonzero(as_tuple=True)
-    return Graph(senders=frame * n + s[p], receivers=frame * n + t[p],
-                 edge_type=bonded[p].long(), displacement=d[frame, p], distance=r[frame, p, None],
-                 node_graph=torch.arange(B, device=positions.device).repeat_interleave(n),
-                 n_nodes=B * n)
+    return Graph(frame * n + s[p], frame * n + t[p], bonded[p].long(), d[frame, p],
+                 r[frame, p, None], torch.arange(B, device=positions.device).repeat_interleave(n),
+                 B * n)
 
 def cg_graph(positions, bonds, radius: float, *, box: Optional[float] = None) -> Graph:
     """CG graphs of frames [n, 3] or [B, n, 3] of one system: CG bonds [m, 2] U pairs closer than
@@ -1264,12 +1261,11 @@ def cg_graph(positions, bonds, radius: float, *, box: Optional[float] = None) ->
     x = x[None] if x.ndim == 2 else x
     if x.ndim != 3 or x.shape[-1] != 3:
         raise ValueError(f"positions has shape {tuple(x.shape)}; expected [n, 3] or [B, n, 3]")
-    n = x.shape[1]
-    radius = _positive(radius, "radius")
+    n, radius = x.shape[1], _positive(radius, "radius")
+    box = None if box is None else _positive(box, "box")
     b = torch.as_tensor(np.asarray(bonds, dtype=np.int64).reshape(-1, 2), device=x.device)
     if b.numel() and (b.min() < 0 or b.max() >= n):
         raise ValueError(f"bonds point at beads outside 0..{n - 1}")
-    box = None if box is None else _positive(box, "box")
     pairs = torch.as_tensor(np.argwhere(~np.eye(n, dtype=bool)), device=x.device)  # all i != j
     return pair_graph(x, pairs, b, radius, box=box)
 
@@ -1349,8 +1345,7 @@ class EmbeddingGNN(torch.nn.Module):
             raise ValueError(f"bond_type has {len(bt)} entries for {len(b)} bonds and labels "
                              f"{len(labels)} for {len(atom_types)} atoms; expected equal")
         senders, receivers = torch.cat([b[:, 0], b[:, 1]]), torch.cat([b[:, 1], b[:, 0]])
-        h = self.atom_embedding(atom_types)
-        e = self.bond_embedding(torch.cat([bt, bt]))
+        h, e = self.atom_embedding(atom_types), self.bond_embedding(torch.cat([bt, bt]))
         for block in self.blocks:
             h, e = block(h, e, senders, receivers)
         pooled = torch.zeros(n_beads, h.shape[1], dtype=h.dtype).index_add_(0, labels, h)
