@@ -910,13 +910,14 @@ def trajectory_from_arrays(positions, masses, bonds=(), *, types=None, molecule=
 # the bisections). Unlike METIS, every part is connected: a bead of unbonded atoms means nothing.
 
 def _bond_graph(n_atoms: int, bonds):
-    """Symmetric 0/1 adjacency (scipy CSR) of the bond graph; self-loops and repeats ignored."""
+    """(A, n_components, component per atom): A the symmetric 0/1 adjacency (scipy CSR) of the
+    bond graph, self-loops and repeats ignored."""
     b = np.asarray(bonds, dtype=np.int64).reshape(-1, 2)
     b = b[b[:, 0] != b[:, 1]]
     A = coo_matrix((np.ones(2 * len(b)), (np.r_[b[:, 0], b[:, 1]], np.r_[b[:, 1], b[:, 0]])),
                    shape=(n_atoms, n_atoms)).tocsr()
     A.data[:] = 1.0                                   # repeated bonds were summed: reset to 1
-    return A
+    return (A, *connected_components(A, directed=False))
 
 def edge_cut(bonds, labels) -> int:
     """Number of distinct bonds whose two atoms lie in different parts."""
@@ -944,14 +945,11 @@ def _connected_half(A, f, w, target) -> np.ndarray:
     def heaviest(mask):
         idx = np.flatnonzero(mask)
         n_pieces, piece = connected_components(A[idx][:, idx], directed=False)
-        out = np.zeros(A.shape[0], dtype=bool)
-        out[idx[piece == np.argmax(np.bincount(piece, weights=w[idx]))] if n_pieces > 1
-            else idx] = True
-        return out
+        keep = idx[piece == np.argmax(np.bincount(piece, weights=w[idx]))] if n_pieces > 1 else idx
+        return np.isin(np.arange(A.shape[0]), keep)
     order = np.argsort(f, kind="stable")
-    prefix = np.zeros(A.shape[0], dtype=bool)
-    prefix[order[:max(1, int(np.searchsorted(np.cumsum(w[order]), target)))]] = True
-    first = heaviest(prefix)
+    n_prefix = max(1, int(np.searchsorted(np.cumsum(w[order]), target)))
+    first = heaviest(np.isin(np.arange(A.shape[0]), order[:n_prefix]))
     return first | (~first & ~heaviest(~first))
 
 def _bridges(A, w):
@@ -960,8 +958,7 @@ def _bridges(A, w):
     and that side's weight and count: it is order[pre[child]:][:sub_n] (subtrees are contiguous)."""
     n = A.shape[0]
     order, parent = depth_first_order(A, 0, directed=False, return_predecessors=True)
-    pre = np.empty(n, dtype=np.int64)
-    pre[order] = np.arange(n)
+    pre = np.argsort(order)                           # inverse permutation: preorder index
     rows = np.repeat(np.arange(n), np.diff(A.indptr))
     reach = np.where(A.indices == parent[rows], n, pre[A.indices])     # skip the bond to parent
     low = np.minimum(pre, np.minimum.reduceat(np.r_[reach, n], A.indptr[:-1]) if n > 1 else pre)
@@ -994,8 +991,7 @@ def _bisect(A, w, k, rng, mean, slack):
     even = np.abs(k1 - k / 2) <= 0.2 * k + 0.5
     pick = int(np.lexsort((dev, np.abs(k1 - k / 2), np.where(ok, cuts, np.inf), ~even, ~ok))[0])
     if pick > 0:
-        first = np.zeros(n, dtype=bool)
-        first[order[pre[child[pick - 1]]:][:sub_n[pick - 1]]] = True
+        first = np.isin(np.arange(n), order[pre[child[pick - 1]]:][:sub_n[pick - 1]])
     return first, int(k1[pick])
 
 def _recursive_bisection(A, w, k, rng, mean, cap) -> np.ndarray:
@@ -1105,8 +1101,7 @@ def spectral_partition(n_atoms: int, bonds, n_parts: int, *, masses=None, seed: 
     b = _as_array(bonds, "bonds", dtype=np.int64).reshape(-1, 2)
     if b.size and (b.min() < 0 or b.max() >= n_atoms):
         raise ValueError(f"bonds point at atoms outside 0..{n_atoms - 1}")
-    A = _bond_graph(n_atoms, b)
-    n_comp, comp = connected_components(A, directed=False)
+    A, n_comp, comp = _bond_graph(n_atoms, b)
     if int(n_parts) != n_parts or not (1 <= n_parts <= n_atoms):
         raise ValueError(f"n_parts must be an integer in 1..n_atoms={n_atoms}, got {n_parts!r}")
     if n_parts < n_comp:
@@ -1131,8 +1126,7 @@ def cg_mapping(system: System, atoms_per_bead: float = 4.0, *, seed: int = 0) ->
     of n atoms gets max(1, round(n / atoms_per_bead)) beads (a lone ion is its own), numbered
     molecule by molecule."""
     atoms_per_bead = _positive(atoms_per_bead, "atoms_per_bead")
-    A = _bond_graph(system.n_atoms, system.bonds)
-    _, comp = connected_components(A, directed=False)
+    A, _, comp = _bond_graph(system.n_atoms, system.bonds)
     sizes = np.bincount(comp)
     alloc = np.maximum(1, np.round(sizes / atoms_per_bead)).astype(np.int64)
     cap = max(math.ceil(1.10 * atoms_per_bead - 1e-9), int(np.ceil(sizes / alloc).max()))
@@ -1143,8 +1137,7 @@ def cg_mapping(system: System, atoms_per_bead: float = 4.0, *, seed: int = 0) ->
 def branched_graph(n_atoms: int, rng):
     """A random branched polymer: each new atom bonds to a recent atom with fewer than four bonds
     (chain growth with side branches), plus ~1% ring-closing bonds. Returns (n_atoms, bonds)."""
-    degree = np.zeros(n_atoms, dtype=np.int64)
-    bonds = []
+    degree, bonds = np.zeros(n_atoms, dtype=np.int64), []
     for i in range(1, n_atoms):                     # set-up code: a loop over atoms is fine
         window = np.arange(max(0, i - int(rng.integers(1, 8))), i)
         free = window[degree[window] < 4]
