@@ -908,7 +908,6 @@ def trajectory_from_arrays(positions, masses, bonds=(), *, types=None, molecule=
 #   3. greedy boundary moves (Fiduccia-Mattheyses style) that cut fewer bonds or even out sizes.
 # All three decide the datasets' beads (packing decides most class I polymers, a bridge ~7% of
 # the bisections). Unlike METIS, every part is connected: a bead of unbonded atoms means nothing.
-
 def _bond_graph(n_atoms: int, bonds):
     """(A, n_components, component per atom): A the symmetric 0/1 adjacency (scipy CSR) of the
     bond graph, self-loops and repeats ignored."""
@@ -1133,7 +1132,6 @@ def cg_mapping(system: System, atoms_per_bead: float = 4.0, *, seed: int = 0) ->
     return _partition(A, np.ones(system.n_atoms), alloc, comp, np.random.default_rng(seed), cap)
 
 # ---- larger molecular graphs, to measure the partitioner on (bonds only, no force field) -------
-
 def branched_graph(n_atoms: int, rng):
     """A random branched polymer: each new atom bonds to a recent atom with fewer than four bonds
     (chain growth with side branches), plus ~1% ring-closing bonds. Returns (n_atoms, bonds)."""
@@ -1175,7 +1173,6 @@ def protein_like_graph(n_residues: int, rng):
     return n, np.array(bonds, dtype=np.int64)
 
 # ---- the CG mapping: beads at centres of mass ---------------------------------------------------
-
 def bead_masses(labels, masses) -> np.ndarray:
     """[n_beads]: the summed mass of each bead's atoms (labels: one per atom, 0..n_beads-1)."""
     masses = _as_array(masses, "masses", ndim=1)
@@ -1214,7 +1211,6 @@ def cg_bonds(labels, bonds) -> np.ndarray:
 # Message passing runs on a directed edge list (senders -> receivers). Many graphs (frames,
 # systems) are batched into one disjoint graph by offsetting node indices, as GNS [2] does: one
 # forward pass then serves the whole batch.
-
 @dataclass
 class Graph:
     """A batch of graphs as one disjoint graph (torch tensors) of E edges and N nodes."""
@@ -1227,10 +1223,9 @@ class Graph:
     n_nodes: int                    # N
 
 def pair_graph(positions, pairs, bonds, radius: float, *, box: Optional[float] = None) -> Graph:
-    """CG graphs of B frames [B, n, 3] (node b * n + i): CG bonds [m, 2] U candidate pairs [P, 2]
-    (sender, receiver; both directions of every bond) closer than `radius`. In a box, radius
-    edges use the minimum image; a bond keeps the difference of the unwrapped positions
-    (molecules are whole), since a stretched bond may be longer than half the box."""
+    """CG graphs of B frames [B, n, 3] (node b * n + i): CG bonds [m, 2], both ways, U candidate
+    pairs [P, 2] (sender, receiver) closer than `radius`. In a box, radius edges use the minimum
+    image; a bond keeps the unwrapped difference (a stretched bond may exceed half the box)."""
     if box is not None and 2 * radius > box:
         raise ValueError(f"box = {box} is smaller than 2 radius = {2 * radius}; expected a box "
                          "at least twice the radius (minimum image)")
@@ -1280,7 +1275,6 @@ def batch_graphs(graphs) -> Graph:
 #   e'_ij = e_ij + LN(MLP_e([e_ij, h_i, h_j]))          (edge update, i = sender, j = receiver)
 #   h'_j  = h_j  + LN(MLP_v([h_j, sum_i e'_ij]))        (node update, sum over incoming edges)
 # The sum is `index_add_` over receivers: no torch_scatter needed.
-
 def mlp(n_in: int, n_hidden: int, n_out: int, n_layers: int = 2) -> torch.nn.Sequential:
     """An MLP with SiLU activations: n_layers linear layers."""
     dims = [n_in] + [n_hidden] * (n_layers - 1) + [n_out]
