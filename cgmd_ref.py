@@ -1142,9 +1142,8 @@ def branched_graph(n_atoms: int, rng):
         j = int(rng.choice(free if len(free) else np.flatnonzero(degree[:i] < 4)))
         bonds.append((j, i))
         degree[[i, j]] += 1
-    for _ in range(n_atoms // 100):
-        a, b = (int(v) for v in rng.integers(0, n_atoms, 2))
-        if abs(a - b) > 3:
+    for a, b in (rng.integers(0, n_atoms, 2).tolist() for _ in range(n_atoms // 100)):
+        if abs(a - b) > 3:                          # a ring-closing bond
             bonds.append((a, b))
     return n_atoms, np.array(bonds, dtype=np.int64)
 
@@ -1167,9 +1166,8 @@ def protein_like_graph(n_residues: int, rng):
             bonds += [(ring[i], ring[(i + 1) % 6]) for i in range(6)]
         if length:
             tips.append(last)
-    for _ in range(max(1, n_residues // 50)):
-        a, b = rng.choice(tips, 2, replace=False)
-        bonds.append((int(a), int(b)))
+    bonds += [tuple(rng.choice(tips, 2, replace=False).tolist())       # crosslinks
+              for _ in range(max(1, n_residues // 50))]
     return n, np.array(bonds, dtype=np.int64)
 
 # ---- the CG mapping: beads at centres of mass ---------------------------------------------------
@@ -1178,8 +1176,7 @@ def bead_masses(labels, masses) -> np.ndarray:
     masses = _as_array(masses, "masses", ndim=1)
     labels = _as_array(labels, "labels", ndim=1, dtype=np.int64)
     if labels.shape != masses.shape:
-        raise ValueError(f"labels has {len(labels)} entries; expected one per atom "
-                         f"({len(masses)})")
+        raise ValueError(f"labels has {len(labels)} entries; expected one per atom ({len(masses)})")
     if labels.min() < 0 or np.any(np.bincount(labels) == 0):
         raise ValueError("labels must number the beads 0..n_beads-1 with none empty")
     return np.bincount(labels, weights=masses)
