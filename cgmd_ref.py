@@ -1089,12 +1089,10 @@ def _partition(A, w, alloc, comp, rng, cap):
 def spectral_partition(n_atoms: int, bonds, n_parts: int, *, masses=None, seed: int = 0,
                        imbalance: float = 0.10) -> np.ndarray:
     """Labels [n_atoms] of `n_parts` connected, non-empty, balanced parts with few cut bonds.
-
     Components get parts by size (at least one each); self-loops and repeated bonds are ignored.
     masses (optional [n_atoms]) balance by mass instead of atom count; seed: the sparse
     eigensolver's start vector (graphs over 1000 atoms); the largest part may weigh
-    (1 + imbalance) x the mean (rounded up to whole atoms for counts) where components allow.
-    """
+    (1 + imbalance) x the mean (rounded up to whole atoms for counts) where components allow."""
     if int(n_atoms) != n_atoms or n_atoms < 1:
         raise ValueError(f"n_atoms must be a positive integer, got {n_atoms!r}")
     b = _as_array(bonds, "bonds", dtype=np.int64).reshape(-1, 2)
