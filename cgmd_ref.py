@@ -908,15 +908,15 @@ def trajectory_from_arrays(positions, masses, bonds=(), *, types=None, molecule=
 #   3. greedy boundary moves (Fiduccia-Mattheyses style) that cut fewer bonds or even out sizes.
 # All three decide the datasets' beads (packing decides most class I polymers, a bridge ~7% of
 # the bisections). Unlike METIS, every part is connected: a bead of unbonded atoms means nothing.
-
 def _bond_graph(n_atoms: int, bonds):
-    """Symmetric 0/1 adjacency (scipy CSR) of the bond graph; self-loops and repeats ignored."""
+    """(A, n_components, component per atom): A the symmetric 0/1 adjacency (scipy CSR) of the
+    bond graph, self-loops and repeats ignored."""
     b = np.asarray(bonds, dtype=np.int64).reshape(-1, 2)
     b = b[b[:, 0] != b[:, 1]]
     A = coo_matrix((np.ones(2 * len(b)), (np.r_[b[:, 0], b[:, 1]], np.r_[b[:, 1], b[:, 0]])),
                    shape=(n_atoms, n_atoms)).tocsr()
     A.data[:] = 1.0                                   # repeated bonds were summed: reset to 1
-    return A
+    return (A, *connected_components(A, directed=False))
 
 def edge_cut(bonds, labels) -> int:
     """Number of distinct bonds whose two atoms lie in different parts."""
@@ -944,25 +944,20 @@ def _connected_half(A, f, w, target) -> np.ndarray:
     def heaviest(mask):
         idx = np.flatnonzero(mask)
         n_pieces, piece = connected_components(A[idx][:, idx], directed=False)
-        out = np.zeros(A.shape[0], dtype=bool)
-        out[idx[piece == np.argmax(np.bincount(piece, weights=w[idx]))] if n_pieces > 1
-            else idx] = True
-        return out
+        keep = idx[piece == np.argmax(np.bincount(piece, weights=w[idx]))] if n_pieces > 1 else idx
+        return np.isin(np.arange(A.shape[0]), keep)
     order = np.argsort(f, kind="stable")
-    prefix = np.zeros(A.shape[0], dtype=bool)
-    prefix[order[:max(1, int(np.searchsorted(np.cumsum(w[order]), target)))]] = True
-    first = heaviest(prefix)
+    n_prefix = max(1, int(np.searchsorted(np.cumsum(w[order]), target)))
+    first = heaviest(np.isin(np.arange(A.shape[0]), order[:n_prefix]))
     return first | (~first & ~heaviest(~first))
 
 def _bridges(A, w):
-    """Bridges of a connected graph by one depth-first search (Tarjan's low-link): the tree bond
-    above v is one when no non-tree bond from v's subtree reaches above v (low[v] >= pre[v]).
-    Returns DFS preorder, preorder index, and per bridge the atom below it with the weight and
-    count below: that side is order[pre[child]:][:sub_n] (a subtree is contiguous in preorder)."""
+    """Bridges by one DFS (Tarjan's low-link: the tree bond above v is one when no bond from v's
+    subtree reaches above v). Returns preorder, preorder index, and per bridge the atom below it
+    and that side's weight and count: it is order[pre[child]:][:sub_n] (subtrees are contiguous)."""
     n = A.shape[0]
     order, parent = depth_first_order(A, 0, directed=False, return_predecessors=True)
-    pre = np.empty(n, dtype=np.int64)
-    pre[order] = np.arange(n)
+    pre = np.argsort(order)                           # inverse permutation: preorder index
     rows = np.repeat(np.arange(n), np.diff(A.indptr))
     reach = np.where(A.indices == parent[rows], n, pre[A.indices])     # skip the bond to parent
     low = np.minimum(pre, np.minimum.reduceat(np.r_[reach, n], A.indptr[:-1]) if n > 1 else pre)
@@ -995,16 +990,15 @@ def _bisect(A, w, k, rng, mean, slack):
     even = np.abs(k1 - k / 2) <= 0.2 * k + 0.5
     pick = int(np.lexsort((dev, np.abs(k1 - k / 2), np.where(ok, cuts, np.inf), ~even, ~ok))[0])
     if pick > 0:
-        first = np.zeros(n, dtype=bool)
-        first[order[pre[child[pick - 1]]:][:sub_n[pick - 1]]] = True
+        first = np.isin(np.arange(n), order[pre[child[pick - 1]]:][:sub_n[pick - 1]])
     return first, int(k1[pick])
 
 def _recursive_bisection(A, w, k, rng, mean, cap) -> np.ndarray:
     """Labels 0..k-1 of a connected graph; splits above the last level keep half of the size
     slack in reserve for the levels below."""
     n = A.shape[0]
-    if k in (1, n):
-        return np.arange(n, dtype=np.int64) if k == n else np.zeros(n, dtype=np.int64)
+    if k in (1, n):                                   # one part, or one atom per part
+        return np.arange(n, dtype=np.int64) * (k == n)
     first, k1 = _bisect(A, w, k, rng, mean, (cap / mean - 1) * (1.0 if k == 2 else 0.5))
     labels = np.empty(n, dtype=np.int64)
     for mask, kk, offset in ((first, k1, 0), (~first, k - k1, k1)):
@@ -1039,8 +1033,7 @@ def _partition_component(A, w, k, rng, cap) -> np.ndarray:
     cap (from `cap` up, one atom at a time) that needs <= k parts, heaviest parts then bisected
     until there are k."""
     labels = _recursive_bisection(A, w, k, rng, w.sum() / k, cap)
-    heaviest = np.bincount(labels, weights=w).max()
-    limit = cap
+    limit, heaviest = cap, np.bincount(labels, weights=w).max()
     while limit < heaviest - 1e-9:
         packed = _pack(A, w, limit)
         if packed.max() + 1 <= k:
@@ -1054,21 +1047,10 @@ def _partition_component(A, w, k, rng, cap) -> np.ndarray:
         limit += 1.0 if np.all(w == 1) else 0.02 * cap
     return labels
 
-def _allot(weights, sizes, n_parts, cap):
-    """Parts per component: each >= 1 and enough to respect the size cap, the rest by share."""
-    lo = np.minimum(np.maximum(1, np.ceil(weights / cap - 1e-9)).astype(np.int64), sizes)
-    alloc = np.ones_like(lo) if lo.sum() > n_parts else lo    # cap unreachable: >= 1 each
-    ideal = n_parts * weights / weights.sum()
-    while alloc.sum() < n_parts:                              # largest remaining share first
-        alloc[int(np.argmax(np.where(alloc < sizes, ideal - alloc, -np.inf)))] += 1
-    return alloc
-
 def _refine(A, w, labels, cap, max_passes=8):
     """Greedy boundary moves, one atom at a time: to a neighbouring part if that cuts fewer bonds,
     or evens sizes at equal cut, keeping the receiver within the cap and the giver connected."""
     weight = np.bincount(labels, weights=w)
-    members = [set(m.tolist()) for m in np.split(np.argsort(labels, kind="stable"),
-                                                 np.cumsum(np.bincount(labels))[:-1])]
     rows = np.repeat(np.arange(len(labels)), np.diff(A.indptr))
     for _ in range(max_passes):
         moved = 0
@@ -1081,27 +1063,17 @@ def _refine(A, w, labels, cap, max_passes=8):
                 key = (n_q - counts[parts == p].sum(), weight[p] - weight[q] - w[v])
                 if q != p and weight[q] + w[v] <= cap and key > best_key:
                     best, best_key = q, key
-            rest = members[p] - {v}
-            if best is None or not rest:
-                continue
-            seen, stack = set(), [next(iter(rest))]
-            while stack:                              # would the giving part stay connected?
-                x = stack.pop()
-                if x not in seen:
-                    seen.add(x)
-                    stack += [u for u in A.indices[A.indptr[x]:A.indptr[x + 1]].tolist()
-                              if u in rest]
-            if len(seen) == len(rest):
+            rest = np.setdiff1d(np.flatnonzero(labels == p), v)   # does the giver stay connected?
+            if best is not None and len(rest) and \
+                    connected_components(A[rest][:, rest], directed=False)[0] == 1:
                 labels[v], moved = best, moved + 1
-                members[p].discard(v)
-                members[best].add(v)
                 weight[[p, best]] += (-w[v], w[v])
         if moved == 0:
             break
     return labels
 
 def _partition(A, w, alloc, comp, rng, cap):
-    """Partition each connected component into its allotted parts, then refine them all."""
+    """Each connected component cut into its allotted parts, then all refined together."""
     labels, offset, threads = np.empty(A.shape[0], dtype=np.int64), 0, torch.get_num_threads()
     torch.set_num_threads(1)            # many small eigen-solves: threads only add overhead
     try:
@@ -1117,23 +1089,16 @@ def _partition(A, w, alloc, comp, rng, cap):
 def spectral_partition(n_atoms: int, bonds, n_parts: int, *, masses=None, seed: int = 0,
                        imbalance: float = 0.10) -> np.ndarray:
     """Labels [n_atoms] of `n_parts` connected, non-empty, balanced parts with few cut bonds.
-
     Components get parts by size (at least one each); self-loops and repeated bonds are ignored.
-
-    Args:
-        masses: optional [n_atoms]: balance parts by mass instead of atom count.
-        seed: seeds the sparse eigensolver's start vector (graphs over 1000 atoms).
-        imbalance: the largest part may weigh (1 + imbalance) x the mean (rounded up to whole
-            atoms when balancing counts), where the component sizes allow it.
-    """
+    masses (optional [n_atoms]) balance by mass instead of atom count; seed: the sparse
+    eigensolver's start vector (graphs over 1000 atoms); the largest part may weigh
+    (1 + imbalance) x the mean (rounded up to whole atoms for counts) where components allow."""
     if int(n_atoms) != n_atoms or n_atoms < 1:
         raise ValueError(f"n_atoms must be a positive integer, got {n_atoms!r}")
-    b = _as_array(bonds, "bonds", dtype=np.int64).reshape(-1, 2) if np.size(bonds) else \
-        np.zeros((0, 2), dtype=np.int64)
+    b = _as_array(bonds, "bonds", dtype=np.int64).reshape(-1, 2)
     if b.size and (b.min() < 0 or b.max() >= n_atoms):
         raise ValueError(f"bonds point at atoms outside 0..{n_atoms - 1}")
-    A = _bond_graph(n_atoms, b)
-    n_comp, comp = connected_components(A, directed=False)
+    A, n_comp, comp = _bond_graph(n_atoms, b)
     if int(n_parts) != n_parts or not (1 <= n_parts <= n_atoms):
         raise ValueError(f"n_parts must be an integer in 1..n_atoms={n_atoms}, got {n_parts!r}")
     if n_parts < n_comp:
@@ -1144,39 +1109,39 @@ def spectral_partition(n_atoms: int, bonds, n_parts: int, *, masses=None, seed: 
         raise ValueError(f"masses must be [n_atoms]={n_atoms} positive numbers")
     cap = (1 + imbalance) * w.sum() / n_parts
     cap = math.ceil(cap - 1e-9) if masses is None else cap
-    alloc = _allot(np.bincount(comp, weights=w), np.bincount(comp), int(n_parts), cap)
+    weights, sizes, n_parts = np.bincount(comp, weights=w), np.bincount(comp), int(n_parts)
+    # parts per component: each >= 1 and enough to respect the cap, the rest by share
+    lo = np.minimum(np.maximum(1, np.ceil(weights / cap - 1e-9)).astype(np.int64), sizes)
+    alloc = np.ones_like(lo) if lo.sum() > n_parts else lo    # cap unreachable: >= 1 each
+    ideal = n_parts * weights / weights.sum()
+    while alloc.sum() < n_parts:                              # largest remaining share first
+        alloc[int(np.argmax(np.where(alloc < sizes, ideal - alloc, -np.inf)))] += 1
     return _partition(A, w, alloc, comp, np.random.default_rng(seed), cap)
 
 def cg_mapping(system: System, atoms_per_bead: float = 4.0, *, seed: int = 0) -> np.ndarray:
-    """Bead labels [n_atoms] for a whole System in the spirit of [A]'s `cg_level`.
-
-    A molecule (connected component of the bond graph) of n atoms gets max(1, round(n /
-    atoms_per_bead)) beads, so a lone ion is its own bead; beads are numbered molecule by molecule.
-    """
+    """Bead labels [n_atoms] for a System, as [A]'s `cg_level`: a molecule (bond-graph component)
+    of n atoms gets max(1, round(n / atoms_per_bead)) beads (a lone ion is its own), numbered
+    molecule by molecule."""
     atoms_per_bead = _positive(atoms_per_bead, "atoms_per_bead")
-    A = _bond_graph(system.n_atoms, system.bonds)
-    _, comp = connected_components(A, directed=False)
+    A, _, comp = _bond_graph(system.n_atoms, system.bonds)
     sizes = np.bincount(comp)
     alloc = np.maximum(1, np.round(sizes / atoms_per_bead)).astype(np.int64)
     cap = max(math.ceil(1.10 * atoms_per_bead - 1e-9), int(np.ceil(sizes / alloc).max()))
     return _partition(A, np.ones(system.n_atoms), alloc, comp, np.random.default_rng(seed), cap)
 
 # ---- larger molecular graphs, to measure the partitioner on (bonds only, no force field) -------
-
 def branched_graph(n_atoms: int, rng):
     """A random branched polymer: each new atom bonds to a recent atom with fewer than four bonds
     (chain growth with side branches), plus ~1% ring-closing bonds. Returns (n_atoms, bonds)."""
-    degree = np.zeros(n_atoms, dtype=np.int64)
-    bonds = []
+    degree, bonds = np.zeros(n_atoms, dtype=np.int64), []
     for i in range(1, n_atoms):                     # set-up code: a loop over atoms is fine
         window = np.arange(max(0, i - int(rng.integers(1, 8))), i)
         free = window[degree[window] < 4]
         j = int(rng.choice(free if len(free) else np.flatnonzero(degree[:i] < 4)))
         bonds.append((j, i))
         degree[[i, j]] += 1
-    for _ in range(n_atoms // 100):
-        a, b = (int(v) for v in rng.integers(0, n_atoms, 2))
-        if abs(a - b) > 3:
+    for a, b in (rng.integers(0, n_atoms, 2).tolist() for _ in range(n_atoms // 100)):
+        if abs(a - b) > 3:                          # a ring-closing bond
             bonds.append((a, b))
     return n_atoms, np.array(bonds, dtype=np.int64)
 
@@ -1184,12 +1149,11 @@ def protein_like_graph(n_residues: int, rng):
     """A protein-like bond graph: backbone N-CA-C(=O) per residue, side chains of 0-6 atoms on CA
     (a fifth of those of length >= 2 end in a six-membered ring), one disulfide-like crosslink
     per 50 residues between side-chain tips. Returns (n_atoms, bonds [m, 2])."""
-    bonds, tips, n, previous_c = [], [], 0, None
+    bonds, tips, n, prev_c = [], [], 0, None
     for _ in range(n_residues):
-        N, CA, C, O = n, n + 1, n + 2, n + 3
-        n += 4
-        bonds += [(N, CA), (CA, C), (C, O)] + ([(previous_c, N)] if previous_c is not None else [])
-        previous_c, last = C, CA
+        N, CA, C, n = n, n + 1, n + 2, n + 4                  # O is C + 1
+        bonds += [(N, CA), (CA, C), (C, C + 1)] + ([] if prev_c is None else [(prev_c, N)])
+        prev_c, last = C, CA
         length = int(rng.integers(0, 7))
         for _ in range(length):
             bonds.append((last, n))
@@ -1200,38 +1164,30 @@ def protein_like_graph(n_residues: int, rng):
             bonds += [(ring[i], ring[(i + 1) % 6]) for i in range(6)]
         if length:
             tips.append(last)
-    for _ in range(max(1, n_residues // 50)):
-        a, b = rng.choice(tips, 2, replace=False)
-        bonds.append((int(a), int(b)))
+    bonds += [tuple(rng.choice(tips, 2, replace=False).tolist())       # crosslinks
+              for _ in range(max(1, n_residues // 50))]
     return n, np.array(bonds, dtype=np.int64)
 
 # ---- the CG mapping: beads at centres of mass ---------------------------------------------------
-
-def _check_labels(labels, n_atoms: int) -> np.ndarray:
+def bead_masses(labels, masses) -> np.ndarray:
+    """[n_beads]: the summed mass of each bead's atoms (labels: one per atom, 0..n_beads-1)."""
+    masses = _as_array(masses, "masses", ndim=1)
     labels = _as_array(labels, "labels", ndim=1, dtype=np.int64)
-    if labels.shape != (n_atoms,):
-        raise ValueError(f"labels has {len(labels)} entries; expected one per atom ({n_atoms})")
+    if labels.shape != masses.shape:
+        raise ValueError(f"labels has {len(labels)} entries; expected one per atom ({len(masses)})")
     if labels.min() < 0 or np.any(np.bincount(labels) == 0):
         raise ValueError("labels must number the beads 0..n_beads-1 with none empty")
-    return labels
-
-def bead_masses(labels, masses) -> np.ndarray:
-    """[n_beads]: the summed mass of each bead's atoms."""
-    masses = _as_array(masses, "masses", ndim=1)
-    return np.bincount(_check_labels(labels, len(masses)), weights=masses)
+    return np.bincount(labels, weights=masses)
 
 def coarse_grain(positions, labels, masses) -> np.ndarray:
-    """Bead positions [..., n_beads, 3]: the mass-weighted centre of each bead's atoms.
-
-    Positions must be unwrapped (molecules whole, as simulate() stores them), so no periodic
-    imaging is needed: one product with the mapping matrix W[b, i] = m_i / M_b, i in bead b.
-    """
+    """Bead positions [..., n_beads, 3]: the mass-weighted centre of each bead's atoms. Positions
+    are unwrapped (molecules whole, as simulate() stores them), so no periodic imaging is needed:
+    one product with the mapping matrix W[b, i] = m_i / M_b, i in bead b."""
     x = _as_array(positions, "positions", min_ndim=2, last=3, expected="[..., n_atoms, 3]")
     masses = _as_array(masses, "masses", ndim=1)
     if x.shape[-2] != len(masses):
         raise ValueError(f"positions has {x.shape[-2]} atoms but masses has {len(masses)}")
-    labels = _check_labels(labels, len(masses))
-    M = np.bincount(labels, weights=masses)
+    M, labels = bead_masses(labels, masses), np.asarray(labels, dtype=np.int64)
     W = np.zeros((len(M), len(masses)))
     W[labels, np.arange(len(masses))] = masses / M[labels]
     return np.einsum("bi,...ic->...bc", W, x)
@@ -1250,30 +1206,21 @@ def cg_bonds(labels, bonds) -> np.ndarray:
 # Message passing runs on a directed edge list (senders -> receivers). Many graphs (frames,
 # systems) are batched into one disjoint graph by offsetting node indices, as GNS [2] does: one
 # forward pass then serves the whole batch.
-
 @dataclass
 class Graph:
-    """A batch of graphs as one disjoint graph (torch tensors).
-
-    senders, receivers: [E] node indices; edge_type: [E] (1 = CG bond, 0 = radius edge only);
-    displacement: [E, 3] x[senders] - x[receivers] (minimum image in a box); distance: [E, 1];
-    node_graph: [N] which graph each node belongs to; n_nodes: N.
-    """
-    senders: torch.Tensor
-    receivers: torch.Tensor
-    edge_type: torch.Tensor
-    displacement: torch.Tensor
-    distance: torch.Tensor
-    node_graph: torch.Tensor
-    n_nodes: int
+    """A batch of graphs as one disjoint graph (torch tensors) of E edges and N nodes."""
+    senders: torch.Tensor           # [E] node indices
+    receivers: torch.Tensor         # [E]
+    edge_type: torch.Tensor         # [E] 1 = CG bond, 0 = radius edge only
+    displacement: torch.Tensor      # [E, 3] x[senders] - x[receivers] (minimum image in a box)
+    distance: torch.Tensor          # [E, 1]
+    node_graph: torch.Tensor        # [N] which graph each node belongs to
+    n_nodes: int                    # N
 
 def pair_graph(positions, pairs, bonds, radius: float, *, box: Optional[float] = None) -> Graph:
-    """CG graphs of B frames [B, n, 3] (node b * n + i): CG bonds [m, 2] U candidate pairs [P, 2]
-    (sender, receiver; both directions of every bond) closer than `radius`. In a box, radius
-    edges use the minimum image; a bond keeps the difference of the unwrapped positions
-    (molecules are whole), since a stretched bond may be longer than half the box."""
-    if positions.ndim != 3 or positions.shape[-1] != 3:
-        raise ValueError(f"positions has shape {tuple(positions.shape)}; expected [B, n, 3]")
+    """CG graphs of B frames [B, n, 3] (node b * n + i): CG bonds [m, 2], both ways, U candidate
+    pairs [P, 2] (sender, receiver) closer than `radius`. In a box, radius edges use the minimum
+    image; a bond keeps the unwrapped difference (a stretched bond may exceed half the box)."""
     if box is not None and 2 * radius > box:
         raise ValueError(f"box = {box} is smaller than 2 radius = {2 * radius}; expected a box "
                          "at least twice the radius (minimum image)")
@@ -1286,10 +1233,9 @@ def pair_graph(positions, pairs, bonds, radius: float, *, box: Optional[float] =
         d = torch.where(bonded[:, None], d, _minimum_image(d, box))
     r = d.norm(dim=-1)                                                   # [B, P]
     frame, p = ((r < radius) | bonded).nonzero(as_tuple=True)
-    return Graph(senders=frame * n + s[p], receivers=frame * n + t[p],
-                 edge_type=bonded[p].long(), displacement=d[frame, p], distance=r[frame, p, None],
-                 node_graph=torch.arange(B, device=positions.device).repeat_interleave(n),
-                 n_nodes=B * n)
+    return Graph(frame * n + s[p], frame * n + t[p], bonded[p].long(), d[frame, p],
+                 r[frame, p, None], torch.arange(B, device=positions.device).repeat_interleave(n),
+                 B * n)
 
 def cg_graph(positions, bonds, radius: float, *, box: Optional[float] = None) -> Graph:
     """CG graphs of frames [n, 3] or [B, n, 3] of one system: CG bonds [m, 2] U pairs closer than
@@ -1298,53 +1244,46 @@ def cg_graph(positions, bonds, radius: float, *, box: Optional[float] = None) ->
     x = x[None] if x.ndim == 2 else x
     if x.ndim != 3 or x.shape[-1] != 3:
         raise ValueError(f"positions has shape {tuple(x.shape)}; expected [n, 3] or [B, n, 3]")
-    n = x.shape[1]
-    radius = _positive(radius, "radius")
+    n, radius = x.shape[1], _positive(radius, "radius")
+    box = None if box is None else _positive(box, "box")
     b = torch.as_tensor(np.asarray(bonds, dtype=np.int64).reshape(-1, 2), device=x.device)
     if b.numel() and (b.min() < 0 or b.max() >= n):
         raise ValueError(f"bonds point at beads outside 0..{n - 1}")
-    box = None if box is None else _positive(box, "box")
-    i, j = np.nonzero(~np.eye(n, dtype=bool))
-    pairs = torch.as_tensor(np.stack([i, j], axis=1), device=x.device)
+    pairs = torch.as_tensor(np.argwhere(~np.eye(n, dtype=bool)), device=x.device)  # all i != j
     return pair_graph(x, pairs, b, radius, box=box)
 
 def batch_graphs(graphs) -> Graph:
     """Join graphs (e.g. of different systems) into one disjoint graph, offsetting node indices."""
     if not graphs:
         raise ValueError("graphs is empty")
-    offsets = np.cumsum([0] + [g.n_nodes for g in graphs])
-    graph_offsets = np.cumsum([0] + [int(g.node_graph.max()) + 1 for g in graphs])
-    cat = torch.cat
-    return Graph(senders=cat([g.senders + o for g, o in zip(graphs, offsets)]),
-                 receivers=cat([g.receivers + o for g, o in zip(graphs, offsets)]),
-                 edge_type=cat([g.edge_type for g in graphs]),
-                 displacement=cat([g.displacement for g in graphs]),
-                 distance=cat([g.distance for g in graphs]),
-                 node_graph=cat([g.node_graph + o for g, o in zip(graphs, graph_offsets)]),
-                 n_nodes=int(offsets[-1]))
+    nodes = np.cumsum([0] + [g.n_nodes for g in graphs])
+    ids = np.cumsum([0] + [int(g.node_graph.max()) + 1 for g in graphs])
+
+    def cat(field, offsets=None):
+        parts = [getattr(g, field) for g in graphs]
+        return torch.cat(parts if offsets is None else [x + o for x, o in zip(parts, offsets)])
+    return Graph(cat("senders", nodes), cat("receivers", nodes), cat("edge_type"),
+                 cat("displacement"), cat("distance"), cat("node_graph", ids), int(nodes[-1]))
 
 # ---- message passing in plain torch, and the Embedding GNN -------------------------------------
 # One interaction-network block of GNS [2], the unit every GNN here is built from:
 #   e'_ij = e_ij + LN(MLP_e([e_ij, h_i, h_j]))          (edge update, i = sender, j = receiver)
 #   h'_j  = h_j  + LN(MLP_v([h_j, sum_i e'_ij]))        (node update, sum over incoming edges)
 # The sum is `index_add_` over receivers: no torch_scatter needed.
-
 def mlp(n_in: int, n_hidden: int, n_out: int, n_layers: int = 2) -> torch.nn.Sequential:
     """An MLP with SiLU activations: n_layers linear layers."""
     dims = [n_in] + [n_hidden] * (n_layers - 1) + [n_out]
-    layers = []
-    for a, b in zip(dims[:-1], dims[1:]):
-        layers += [torch.nn.Linear(a, b), torch.nn.SiLU()]
+    layers = [m for a, b in zip(dims[:-1], dims[1:])
+              for m in (torch.nn.Linear(a, b), torch.nn.SiLU())]
     return torch.nn.Sequential(*layers[:-1])
 
 class GraphNetBlock(torch.nn.Module):
     """One residual interaction-network step with LayerNorm (see the comment above)."""
     def __init__(self, latent: int):
         super().__init__()
-        self.edge_mlp = torch.nn.Sequential(mlp(3 * latent, latent, latent),
-                                            torch.nn.LayerNorm(latent))
-        self.node_mlp = torch.nn.Sequential(mlp(2 * latent, latent, latent),
-                                            torch.nn.LayerNorm(latent))
+        def normed_mlp(n_in):
+            return torch.nn.Sequential(mlp(n_in, latent, latent), torch.nn.LayerNorm(latent))
+        self.edge_mlp, self.node_mlp = normed_mlp(3 * latent), normed_mlp(2 * latent)
 
     def forward(self, h, e, senders, receivers):
         """h [N, latent], e [E, latent] -> updated (h, e)."""
@@ -1368,12 +1307,10 @@ class EmbeddingConfig:
     n_steps: int = 7
 
 class EmbeddingGNN(torch.nn.Module):
-    """Learned bead 'types' from chemistry alone (no positions), [A] section 3.
-
-    Atom- and bond-type embeddings, `n_steps` GraphNetBlocks on the fine bond graph, then the
-    mean over each bead's atoms. Trained end to end with the dynamics loss: this is what lets a
-    model transfer to polymers it has not seen.
-    """
+    """Learned bead 'types' from chemistry alone (no positions), [A] section 3: atom- and
+    bond-type embeddings, `n_steps` GraphNetBlocks on the fine bond graph, then the mean over each
+    bead's atoms. Trained end to end with the dynamics loss, it lets a model transfer to polymers
+    it has not seen."""
     def __init__(self, cfg: EmbeddingConfig = EmbeddingConfig()):
         super().__init__()
         self.cfg = cfg
@@ -1383,16 +1320,14 @@ class EmbeddingGNN(torch.nn.Module):
 
     def forward(self, atom_types, bonds, bond_type, labels, n_beads: int) -> torch.Tensor:
         """atom_types [n], bonds [m, 2], bond_type [m], labels [n] -> [n_beads, latent]."""
-        atom_types = torch.as_tensor(atom_types, dtype=torch.long)
+        atom_types, bt, labels = (torch.as_tensor(v, dtype=torch.long)
+                                  for v in (atom_types, bond_type, labels))
         b = torch.as_tensor(bonds, dtype=torch.long).reshape(-1, 2)
-        bt = torch.as_tensor(bond_type, dtype=torch.long)
-        labels = torch.as_tensor(labels, dtype=torch.long)
         if len(bt) != len(b) or len(labels) != len(atom_types):
             raise ValueError(f"bond_type has {len(bt)} entries for {len(b)} bonds and labels "
                              f"{len(labels)} for {len(atom_types)} atoms; expected equal")
         senders, receivers = torch.cat([b[:, 0], b[:, 1]]), torch.cat([b[:, 1], b[:, 0]])
-        h = self.atom_embedding(atom_types)
-        e = self.bond_embedding(torch.cat([bt, bt]))
+        h, e = self.atom_embedding(atom_types), self.bond_embedding(torch.cat([bt, bt]))
         for block in self.blocks:
             h, e = block(h, e, senders, receivers)
         pooled = torch.zeros(n_beads, h.shape[1], dtype=h.dtype).index_add_(0, labels, h)
