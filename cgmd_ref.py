@@ -1145,29 +1145,6 @@ def branched_graph(n_atoms: int, rng):
             bonds.append((a, b))
     return n_atoms, np.array(bonds, dtype=np.int64)
 
-def protein_like_graph(n_residues: int, rng):
-    """A protein-like bond graph: backbone N-CA-C(=O) per residue, side chains of 0-6 atoms on CA
-    (a fifth of those of length >= 2 end in a six-membered ring), one disulfide-like crosslink
-    per 50 residues between side-chain tips. Returns (n_atoms, bonds [m, 2])."""
-    bonds, tips, n, prev_c = [], [], 0, None
-    for _ in range(n_residues):
-        N, CA, C, n = n, n + 1, n + 2, n + 4                  # O is C + 1
-        bonds += [(N, CA), (CA, C), (C, C + 1)] + ([] if prev_c is None else [(prev_c, N)])
-        prev_c, last = C, CA
-        length = int(rng.integers(0, 7))
-        for _ in range(length):
-            bonds.append((last, n))
-            last, n = n, n + 1
-        if length >= 2 and rng.random() < 0.2:      # an aromatic ring on the tip
-            ring = [last] + list(range(n, n + 5))
-            n += 5
-            bonds += [(ring[i], ring[(i + 1) % 6]) for i in range(6)]
-        if length:
-            tips.append(last)
-    bonds += [tuple(rng.choice(tips, 2, replace=False).tolist())       # crosslinks
-              for _ in range(max(1, n_residues // 50))]
-    return n, np.array(bonds, dtype=np.int64)
-
 # ---- the CG mapping: beads at centres of mass ---------------------------------------------------
 def bead_masses(labels, masses) -> np.ndarray:
     """[n_beads]: the summed mass of each bead's atoms (labels: one per atom, 0..n_beads-1)."""
@@ -1214,7 +1191,6 @@ class Graph:
     edge_type: torch.Tensor         # [E] 1 = CG bond, 0 = radius edge only
     displacement: torch.Tensor      # [E, 3] x[senders] - x[receivers] (minimum image in a box)
     distance: torch.Tensor          # [E, 1]
-    node_graph: torch.Tensor        # [N] which graph each node belongs to
     n_nodes: int                    # N
 
 def pair_graph(positions, pairs, bonds, radius: float, *, box: Optional[float] = None) -> Graph:
@@ -1234,8 +1210,7 @@ def pair_graph(positions, pairs, bonds, radius: float, *, box: Optional[float] =
     r = d.norm(dim=-1)                                                   # [B, P]
     frame, p = ((r < radius) | bonded).nonzero(as_tuple=True)
     return Graph(frame * n + s[p], frame * n + t[p], bonded[p].long(), d[frame, p],
-                 r[frame, p, None], torch.arange(B, device=positions.device).repeat_interleave(n),
-                 B * n)
+                 r[frame, p, None], B * n)
 
 def cg_graph(positions, bonds, radius: float, *, box: Optional[float] = None) -> Graph:
     """CG graphs of frames [n, 3] or [B, n, 3] of one system: CG bonds [m, 2] U pairs closer than
@@ -1251,19 +1226,6 @@ def cg_graph(positions, bonds, radius: float, *, box: Optional[float] = None) ->
         raise ValueError(f"bonds point at beads outside 0..{n - 1}")
     pairs = torch.as_tensor(np.argwhere(~np.eye(n, dtype=bool)), device=x.device)  # all i != j
     return pair_graph(x, pairs, b, radius, box=box)
-
-def batch_graphs(graphs) -> Graph:
-    """Join graphs (e.g. of different systems) into one disjoint graph, offsetting node indices."""
-    if not graphs:
-        raise ValueError("graphs is empty")
-    nodes = np.cumsum([0] + [g.n_nodes for g in graphs])
-    ids = np.cumsum([0] + [int(g.node_graph.max()) + 1 for g in graphs])
-
-    def cat(field, offsets=None):
-        parts = [getattr(g, field) for g in graphs]
-        return torch.cat(parts if offsets is None else [x + o for x, o in zip(parts, offsets)])
-    return Graph(cat("senders", nodes), cat("receivers", nodes), cat("edge_type"),
-                 cat("displacement"), cat("distance"), cat("node_graph", ids), int(nodes[-1]))
 
 # ---- message passing in plain torch, and the Embedding GNN -------------------------------------
 # One interaction-network block of GNS [2], the unit every GNN here is built from:

@@ -94,6 +94,30 @@ def _run(*args, cwd):
     return out.stdout
 
 
+def protein_like_graph(n_residues: int, rng):
+    """A protein-like bond graph: backbone N-CA-C(=O) per residue, side chains of 0-6 atoms on CA
+    (a fifth of those of length >= 2 end in a six-membered ring), one disulfide-like crosslink
+    per 50 residues between side-chain tips. Returns (n_atoms, bonds [m, 2])."""
+    bonds, tips, n, prev_c = [], [], 0, None
+    for _ in range(n_residues):
+        N, CA, C, n = n, n + 1, n + 2, n + 4                  # O is C + 1
+        bonds += [(N, CA), (CA, C), (C, C + 1)] + ([] if prev_c is None else [(prev_c, N)])
+        prev_c, last = C, CA
+        length = int(rng.integers(0, 7))
+        for _ in range(length):
+            bonds.append((last, n))
+            last, n = n, n + 1
+        if length >= 2 and rng.random() < 0.2:      # an aromatic ring on the tip
+            ring = [last] + list(range(n, n + 5))
+            n += 5
+            bonds += [(ring[i], ring[(i + 1) % 6]) for i in range(6)]
+        if length:
+            tips.append(last)
+    bonds += [tuple(rng.choice(tips, 2, replace=False).tolist())       # crosslinks
+              for _ in range(max(1, n_residues // 50))]
+    return n, np.array(bonds, dtype=np.int64)
+
+
 # ---- §0 helpers: device and dtype ---------------------------------------------------------------
 
 @pytest.mark.parametrize("call, match", [
@@ -568,7 +592,7 @@ def test_partition_hand_checkable_graphs():
 
 def test_partition_properties_on_molecular_graphs():
     rng = np.random.default_rng(0)
-    graphs = [C.branched_graph(300, rng), C.protein_like_graph(40, rng)]
+    graphs = [C.branched_graph(300, rng), protein_like_graph(40, rng)]
     graphs += [(s.n_atoms, s.bonds) for s, _ in (C.random_polymer(c, rng) for c in (1, 2))]
     for n_atoms, bonds in graphs:
         for per_part in (4, 10):
@@ -676,20 +700,17 @@ def test_pair_graph_keeps_radius_edges_inside_molecules_and_all_bonds():
     assert {(i, j) for i, j, t in zip(s, r, g.edge_type.numpy()) if t} == bonded
 
 
-def test_batched_graphs_equal_one_by_one():
+def test_batched_frames_equal_one_by_one():
     rng = np.random.default_rng(5)
-    xa, xb = rng.normal(0, 2, (2, 10, 3)), rng.normal(0, 2, (7, 3))
-    ba, bb = np.array([[0, 1], [1, 2]]), np.array([[0, 6]])
+    xa, ba = rng.normal(0, 2, (2, 10, 3)), np.array([[0, 1], [1, 2]])
     frames = C.cg_graph(xa, ba, 2.5)
-    joined = C.batch_graphs([frames, C.cg_graph(xb, bb, 2.5)])
+    assert frames.n_nodes == 20
     for f in range(2):
         one = C.cg_graph(xa[f], ba, 2.5)
         sel = (frames.senders >= f * 10) & (frames.senders < (f + 1) * 10)
         assert torch.equal(frames.senders[sel] - f * 10, one.senders)
+        assert torch.equal(frames.receivers[sel] - f * 10, one.receivers)
         assert torch.allclose(frames.displacement[sel], one.displacement)
-    tail = joined.senders >= 20
-    assert torch.equal(joined.senders[tail] - 20, C.cg_graph(xb, bb, 2.5).senders)
-    assert joined.n_nodes == 27 and joined.node_graph.tolist() == [0] * 10 + [1] * 10 + [2] * 7
 
 
 def test_embedding_gnn_invariant_to_atom_relabelling():
