@@ -80,8 +80,7 @@ from scipy.stats import norm, spearmanr
 # -------------------------------------------------------------------------------------------------
 # 0. Small helpers: argument checking and device / dtype choice
 # -------------------------------------------------------------------------------------------------
-def _as_array(x, name, *, ndim=None, min_ndim=None, last=None,
-              expected="", finite=True, dtype=float):
+def _as_array(x, name, *, ndim=None, min_ndim=None, last=None, expected="", dtype=float):
     """`x` as a `dtype` array of `ndim` (int or tuple) dims, or a ValueError naming `name`."""
     try:
         arr = np.asarray(x, dtype=dtype)
@@ -93,18 +92,16 @@ def _as_array(x, name, *, ndim=None, min_ndim=None, last=None,
             or (min_ndim is not None and arr.ndim < min_ndim)
             or (last is not None and (arr.ndim == 0 or arr.shape[-1] != last))):
         raise ValueError(f"{name} has shape {arr.shape}; expected {expected}")
-    if finite and arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
         raise ValueError(f"{name} contains NaN or inf; expected finite values")
     return arr
 
 def _positive(x, name):
-    """`x` as a float after checking it is a finite number > 0."""
-    if isinstance(x, bool) or not isinstance(x, (Real, np.number)):
-        raise ValueError(f"{name} = {x!r}; expected a positive real number")
-    x = float(x)
-    if not (np.isfinite(x) and x > 0):
-        raise ValueError(f"{name} = {x}; expected a finite number > 0")
-    return x
+    """`x` as a float after checking it is a finite real number > 0."""
+    if (isinstance(x, bool) or not isinstance(x, (Real, np.number))
+            or not (np.isfinite(x) and x > 0)):
+        raise ValueError(f"{name} = {x!r}; expected a finite real number > 0")
+    return float(x)
 
 def _positive_int(x, name, minimum=1):
     """`x` as an int after checking it is an integer >= minimum."""
@@ -185,19 +182,16 @@ class System:
         n = len(self.types)
         if n == 0 or self.types.min() < 0:
             raise ValueError("types must be a non-empty list of non-negative type indices")
-        self.masses = _as_array(self.masses, "masses", ndim=1)
-        if self.masses.shape != (n,) or np.any(self.masses <= 0):
-            raise ValueError(f"masses must be [n_atoms]={n} positive numbers, got shape "
-                             f"{self.masses.shape}")
         self.bonds = _as_array(self.bonds, "bonds", dtype=np.int64).reshape(-1, 2)
         if np.any((self.bonds < 0) | (self.bonds >= n) | (self.bonds[:, :1] == self.bonds[:, 1:])):
             raise ValueError(f"bonds must join two different atoms in 0..{n - 1}")
-        for name in ("bond_k", "bond_r0"):   # a scalar or one value per bond, >= 0
-            a = _as_array(getattr(self, name), name)
-            a = np.full(len(self.bonds), float(a)) if a.ndim == 0 else a
-            if a.shape != (len(self.bonds),) or np.any(a < 0):
-                raise ValueError(f"{name} must be a scalar or [n_bonds]=[{len(self.bonds)}] "
-                                 f"numbers >= 0, got shape {np.shape(getattr(self, name))}")
+        nb = len(self.bonds)   # masses [n] > 0; bond_k, bond_r0 [n_bonds] >= 0 or a scalar
+        for name, size in (("masses", n), ("bond_k", nb), ("bond_r0", nb)):
+            a, mass = _as_array(getattr(self, name), name), name == "masses"
+            a = np.full(size, float(a)) if a.ndim == 0 and not mass else a
+            if a.shape != (size,) or np.any(a <= 0 if mass else a < 0):
+                raise ValueError(f"{name} must be [{size}] numbers {'> 0' if mass else '>= 0'},"
+                                 f" got shape {a.shape}")
             setattr(self, name, a)
         nt = int(self.types.max()) + 1
         for name, sign in (("epsilon", "non-negative"), ("sigma", "positive")):
@@ -303,7 +297,7 @@ class PairList:
         sig2_tab = system.sigma ** 2
         sr6 = (sig2_tab / system.r_cut ** 2) ** 3
         self._tables = (sig2_tab, 24.0 * system.epsilon, 4.0 * system.epsilon * (sr6 * sr6 - sr6))
-        self.n_builds, self.x_ref = 0, None
+        self.n_builds, self.x_ref, self.rc2 = 0, None, system.r_cut ** 2
     def build(self, x: torch.Tensor) -> None:
         """(Re)build the list from engine coordinates x [3, n_replicas * n_atoms]."""
         pos = x.detach().T.cpu().double().numpy()
@@ -328,7 +322,6 @@ class PairList:
         self.sig2, self.eps24, self.e_shift = (torch.as_tensor(tab.ravel()[tt], **t)
                                                for tab in self._tables)
         self.i, self.j = (torch.as_tensor(a, device=self.device) for a in (i, j))
-        self.rc2 = s.r_cut ** 2
         self.shift = None
         if s.box is not None:
             # Unwrapped coordinates keep a pair's image offset fixed between rebuilds, so the
@@ -511,7 +504,7 @@ def simulate(system: System, positions, n_steps: int, *, dt: float = 0.005, kT: 
         v = _to_engine(np.asarray(velocities, dtype=float).reshape(x0.shape), dev, tdt)
     ff.pairs.build(x)
     F = ff.forces(x)
-    frames = [_frame(0, x, v, ff, inv_m)]
+    frames = [_frame(x, v, ff, inv_m)]
     c1 = math.exp(-gamma * dt)
     noise = (math.sqrt(1.0 - c1 * c1) * (kT * inv_m).sqrt()).expand(3, -1)
     half_dt_inv_m = (0.5 * dt * inv_m).expand(3, -1)
@@ -531,7 +524,7 @@ def simulate(system: System, positions, n_steps: int, *, dt: float = 0.005, kT: 
                 F = ff.forces(x)
             last_check = step
         if step % save_every == 0:
-            frames.append(_frame(step // save_every, x, v, ff, inv_m))
+            frames.append(_frame(x, v, ff, inv_m))
             meter.update(step)
     meter.done()
     sq = (lambda a: a) if np.ndim(positions) == 3 else (lambda a: a[:, 0])   # replica axis?
@@ -560,11 +553,8 @@ def _check_run(system, positions, velocities, n_steps, dt, kT, gamma, save_every
         raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
     return x if x.ndim == 3 else x[None], resolve_device(device), tdt
 
-def _frame(k, x, v, ff: ForceField, inv_m):
-    """Frame k as float64 numpy: positions, velocities [R, n, 3], potential, kinetic [R]."""
-    if not bool(torch.isfinite(x).all()):
-        raise SimulationBlowUp(f"simulation blew up before saving frame {k}: non-finite "
-                               "positions; try a smaller dt")
+def _frame(x, v, ff: ForceField, inv_m):
+    """A frame as float64 numpy: positions, velocities [R, n, 3], potential, kinetic [R]."""
     ke = (0.5 * v.square().sum(0) / inv_m).view(ff.n_replicas, -1).sum(1)
     return (_from_engine(x, ff.n_replicas).astype(np.float64, order="C"),   # C order: numpy
             _from_engine(v, ff.n_replicas).astype(np.float64, order="C"),   # sums follow strides
@@ -573,7 +563,7 @@ def _frame(k, x, v, ff: ForceField, inv_m):
 def _check_and_rebuild(x, ff: ForceField, step: int, steps_since: int) -> bool:
     """Blow-up check (non-finite, or > 0.5 sigma a step); True if the pair list was rebuilt."""
     moved, top2 = ff.pairs.displacement_since_build(x)
-    if not math.isfinite(moved):
+    if not math.isfinite(moved):   # topk ranks NaN first; this runs before every saved frame
         raise SimulationBlowUp(f"simulation blew up at step {step}: non-finite positions "
                                f"(first seen within the last {steps_since} steps); try a "
                                "smaller dt or relax the starting configuration")
