@@ -618,16 +618,13 @@ def lj_fluid(n_atoms: int, density: float, *, r_cut: float = 2.5, seed: int = 0)
     box = (n_atoms / _positive(density, "density")) ** (1 / 3)
     rng = np.random.default_rng(seed)
     x = _lattice(n_atoms, box) + rng.normal(0.0, 0.02, (n_atoms, 3))
-    system = System(types=np.zeros(n_atoms, dtype=np.int64), masses=np.ones(n_atoms),
-                    bonds=np.zeros((0, 2), dtype=np.int64), bond_k=0.0, bond_r0=0.0,
-                    epsilon=[[1.0]], sigma=[[1.0]], r_cut=r_cut, box=box)
-    return system, x
+    return System(types=np.zeros(n_atoms, dtype=np.int64), masses=np.ones(n_atoms),
+                  bonds=np.zeros((0, 2), dtype=np.int64), bond_k=0.0, bond_r0=0.0,
+                  epsilon=[[1.0]], sigma=[[1.0]], r_cut=r_cut, box=box), x
 
 # ---- world 1: single-chain polymers in implicit solvent ([A]'s chain dataset, in miniature).
 # Bead types after Webb et al. (Sci. Adv. 2020), as in [A]: backbone B1, B2, side groups S1, S2.
 # Extra springs between backbone beads two apart stand in for an angle potential.
-POLYMER_TYPE_NAMES = ("B1", "B2", "S1", "S2")
-
 @dataclass
 class PolymerModel:
     """Force-field parameters of the toy polymers (per type: B1, B2, S1, S2)."""
@@ -661,11 +658,10 @@ def polymer(backbone, side_chains, model: PolymerModel = PolymerModel()):
             prev = len(types) - 1
     bonds, types = np.array(bonds), np.array(types)
     eps, sig = lorentz_berthelot(model.epsilon, model.sigma)
-    system = System(types=types, masses=np.asarray(model.masses)[types], bonds=bonds[:, :2].copy(),
-                    bond_k=np.where(bonds[:, 2] == 1, model.bond_k, model.angle_k),
-                    bond_r0=np.where(bonds[:, 2] == 1, model.bond_r0, model.angle_r0),
-                    epsilon=eps, sigma=sig, r_cut=model.r_cut, box=None)
-    return system, np.array(pos, dtype=float)
+    return System(types=types, masses=np.asarray(model.masses)[types], bonds=bonds[:, :2].copy(),
+                  bond_k=np.where(bonds[:, 2] == 1, model.bond_k, model.angle_k),
+                  bond_r0=np.where(bonds[:, 2] == 1, model.bond_r0, model.angle_r0),
+                  epsilon=eps, sigma=sig, r_cut=model.r_cut, box=None), np.array(pos, dtype=float)
 
 def random_polymer(polymer_class: int, rng, model: PolymerModel = PolymerModel()):
     """Draw one polymer of class I (training family) or II (unseen): (System, positions).
@@ -698,8 +694,6 @@ def random_polymer(polymer_class: int, rng, model: PolymerModel = PolymerModel()
 # ---- world 2: a toy polymer electrolyte ([A]'s Li-ion / TFSI battery dataset, in miniature).
 # -P-P-O- chains (like PEO's -C-C-O-), small light cations, large heavy anions, periodic box. No
 # charges: the LJ well depths carry the "ionic" chemistry (cations stick to O and to anions).
-ELECTROLYTE_TYPE_NAMES = ("P", "O", "cation", "anion")
-
 @dataclass
 class ElectrolyteModel:
     """Force-field parameters of the toy electrolyte (per type: P, O, cation, anion)."""
@@ -723,8 +717,8 @@ def electrolyte(n_chains: int, chain_length: int, n_salt: int, *,
     Atoms are ordered chains, cations, anions (each its own molecule), on a clash-free serpentine
     lattice walk (ions on the remaining sites in random order). Returns (System, positions).
     """
-    n_chains, chain_length = _positive_int(n_chains, "n_chains"), _positive_int(
-        chain_length, "chain_length", minimum=3)
+    n_chains = _positive_int(n_chains, "n_chains")
+    chain_length = _positive_int(chain_length, "chain_length", minimum=3)
     n_salt = _positive_int(n_salt, "n_salt", minimum=0)
     n_poly = n_chains * chain_length
     n = n_poly + 2 * n_salt
@@ -742,16 +736,14 @@ def electrolyte(n_chains: int, chain_length: int, n_salt: int, *,
     b2 = np.arange(chain_length - 2)[None, :] + starts              # 1-3 angle springs
     bonds = np.concatenate([np.stack([b, b + d], -1).reshape(-1, 2) for d, b in ((1, b1), (2, b2))])
     eps, sig = lorentz_berthelot(model.epsilon, model.sigma)
-    for (a, b), e in (((2, 1), model.eps_cation_O), ((2, 3), model.eps_cation_anion),
-                      ((2, 2), model.eps_cation_cation)):
-        eps[a, b] = eps[b, a] = e
+    eps[2, [1, 3, 2]] = eps[[1, 3, 2], 2] = (   # the cation's wells with O, anion and cation
+        model.eps_cation_O, model.eps_cation_anion, model.eps_cation_cation)
     molecule = np.concatenate([np.repeat(np.arange(n_chains), chain_length),
                                n_chains + np.arange(2 * n_salt)])
-    system = System(types=types, masses=np.asarray(model.masses)[types], bonds=bonds,
-                    bond_k=np.repeat([model.bond_k, model.angle_k], [b1.size, b2.size]),
-                    bond_r0=np.repeat([model.bond_r0, model.angle_r0], [b1.size, b2.size]),
-                    epsilon=eps, sigma=sig, r_cut=model.r_cut, box=box, molecule=molecule)
-    return system, pos
+    return System(types=types, masses=np.asarray(model.masses)[types], bonds=bonds,
+                  bond_k=np.repeat([model.bond_k, model.angle_k], [b1.size, b2.size]),
+                  bond_r0=np.repeat([model.bond_r0, model.angle_r0], [b1.size, b2.size]),
+                  epsilon=eps, sigma=sig, r_cut=model.r_cut, box=box, molecule=molecule), pos
 
 # ---- world 3: a small stiff molecule ([B]'s benzene, in miniature): a ring of six heavy "C"
 # beads, each with a light "H" pointing out, held by stiff springs (ring, C-H, 1-3 angle springs).
@@ -779,19 +771,15 @@ def stiff_molecule(model: StiffMoleculeModel = StiffMoleculeModel()):
     ang = np.arange(6) * np.pi / 3
     ring = np.stack([np.cos(ang), np.sin(ang), np.zeros(6)], 1)        # side 1 hexagon
     pos = np.concatenate([ring, ring * (1.0 + model.r_ch)])
-    c, nxt = np.arange(6), (np.arange(6) + 1) % 6
-    pairs = {"cc": np.stack([c, nxt], 1), "ch": np.stack([c, c + 6], 1),
-             "ccc": np.stack([c, (c + 2) % 6], 1),
-             "hcc": np.concatenate([np.stack([c + 6, nxt], 1), np.stack([nxt + 6, c], 1)])}
-    k = {"cc": model.k_cc, "ch": model.k_ch, "ccc": model.k_angle, "hcc": model.k_angle}
-    bonds = np.concatenate(list(pairs.values()))
+    c, nxt = np.arange(6), (np.arange(6) + 1) % 6   # 6 each: C-C, C-H, C-C-C; 12 H-C-C
+    bonds = np.concatenate([np.stack(ij, 1) for ij in (
+        (c, nxt), (c, c + 6), (c, (c + 2) % 6), (c + 6, nxt), (nxt + 6, c))])
     r0 = np.linalg.norm(pos[bonds[:, 0]] - pos[bonds[:, 1]], axis=1)   # rest = ideal geometry
-    bond_k = np.concatenate([np.full(len(v), k[name]) for name, v in pairs.items()])
+    bond_k = np.repeat([model.k_cc, model.k_ch, model.k_angle], [6, 6, 18])
     types = np.r_[np.zeros(6, dtype=np.int64), np.ones(6, dtype=np.int64)]
     eps, sig = lorentz_berthelot(model.epsilon, model.sigma)
-    system = System(types=types, masses=np.asarray(model.masses)[types], bonds=bonds,
-                    bond_k=bond_k, bond_r0=r0, epsilon=eps, sigma=sig, r_cut=model.r_cut)
-    return system, pos
+    return System(types=types, masses=np.asarray(model.masses)[types], bonds=bonds,
+                  bond_k=bond_k, bond_r0=r0, epsilon=eps, sigma=sig, r_cut=model.r_cut), pos
 
 # -------------------------------------------------------------------------------------------------
 # 3. Files: atomic writes, and loading without pickle
@@ -800,7 +788,6 @@ def stiff_molecule(model: StiffMoleculeModel = StiffMoleculeModel()):
 # temporary name in the same folder, then rename (atomic on POSIX). Arrays: .npz of plain numbers.
 def atomic_write(path, write) -> None:
     """Call write(file_object) on a temporary file beside `path`, then rename it into place."""
-    path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
@@ -862,11 +849,10 @@ def trajectory_from_arrays(positions, masses, bonds=(), *, types=None, molecule=
     velocities: central differences (one-sided at the ends). The System carries only the
     topology (a placeholder force field with all parameters 1); energies are NaN.
     """
-    pos = _as_array(positions, "positions", last=3,
-                    expected="[n_frames, (n_replicas,) n_atoms, 3]")
-    if pos.ndim not in (3, 4) or pos.shape[0] < 2:
-        raise ValueError(f"positions has shape {pos.shape}; expected [n_frames >= 2, "
-                         "(n_replicas,) n_atoms, 3]")
+    shape = "[n_frames >= 2, (n_replicas,) n_atoms, 3]"
+    pos = _as_array(positions, "positions", ndim=(3, 4), last=3, expected=shape)
+    if pos.shape[0] < 2:
+        raise ValueError(f"positions has shape {pos.shape}; expected {shape}")
     n = pos.shape[-2]
     types = np.zeros(n, dtype=np.int64) if types is None else types
     n_types = int(np.max(types)) + 1 if np.size(types) else 1
@@ -883,7 +869,6 @@ def trajectory_from_arrays(positions, masses, bonds=(), *, types=None, molecule=
     nan = np.full(pos.shape[:-2], np.nan)
     return Trajectory(pos, vel, frame_dt * np.arange(pos.shape[0]), nan, nan.copy(), system,
                       info=dict(dt=frame_dt, source="trajectory_from_arrays"))
-
 
 # -------------------------------------------------------------------------------------------------
 # 4. Coarse-graining: greedy spectral partitioning, the CG mapping, CG graphs, the Embedding GNN
