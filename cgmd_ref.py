@@ -140,8 +140,7 @@ def reproducible_training():
 
     The backward pass of a gather x[index] adds gradients in whatever order the CPU threads
     finish, and training amplifies those last-bit differences; deterministic mode sorts the
-    indices first (no slower on 2 cores), warning only for ops without a deterministic version.
-    """
+    indices first (no slower on 2 cores), warning only for ops without a deterministic version."""
     previous = (torch.are_deterministic_algorithms_enabled(),
                 torch.is_deterministic_algorithms_warn_only_enabled())
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -164,8 +163,7 @@ class System:
     2] with `bond_k` / `bond_r0` scalars or [n_bonds]. r_cut: 2**(1/6) sigma is repulsive WCA,
     2.5 sigma attractive. box: cubic periodic box edge, or None (implicit solvent). molecule: [n]
     ids; isolated_molecules (box=None): different molecules do not interact, so many small
-    polymers run side by side in one vectorised call.
-    """
+    polymers run side by side in one vectorised call."""
     types: np.ndarray
     masses: np.ndarray
     bonds: np.ndarray
@@ -280,8 +278,7 @@ class PairList:
 
     Atom a of replica r has global index r * n_atoms + a. Per pair (length P): i < j, sig2
     (sigma^2), eps24 (24 eps), e_shift (U_LJ(r_cut)), and in a periodic box shift [3, P], the
-    image vector that turns x_i - x_j into the minimum-image displacement.
-    """
+    image vector that turns x_i - x_j into the minimum-image displacement."""
     def __init__(self, system: System, n_replicas: int, device, dtype, skin: float = 0.5):
         self.system, self.n_replicas, self.device, self.dtype = system, n_replicas, device, dtype
         n = system.n_atoms
@@ -470,8 +467,7 @@ class Trajectory:
     """Saved frames of a simulation (numpy, unwrapped positions).
 
     positions, velocities [n_frames, (n_replicas,) n_atoms, 3]; time [n_frames] (tau); energies
-    [n_frames, (n_replicas)]. The replica axis is there when simulate() was given replicas.
-    """
+    [n_frames, (n_replicas)]. The replica axis is there when simulate() was given replicas."""
     positions: np.ndarray
     velocities: np.ndarray
     time: np.ndarray
@@ -489,8 +485,7 @@ def simulate(system: System, positions, n_steps: int, *, dt: float = 0.005, kT: 
     positions [n_atoms, 3], or [n_replicas, n_atoms, 3] advanced together with their own noise;
     frames at steps 0, save_every, ...; seed: initial velocities (Maxwell-Boltzmann at kT unless
     given) and noise; progress: a label for progress lines on stderr. Raises SimulationBlowUp
-    (naming the step) on non-finite coordinates or an atom moving > sigma/2 in one step.
-    """
+    (naming the step) on non-finite coordinates or an atom moving > sigma/2 in one step."""
     x0, dev, tdt = _check_run(system, positions, velocities, n_steps, dt, kT, gamma,
                               save_every, device, dtype)
     n_rep = x0.shape[0]
@@ -641,8 +636,7 @@ def polymer(backbone, side_chains, model: PolymerModel = PolymerModel()):
     """One open-boundary polymer: (System, positions [n_atoms, 3]) in a clash-free zig-zag.
 
     backbone: [L] types (0 = B1, 1 = B2); side_chains: L lists of side-group types (2 = S1,
-    3 = S2) from the backbone outwards, [] for none, alternating above and below the backbone.
-    """
+    3 = S2) from the backbone outwards, [] for none, alternating above and below the backbone."""
     types = list(backbone)
     L = len(types)
     if L < 2 or len(side_chains) != L:
@@ -668,8 +662,7 @@ def random_polymer(polymer_class: int, rng, model: PolymerModel = PolymerModel()
 
     Class I: 12-20 backbone beads, mostly B1, sparse one-bead side groups, mostly S1. Class II:
     10-16 beads in alternating B1/B2 blocks of 2-4, denser 1-2 bead side chains, mostly S2.
-    Draws outside 16-40 atoms are redrawn. rng: a numpy Generator.
-    """
+    Draws outside 16-40 atoms are redrawn. rng: a numpy Generator."""
     if polymer_class not in (1, 2):
         raise ValueError(f"polymer_class must be 1 or 2, got {polymer_class!r}")
     while True:
@@ -715,17 +708,13 @@ def electrolyte(n_chains: int, chain_length: int, n_salt: int, *,
     """A periodic box of `n_chains` chains of `chain_length` beads plus `n_salt` cation-anion pairs.
 
     Atoms are ordered chains, cations, anions (each its own molecule), on a clash-free serpentine
-    lattice walk (ions on the remaining sites in random order). Returns (System, positions).
-    """
+    lattice walk (ions on the remaining sites in random order). Returns (System, positions)."""
     n_chains = _positive_int(n_chains, "n_chains")
     chain_length = _positive_int(chain_length, "chain_length", minimum=3)
     n_salt = _positive_int(n_salt, "n_salt", minimum=0)
     n_poly = n_chains * chain_length
     n = n_poly + 2 * n_salt
-    box = (n / model.density) ** (1 / 3)
-    if box < 2 * model.r_cut:
-        raise ValueError(f"{n} atoms at density {model.density} give box {box:.2f} < 2 r_cut; "
-                         "add atoms or lower the density")
+    box = (n / model.density) ** (1 / 3)   # System checks box >= 2 r_cut
     rng = np.random.default_rng(seed)
     sites = _lattice(n, box)
     pos = np.concatenate([sites[:n_poly], sites[n_poly + rng.permutation(n - n_poly)]])
@@ -813,10 +802,8 @@ _SYSTEM_FIELDS = ("types", "masses", "bonds", "bond_k", "bond_r0", "epsilon", "s
 _TRAJ_FIELDS = ("positions", "velocities", "time", "potential_energy", "kinetic_energy")
 
 def save_trajectory(path, traj: Trajectory, **extra_arrays) -> None:
-    """Write a Trajectory (and any extra named arrays) to an .npz file, atomically.
-
-    Positions and velocities are stored as float32 (plenty for analysis, half the disk).
-    """
+    """Write a Trajectory (and any extra named arrays) to an .npz file, atomically; positions
+    and velocities as float32 (plenty for analysis, half the disk)."""
     s = traj.system
     arrays = {k: getattr(traj, k) for k in _TRAJ_FIELDS}
     arrays.update(positions=traj.positions.astype(np.float32),
@@ -847,8 +834,7 @@ def trajectory_from_arrays(positions, masses, bonds=(), *, types=None, molecule=
     positions [n_frames, (n_replicas,) n_atoms, 3] must be UNWRAPPED (molecules whole, no jumps
     across the box); bonds [n_bonds, 2] is the graph that coarse-graining partitions. Default
     velocities: central differences (one-sided at the ends). The System carries only the
-    topology (a placeholder force field with all parameters 1); energies are NaN.
-    """
+    topology (a placeholder force field with all parameters 1); energies are NaN."""
     shape = "[n_frames >= 2, (n_replicas,) n_atoms, 3]"
     pos = _as_array(positions, "positions", ndim=(3, 4), last=3, expected=shape)
     if pos.shape[0] < 2:
