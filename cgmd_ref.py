@@ -375,12 +375,11 @@ class ForceField:
         self.system, self.n_replicas, self.device, self.dtype = (system, n_replicas,
                                                                  torch.device(device), dtype)
         n = system.n_atoms
-        t = dict(device=self.device, dtype=dtype)
         offs = (np.arange(n_replicas) * n)[:, None]
         self.bi, self.bj = (torch.as_tensor((system.bonds[None, :, c] + offs).ravel(),
                                             device=self.device) for c in (0, 1))
-        self.bk = torch.as_tensor(np.tile(system.bond_k, n_replicas), **t)
-        self.br0 = torch.as_tensor(np.tile(system.bond_r0, n_replicas), **t)
+        self.bk, self.br0 = (torch.as_tensor(np.tile(p, n_replicas), device=self.device,
+                                             dtype=dtype) for p in (system.bond_k, system.bond_r0))
         self.pairs = PairList(system, n_replicas, self.device, dtype)
         self.replica_of_atom = torch.arange(n_replicas * n, device=self.device) // n
     def _bond_vectors(self, x):
