@@ -80,8 +80,7 @@ from scipy.stats import norm, spearmanr
 # -------------------------------------------------------------------------------------------------
 # 0. Small helpers: argument checking and device / dtype choice
 # -------------------------------------------------------------------------------------------------
-def _as_array(x, name, *, ndim=None, min_ndim=None, last=None,
-              expected="", finite=True, dtype=float):
+def _as_array(x, name, *, ndim=None, min_ndim=None, last=None, expected="", dtype=float):
     """`x` as a `dtype` array of `ndim` (int or tuple) dims, or a ValueError naming `name`."""
     try:
         arr = np.asarray(x, dtype=dtype)
@@ -93,18 +92,16 @@ def _as_array(x, name, *, ndim=None, min_ndim=None, last=None,
             or (min_ndim is not None and arr.ndim < min_ndim)
             or (last is not None and (arr.ndim == 0 or arr.shape[-1] != last))):
         raise ValueError(f"{name} has shape {arr.shape}; expected {expected}")
-    if finite and arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
         raise ValueError(f"{name} contains NaN or inf; expected finite values")
     return arr
 
 def _positive(x, name):
-    """`x` as a float after checking it is a finite number > 0."""
-    if isinstance(x, bool) or not isinstance(x, (Real, np.number)):
-        raise ValueError(f"{name} = {x!r}; expected a positive real number")
-    x = float(x)
-    if not (np.isfinite(x) and x > 0):
-        raise ValueError(f"{name} = {x}; expected a finite number > 0")
-    return x
+    """`x` as a float after checking it is a finite real number > 0."""
+    if (isinstance(x, bool) or not isinstance(x, (Real, np.number))
+            or not (np.isfinite(x) and x > 0)):
+        raise ValueError(f"{name} = {x!r}; expected a finite real number > 0")
+    return float(x)
 
 def _positive_int(x, name, minimum=1):
     """`x` as an int after checking it is an integer >= minimum."""
@@ -143,8 +140,7 @@ def reproducible_training():
 
     The backward pass of a gather x[index] adds gradients in whatever order the CPU threads
     finish, and training amplifies those last-bit differences; deterministic mode sorts the
-    indices first (no slower on 2 cores), warning only for ops without a deterministic version.
-    """
+    indices first (no slower on 2 cores), warning only for ops without a deterministic version."""
     previous = (torch.are_deterministic_algorithms_enabled(),
                 torch.is_deterministic_algorithms_warn_only_enabled())
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -167,8 +163,7 @@ class System:
     2] with `bond_k` / `bond_r0` scalars or [n_bonds]. r_cut: 2**(1/6) sigma is repulsive WCA,
     2.5 sigma attractive. box: cubic periodic box edge, or None (implicit solvent). molecule: [n]
     ids; isolated_molecules (box=None): different molecules do not interact, so many small
-    polymers run side by side in one vectorised call.
-    """
+    polymers run side by side in one vectorised call."""
     types: np.ndarray
     masses: np.ndarray
     bonds: np.ndarray
@@ -185,19 +180,16 @@ class System:
         n = len(self.types)
         if n == 0 or self.types.min() < 0:
             raise ValueError("types must be a non-empty list of non-negative type indices")
-        self.masses = _as_array(self.masses, "masses", ndim=1)
-        if self.masses.shape != (n,) or np.any(self.masses <= 0):
-            raise ValueError(f"masses must be [n_atoms]={n} positive numbers, got shape "
-                             f"{self.masses.shape}")
         self.bonds = _as_array(self.bonds, "bonds", dtype=np.int64).reshape(-1, 2)
         if np.any((self.bonds < 0) | (self.bonds >= n) | (self.bonds[:, :1] == self.bonds[:, 1:])):
             raise ValueError(f"bonds must join two different atoms in 0..{n - 1}")
-        for name in ("bond_k", "bond_r0"):   # a scalar or one value per bond, >= 0
-            a = _as_array(getattr(self, name), name)
-            a = np.full(len(self.bonds), float(a)) if a.ndim == 0 else a
-            if a.shape != (len(self.bonds),) or np.any(a < 0):
-                raise ValueError(f"{name} must be a scalar or [n_bonds]=[{len(self.bonds)}] "
-                                 f"numbers >= 0, got shape {np.shape(getattr(self, name))}")
+        nb = len(self.bonds)   # masses [n] > 0; bond_k, bond_r0 [n_bonds] >= 0 or a scalar
+        for name, size in (("masses", n), ("bond_k", nb), ("bond_r0", nb)):
+            a, mass = _as_array(getattr(self, name), name), name == "masses"
+            a = np.full(size, float(a)) if a.ndim == 0 and not mass else a
+            if a.shape != (size,) or np.any(a <= 0 if mass else a < 0):
+                raise ValueError(f"{name} must be [{size}] numbers {'> 0' if mass else '>= 0'},"
+                                 f" got shape {a.shape}")
             setattr(self, name, a)
         nt = int(self.types.max()) + 1
         for name, sign in (("epsilon", "non-negative"), ("sigma", "positive")):
@@ -286,8 +278,7 @@ class PairList:
 
     Atom a of replica r has global index r * n_atoms + a. Per pair (length P): i < j, sig2
     (sigma^2), eps24 (24 eps), e_shift (U_LJ(r_cut)), and in a periodic box shift [3, P], the
-    image vector that turns x_i - x_j into the minimum-image displacement.
-    """
+    image vector that turns x_i - x_j into the minimum-image displacement."""
     def __init__(self, system: System, n_replicas: int, device, dtype, skin: float = 0.5):
         self.system, self.n_replicas, self.device, self.dtype = system, n_replicas, device, dtype
         n = system.n_atoms
@@ -303,7 +294,7 @@ class PairList:
         sig2_tab = system.sigma ** 2
         sr6 = (sig2_tab / system.r_cut ** 2) ** 3
         self._tables = (sig2_tab, 24.0 * system.epsilon, 4.0 * system.epsilon * (sr6 * sr6 - sr6))
-        self.n_builds, self.x_ref = 0, None
+        self.n_builds, self.x_ref, self.rc2 = 0, None, system.r_cut ** 2
     def build(self, x: torch.Tensor) -> None:
         """(Re)build the list from engine coordinates x [3, n_replicas * n_atoms]."""
         pos = x.detach().T.cpu().double().numpy()
@@ -328,7 +319,6 @@ class PairList:
         self.sig2, self.eps24, self.e_shift = (torch.as_tensor(tab.ravel()[tt], **t)
                                                for tab in self._tables)
         self.i, self.j = (torch.as_tensor(a, device=self.device) for a in (i, j))
-        self.rc2 = s.r_cut ** 2
         self.shift = None
         if s.box is not None:
             # Unwrapped coordinates keep a pair's image offset fixed between rebuilds, so the
@@ -385,12 +375,11 @@ class ForceField:
         self.system, self.n_replicas, self.device, self.dtype = (system, n_replicas,
                                                                  torch.device(device), dtype)
         n = system.n_atoms
-        t = dict(device=self.device, dtype=dtype)
         offs = (np.arange(n_replicas) * n)[:, None]
         self.bi, self.bj = (torch.as_tensor((system.bonds[None, :, c] + offs).ravel(),
                                             device=self.device) for c in (0, 1))
-        self.bk = torch.as_tensor(np.tile(system.bond_k, n_replicas), **t)
-        self.br0 = torch.as_tensor(np.tile(system.bond_r0, n_replicas), **t)
+        self.bk, self.br0 = (torch.as_tensor(np.tile(p, n_replicas), device=self.device,
+                                             dtype=dtype) for p in (system.bond_k, system.bond_r0))
         self.pairs = PairList(system, n_replicas, self.device, dtype)
         self.replica_of_atom = torch.arange(n_replicas * n, device=self.device) // n
     def _bond_vectors(self, x):
@@ -477,8 +466,7 @@ class Trajectory:
     """Saved frames of a simulation (numpy, unwrapped positions).
 
     positions, velocities [n_frames, (n_replicas,) n_atoms, 3]; time [n_frames] (tau); energies
-    [n_frames, (n_replicas)]. The replica axis is there when simulate() was given replicas.
-    """
+    [n_frames, (n_replicas)]. The replica axis is there when simulate() was given replicas."""
     positions: np.ndarray
     velocities: np.ndarray
     time: np.ndarray
@@ -496,8 +484,7 @@ def simulate(system: System, positions, n_steps: int, *, dt: float = 0.005, kT: 
     positions [n_atoms, 3], or [n_replicas, n_atoms, 3] advanced together with their own noise;
     frames at steps 0, save_every, ...; seed: initial velocities (Maxwell-Boltzmann at kT unless
     given) and noise; progress: a label for progress lines on stderr. Raises SimulationBlowUp
-    (naming the step) on non-finite coordinates or an atom moving > sigma/2 in one step.
-    """
+    (naming the step) on non-finite coordinates or an atom moving > sigma/2 in one step."""
     x0, dev, tdt = _check_run(system, positions, velocities, n_steps, dt, kT, gamma,
                               save_every, device, dtype)
     n_rep = x0.shape[0]
@@ -511,7 +498,7 @@ def simulate(system: System, positions, n_steps: int, *, dt: float = 0.005, kT: 
         v = _to_engine(np.asarray(velocities, dtype=float).reshape(x0.shape), dev, tdt)
     ff.pairs.build(x)
     F = ff.forces(x)
-    frames = [_frame(0, x, v, ff, inv_m)]
+    frames = [_frame(x, v, ff, inv_m)]
     c1 = math.exp(-gamma * dt)
     noise = (math.sqrt(1.0 - c1 * c1) * (kT * inv_m).sqrt()).expand(3, -1)
     half_dt_inv_m = (0.5 * dt * inv_m).expand(3, -1)
@@ -531,7 +518,7 @@ def simulate(system: System, positions, n_steps: int, *, dt: float = 0.005, kT: 
                 F = ff.forces(x)
             last_check = step
         if step % save_every == 0:
-            frames.append(_frame(step // save_every, x, v, ff, inv_m))
+            frames.append(_frame(x, v, ff, inv_m))
             meter.update(step)
     meter.done()
     sq = (lambda a: a) if np.ndim(positions) == 3 else (lambda a: a[:, 0])   # replica axis?
@@ -560,11 +547,8 @@ def _check_run(system, positions, velocities, n_steps, dt, kT, gamma, save_every
         raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
     return x if x.ndim == 3 else x[None], resolve_device(device), tdt
 
-def _frame(k, x, v, ff: ForceField, inv_m):
-    """Frame k as float64 numpy: positions, velocities [R, n, 3], potential, kinetic [R]."""
-    if not bool(torch.isfinite(x).all()):
-        raise SimulationBlowUp(f"simulation blew up before saving frame {k}: non-finite "
-                               "positions; try a smaller dt")
+def _frame(x, v, ff: ForceField, inv_m):
+    """A frame as float64 numpy: positions, velocities [R, n, 3], potential, kinetic [R]."""
     ke = (0.5 * v.square().sum(0) / inv_m).view(ff.n_replicas, -1).sum(1)
     return (_from_engine(x, ff.n_replicas).astype(np.float64, order="C"),   # C order: numpy
             _from_engine(v, ff.n_replicas).astype(np.float64, order="C"),   # sums follow strides
@@ -573,7 +557,7 @@ def _frame(k, x, v, ff: ForceField, inv_m):
 def _check_and_rebuild(x, ff: ForceField, step: int, steps_since: int) -> bool:
     """Blow-up check (non-finite, or > 0.5 sigma a step); True if the pair list was rebuilt."""
     moved, top2 = ff.pairs.displacement_since_build(x)
-    if not math.isfinite(moved):
+    if not math.isfinite(moved):   # topk ranks NaN first; this runs before every saved frame
         raise SimulationBlowUp(f"simulation blew up at step {step}: non-finite positions "
                                f"(first seen within the last {steps_since} steps); try a "
                                "smaller dt or relax the starting configuration")
@@ -628,16 +612,13 @@ def lj_fluid(n_atoms: int, density: float, *, r_cut: float = 2.5, seed: int = 0)
     box = (n_atoms / _positive(density, "density")) ** (1 / 3)
     rng = np.random.default_rng(seed)
     x = _lattice(n_atoms, box) + rng.normal(0.0, 0.02, (n_atoms, 3))
-    system = System(types=np.zeros(n_atoms, dtype=np.int64), masses=np.ones(n_atoms),
-                    bonds=np.zeros((0, 2), dtype=np.int64), bond_k=0.0, bond_r0=0.0,
-                    epsilon=[[1.0]], sigma=[[1.0]], r_cut=r_cut, box=box)
-    return system, x
+    return System(types=np.zeros(n_atoms, dtype=np.int64), masses=np.ones(n_atoms),
+                  bonds=np.zeros((0, 2), dtype=np.int64), bond_k=0.0, bond_r0=0.0,
+                  epsilon=[[1.0]], sigma=[[1.0]], r_cut=r_cut, box=box), x
 
 # ---- world 1: single-chain polymers in implicit solvent ([A]'s chain dataset, in miniature).
 # Bead types after Webb et al. (Sci. Adv. 2020), as in [A]: backbone B1, B2, side groups S1, S2.
 # Extra springs between backbone beads two apart stand in for an angle potential.
-POLYMER_TYPE_NAMES = ("B1", "B2", "S1", "S2")
-
 @dataclass
 class PolymerModel:
     """Force-field parameters of the toy polymers (per type: B1, B2, S1, S2)."""
@@ -654,8 +635,7 @@ def polymer(backbone, side_chains, model: PolymerModel = PolymerModel()):
     """One open-boundary polymer: (System, positions [n_atoms, 3]) in a clash-free zig-zag.
 
     backbone: [L] types (0 = B1, 1 = B2); side_chains: L lists of side-group types (2 = S1,
-    3 = S2) from the backbone outwards, [] for none, alternating above and below the backbone.
-    """
+    3 = S2) from the backbone outwards, [] for none, alternating above and below the backbone."""
     types = list(backbone)
     L = len(types)
     if L < 2 or len(side_chains) != L:
@@ -671,19 +651,17 @@ def polymer(backbone, side_chains, model: PolymerModel = PolymerModel()):
             prev = len(types) - 1
     bonds, types = np.array(bonds), np.array(types)
     eps, sig = lorentz_berthelot(model.epsilon, model.sigma)
-    system = System(types=types, masses=np.asarray(model.masses)[types], bonds=bonds[:, :2].copy(),
-                    bond_k=np.where(bonds[:, 2] == 1, model.bond_k, model.angle_k),
-                    bond_r0=np.where(bonds[:, 2] == 1, model.bond_r0, model.angle_r0),
-                    epsilon=eps, sigma=sig, r_cut=model.r_cut, box=None)
-    return system, np.array(pos, dtype=float)
+    return System(types=types, masses=np.asarray(model.masses)[types], bonds=bonds[:, :2].copy(),
+                  bond_k=np.where(bonds[:, 2] == 1, model.bond_k, model.angle_k),
+                  bond_r0=np.where(bonds[:, 2] == 1, model.bond_r0, model.angle_r0),
+                  epsilon=eps, sigma=sig, r_cut=model.r_cut, box=None), np.array(pos, dtype=float)
 
 def random_polymer(polymer_class: int, rng, model: PolymerModel = PolymerModel()):
     """Draw one polymer of class I (training family) or II (unseen): (System, positions).
 
     Class I: 12-20 backbone beads, mostly B1, sparse one-bead side groups, mostly S1. Class II:
     10-16 beads in alternating B1/B2 blocks of 2-4, denser 1-2 bead side chains, mostly S2.
-    Draws outside 16-40 atoms are redrawn. rng: a numpy Generator.
-    """
+    Draws outside 16-40 atoms are redrawn. rng: a numpy Generator."""
     if polymer_class not in (1, 2):
         raise ValueError(f"polymer_class must be 1 or 2, got {polymer_class!r}")
     while True:
@@ -708,8 +686,6 @@ def random_polymer(polymer_class: int, rng, model: PolymerModel = PolymerModel()
 # ---- world 2: a toy polymer electrolyte ([A]'s Li-ion / TFSI battery dataset, in miniature).
 # -P-P-O- chains (like PEO's -C-C-O-), small light cations, large heavy anions, periodic box. No
 # charges: the LJ well depths carry the "ionic" chemistry (cations stick to O and to anions).
-ELECTROLYTE_TYPE_NAMES = ("P", "O", "cation", "anion")
-
 @dataclass
 class ElectrolyteModel:
     """Force-field parameters of the toy electrolyte (per type: P, O, cation, anion)."""
@@ -731,17 +707,13 @@ def electrolyte(n_chains: int, chain_length: int, n_salt: int, *,
     """A periodic box of `n_chains` chains of `chain_length` beads plus `n_salt` cation-anion pairs.
 
     Atoms are ordered chains, cations, anions (each its own molecule), on a clash-free serpentine
-    lattice walk (ions on the remaining sites in random order). Returns (System, positions).
-    """
-    n_chains, chain_length = _positive_int(n_chains, "n_chains"), _positive_int(
-        chain_length, "chain_length", minimum=3)
+    lattice walk (ions on the remaining sites in random order). Returns (System, positions)."""
+    n_chains = _positive_int(n_chains, "n_chains")
+    chain_length = _positive_int(chain_length, "chain_length", minimum=3)
     n_salt = _positive_int(n_salt, "n_salt", minimum=0)
     n_poly = n_chains * chain_length
     n = n_poly + 2 * n_salt
-    box = (n / model.density) ** (1 / 3)
-    if box < 2 * model.r_cut:
-        raise ValueError(f"{n} atoms at density {model.density} give box {box:.2f} < 2 r_cut; "
-                         "add atoms or lower the density")
+    box = (n / model.density) ** (1 / 3)   # System checks box >= 2 r_cut
     rng = np.random.default_rng(seed)
     sites = _lattice(n, box)
     pos = np.concatenate([sites[:n_poly], sites[n_poly + rng.permutation(n - n_poly)]])
@@ -752,16 +724,14 @@ def electrolyte(n_chains: int, chain_length: int, n_salt: int, *,
     b2 = np.arange(chain_length - 2)[None, :] + starts              # 1-3 angle springs
     bonds = np.concatenate([np.stack([b, b + d], -1).reshape(-1, 2) for d, b in ((1, b1), (2, b2))])
     eps, sig = lorentz_berthelot(model.epsilon, model.sigma)
-    for (a, b), e in (((2, 1), model.eps_cation_O), ((2, 3), model.eps_cation_anion),
-                      ((2, 2), model.eps_cation_cation)):
-        eps[a, b] = eps[b, a] = e
+    eps[2, [1, 3, 2]] = eps[[1, 3, 2], 2] = (   # the cation's wells with O, anion and cation
+        model.eps_cation_O, model.eps_cation_anion, model.eps_cation_cation)
     molecule = np.concatenate([np.repeat(np.arange(n_chains), chain_length),
                                n_chains + np.arange(2 * n_salt)])
-    system = System(types=types, masses=np.asarray(model.masses)[types], bonds=bonds,
-                    bond_k=np.repeat([model.bond_k, model.angle_k], [b1.size, b2.size]),
-                    bond_r0=np.repeat([model.bond_r0, model.angle_r0], [b1.size, b2.size]),
-                    epsilon=eps, sigma=sig, r_cut=model.r_cut, box=box, molecule=molecule)
-    return system, pos
+    return System(types=types, masses=np.asarray(model.masses)[types], bonds=bonds,
+                  bond_k=np.repeat([model.bond_k, model.angle_k], [b1.size, b2.size]),
+                  bond_r0=np.repeat([model.bond_r0, model.angle_r0], [b1.size, b2.size]),
+                  epsilon=eps, sigma=sig, r_cut=model.r_cut, box=box, molecule=molecule), pos
 
 # ---- world 3: a small stiff molecule ([B]'s benzene, in miniature): a ring of six heavy "C"
 # beads, each with a light "H" pointing out, held by stiff springs (ring, C-H, 1-3 angle springs).
@@ -789,19 +759,15 @@ def stiff_molecule(model: StiffMoleculeModel = StiffMoleculeModel()):
     ang = np.arange(6) * np.pi / 3
     ring = np.stack([np.cos(ang), np.sin(ang), np.zeros(6)], 1)        # side 1 hexagon
     pos = np.concatenate([ring, ring * (1.0 + model.r_ch)])
-    c, nxt = np.arange(6), (np.arange(6) + 1) % 6
-    pairs = {"cc": np.stack([c, nxt], 1), "ch": np.stack([c, c + 6], 1),
-             "ccc": np.stack([c, (c + 2) % 6], 1),
-             "hcc": np.concatenate([np.stack([c + 6, nxt], 1), np.stack([nxt + 6, c], 1)])}
-    k = {"cc": model.k_cc, "ch": model.k_ch, "ccc": model.k_angle, "hcc": model.k_angle}
-    bonds = np.concatenate(list(pairs.values()))
+    c, nxt = np.arange(6), (np.arange(6) + 1) % 6   # 6 each: C-C, C-H, C-C-C; 12 H-C-C
+    bonds = np.concatenate([np.stack(ij, 1) for ij in (
+        (c, nxt), (c, c + 6), (c, (c + 2) % 6), (c + 6, nxt), (nxt + 6, c))])
     r0 = np.linalg.norm(pos[bonds[:, 0]] - pos[bonds[:, 1]], axis=1)   # rest = ideal geometry
-    bond_k = np.concatenate([np.full(len(v), k[name]) for name, v in pairs.items()])
+    bond_k = np.repeat([model.k_cc, model.k_ch, model.k_angle], [6, 6, 18])
     types = np.r_[np.zeros(6, dtype=np.int64), np.ones(6, dtype=np.int64)]
     eps, sig = lorentz_berthelot(model.epsilon, model.sigma)
-    system = System(types=types, masses=np.asarray(model.masses)[types], bonds=bonds,
-                    bond_k=bond_k, bond_r0=r0, epsilon=eps, sigma=sig, r_cut=model.r_cut)
-    return system, pos
+    return System(types=types, masses=np.asarray(model.masses)[types], bonds=bonds,
+                  bond_k=bond_k, bond_r0=r0, epsilon=eps, sigma=sig, r_cut=model.r_cut), pos
 
 # -------------------------------------------------------------------------------------------------
 # 3. Files: atomic writes, and loading without pickle
@@ -810,7 +776,6 @@ def stiff_molecule(model: StiffMoleculeModel = StiffMoleculeModel()):
 # temporary name in the same folder, then rename (atomic on POSIX). Arrays: .npz of plain numbers.
 def atomic_write(path, write) -> None:
     """Call write(file_object) on a temporary file beside `path`, then rename it into place."""
-    path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
@@ -836,10 +801,8 @@ _SYSTEM_FIELDS = ("types", "masses", "bonds", "bond_k", "bond_r0", "epsilon", "s
 _TRAJ_FIELDS = ("positions", "velocities", "time", "potential_energy", "kinetic_energy")
 
 def save_trajectory(path, traj: Trajectory, **extra_arrays) -> None:
-    """Write a Trajectory (and any extra named arrays) to an .npz file, atomically.
-
-    Positions and velocities are stored as float32 (plenty for analysis, half the disk).
-    """
+    """Write a Trajectory (and any extra named arrays) to an .npz file, atomically; positions
+    and velocities as float32 (plenty for analysis, half the disk)."""
     s = traj.system
     arrays = {k: getattr(traj, k) for k in _TRAJ_FIELDS}
     arrays.update(positions=traj.positions.astype(np.float32),
@@ -870,13 +833,11 @@ def trajectory_from_arrays(positions, masses, bonds=(), *, types=None, molecule=
     positions [n_frames, (n_replicas,) n_atoms, 3] must be UNWRAPPED (molecules whole, no jumps
     across the box); bonds [n_bonds, 2] is the graph that coarse-graining partitions. Default
     velocities: central differences (one-sided at the ends). The System carries only the
-    topology (a placeholder force field with all parameters 1); energies are NaN.
-    """
-    pos = _as_array(positions, "positions", last=3,
-                    expected="[n_frames, (n_replicas,) n_atoms, 3]")
-    if pos.ndim not in (3, 4) or pos.shape[0] < 2:
-        raise ValueError(f"positions has shape {pos.shape}; expected [n_frames >= 2, "
-                         "(n_replicas,) n_atoms, 3]")
+    topology (a placeholder force field with all parameters 1); energies are NaN."""
+    shape = "[n_frames >= 2, (n_replicas,) n_atoms, 3]"
+    pos = _as_array(positions, "positions", ndim=(3, 4), last=3, expected=shape)
+    if pos.shape[0] < 2:
+        raise ValueError(f"positions has shape {pos.shape}; expected {shape}")
     n = pos.shape[-2]
     types = np.zeros(n, dtype=np.int64) if types is None else types
     n_types = int(np.max(types)) + 1 if np.size(types) else 1
@@ -893,7 +854,6 @@ def trajectory_from_arrays(positions, masses, bonds=(), *, types=None, molecule=
     nan = np.full(pos.shape[:-2], np.nan)
     return Trajectory(pos, vel, frame_dt * np.arange(pos.shape[0]), nan, nan.copy(), system,
                       info=dict(dt=frame_dt, source="trajectory_from_arrays"))
-
 
 # -------------------------------------------------------------------------------------------------
 # 4. Coarse-graining: greedy spectral partitioning, the CG mapping, CG graphs, the Embedding GNN
