@@ -498,7 +498,7 @@ def simulate(system: System, positions, n_steps: int, *, dt: float = 0.005, kT: 
         v = _to_engine(np.asarray(velocities, dtype=float).reshape(x0.shape), dev, tdt)
     ff.pairs.build(x)
     F = ff.forces(x)
-    frames = [_frame(x, v, ff, inv_m)]
+    frames = [_frame(x, v, ff, inv_m, 0)]
     c1 = math.exp(-gamma * dt)
     noise = (math.sqrt(1.0 - c1 * c1) * (kT * inv_m).sqrt()).expand(3, -1)
     half_dt_inv_m = (0.5 * dt * inv_m).expand(3, -1)
@@ -518,7 +518,7 @@ def simulate(system: System, positions, n_steps: int, *, dt: float = 0.005, kT: 
                 F = ff.forces(x)
             last_check = step
         if step % save_every == 0:
-            frames.append(_frame(x, v, ff, inv_m))
+            frames.append(_frame(x, v, ff, inv_m, step))
             meter.update(step)
     meter.done()
     sq = (lambda a: a) if np.ndim(positions) == 3 else (lambda a: a[:, 0])   # replica axis?
@@ -547,8 +547,11 @@ def _check_run(system, positions, velocities, n_steps, dt, kT, gamma, save_every
         raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
     return x if x.ndim == 3 else x[None], resolve_device(device), tdt
 
-def _frame(x, v, ff: ForceField, inv_m):
+def _frame(x, v, ff: ForceField, inv_m, step: int):
     """A frame as float64 numpy: positions, velocities [R, n, 3], potential, kinetic [R]."""
+    if not bool(torch.isfinite(x).all()):     # (topk's place for NaN is not promised everywhere)
+        raise SimulationBlowUp(f"simulation blew up at step {step}: non-finite positions; try a "
+                               "smaller dt")
     ke = (0.5 * v.square().sum(0) / inv_m).view(ff.n_replicas, -1).sum(1)
     return (_from_engine(x, ff.n_replicas).astype(np.float64, order="C"),   # C order: numpy
             _from_engine(v, ff.n_replicas).astype(np.float64, order="C"),   # sums follow strides
@@ -557,7 +560,7 @@ def _frame(x, v, ff: ForceField, inv_m):
 def _check_and_rebuild(x, ff: ForceField, step: int, steps_since: int) -> bool:
     """Blow-up check (non-finite, or > 0.5 sigma a step); True if the pair list was rebuilt."""
     moved, top2 = ff.pairs.displacement_since_build(x)
-    if not math.isfinite(moved):   # topk ranks NaN first; this runs before every saved frame
+    if not math.isfinite(moved):
         raise SimulationBlowUp(f"simulation blew up at step {step}: non-finite positions "
                                f"(first seen within the last {steps_since} steps); try a "
                                "smaller dt or relax the starting configuration")
