@@ -1783,11 +1783,10 @@ class ScoreConfig:
     embedding: EmbeddingConfig = field(default_factory=lambda: EmbeddingConfig(latent=16,
                                                                                 n_steps=2))
     def __post_init__(self):
-        _positive_int(self.n_history, "n_history")
-        _positive_int(self.latent, "latent")
+        for name in ("n_history", "latent", "n_levels"):
+            _positive_int(getattr(self, name), name)
         _positive(self.radius, "radius")
         self.sigmas = tuple(float(s) for s in _check_sigmas(self.sigmas))
-        _positive_int(self.n_levels, "n_levels")
         if isinstance(self.embedding, dict):
             self.embedding = EmbeddingConfig(**self.embedding)
 
@@ -1993,10 +1992,8 @@ def linear_interpolation(start, end, n_frames):
 
 def hermite_interpolation(x0, v0, x1, v1, times):
     """Cubic Hermite spline through both end states (x0, v0), (x1, v1): ``[n_frames, *x0.shape]``.
-
     Exact for motion cubic in time; a cubic turns at most twice, so it cannot follow a vibration
-    shorter than the gap (C-H stretch: 17 steps, K = 20). times: [n_frames >= 3], t0 ... t1.
-    """
+    shorter than the gap (C-H stretch: 17 steps, K = 20). times: [n_frames >= 3], t0 ... t1."""
     x0, v0, x1, v1 = _same_shape({"x0": x0, "v0": v0, "x1": x1, "v1": v1})
     t = _as_array(times, "times", ndim=1, expected="[n_frames] increasing, n_frames >= 3")
     if len(t) < 3 or np.any(np.diff(t) <= 0):
@@ -2012,9 +2009,7 @@ def hermite_interpolation(x0, v0, x1, v1, times):
 # the molecule turns by ~0.03 rad (kT = 0.5), so the z-scored inputs stay O(1).
 def segment_frames(start, end, masses, reference):
     """(com [S, 3], rot [S, 3, 3]) with ``(x - com) @ rot`` x in the reference's frame (det +1).
-
-    start, end: positions at t0 and t1, ``[S, n_atoms, 3]``; reference: ``[n_atoms, 3]``.
-    """
+    start, end: positions at t0 and t1, ``[S, n_atoms, 3]``; reference: ``[n_atoms, 3]``."""
     mid = 0.5 * (np.asarray(start) + np.asarray(end))                       # [S, n, 3]
     w = np.asarray(masses, float)[:, None] / np.sum(masses)
     com = np.einsum("sna,n->sa", mid, w[:, 0])                              # [S, 3]
@@ -2039,10 +2034,8 @@ def from_frame(positions, velocities, com, rot):
 # ---- the model: time reversal, the adiabatic blend, the Bi-LSTM ---------------------------------
 def adiabatic_blend(fwd, bwd, time_axis=-2):
     """Adiabatic connection of [B]: x_hat(t_k) = (1 - lambda_k) x_fwd(t_k) + lambda_k x_bwd(t_k).
-
     lambda_k = k / K (linear, as in [B]'s code) is exactly 0 at t0 and 1 at t1, so both ends are
-    pinned bit for bit. fwd, bwd: numpy or torch, K + 1 frames along `time_axis`.
-    """
+    pinned bit for bit. fwd, bwd: numpy or torch, K + 1 frames along `time_axis`."""
     if tuple(fwd.shape) != tuple(bwd.shape):
         raise ValueError(f"bwd has shape {tuple(bwd.shape)}; expected {tuple(fwd.shape)} like fwd")
     shape = [1] * fwd.ndim
@@ -2062,12 +2055,9 @@ class InterpolatorConfig:
 
 class BiLSTMInterpolator(torch.nn.Module):
     """An LSTM that integrates phase space in increments, run from both ends of a gap [B].
-
     The state is z = ((positions - mean) / scale, velocities / scale_v), flat ``[batch, 6 n]``.
     Velocities get no mean shift, so time reversal stays a sign flip in z-space and one network
-    serves both directions. The statistics (`fit_normalization`) are buffers: saved with it.
-    """
-
+    serves both directions. The statistics (`fit_normalization`) are buffers: saved with it."""
     def __init__(self, cfg: InterpolatorConfig = InterpolatorConfig()):
         super().__init__()
         self.cfg = cfg
@@ -2138,11 +2128,9 @@ class BiLSTMInterpolator(torch.nn.Module):
     @torch.no_grad()
     def interpolate(self, start, end, gap: int):
         """Fill a gap of `gap` >= 2 steps between two phase-space states (numpy in and out).
-
         start, end: (positions, velocities), each ``[(batch,) n_atoms, 3]`` in the training
         frame. Returns (positions, velocities) ``[(batch,) gap + 1, n_atoms, 3]``; bi-directional,
-        the ends equal the inputs to float32 round-off (< 1e-6 sigma).
-        """
+        the ends equal the inputs to float32 round-off (< 1e-6 sigma)."""
         n = self.cfg.n_atoms
         for name, state in (("start", start), ("end", end)):
             if not isinstance(state, (tuple, list)) or len(state) != 2:
