@@ -1806,11 +1806,10 @@ class ScoreGNN(torch.nn.Module):
     def __init__(self, cfg: ScoreConfig = ScoreConfig()):
         super().__init__()
         self.cfg = cfg
-        K = cfg.n_history
         self.embedding = EmbeddingGNN(cfg.embedding)
-        self.net = GeometricGNN(node_in=cfg.embedding.latent + 3 + 2 * K, edge_in=4,
-                                n_node_vectors=K + 1, n_node_scalars=0, n_edge_scalars=0,
-                                latent=cfg.latent, n_steps=cfg.n_steps)
+        self.net = GeometricGNN(node_in=cfg.embedding.latent + 3 + 2 * cfg.n_history, edge_in=4,
+                                n_node_vectors=cfg.n_history + 1, n_node_scalars=0,
+                                n_edge_scalars=0, latent=cfg.latent, n_steps=cfg.n_steps)
         for name in ("vel_scale", "mass_scale"):
             self.register_buffer(name, torch.ones((), dtype=torch.float64))
     bead_embedding = DynamicsGNN.bead_embedding
@@ -1953,7 +1952,6 @@ def load_checkpoint(path, expected_config=None, device="cpu"):
     model = model_class(cfg)
     model.load_state_dict(payload["state_dict"])
     return model.to(resolve_device(device)).eval()
-
 
 # -------------------------------------------------------------------------------------------------
 # 7. Paper B: bi-directional interpolation of MD trajectories
