@@ -1746,11 +1746,10 @@ class ScoreConfig:
     embedding: EmbeddingConfig = field(default_factory=lambda: EmbeddingConfig(latent=16,
                                                                                 n_steps=2))
     def __post_init__(self):
-        _positive_int(self.n_history, "n_history")
-        _positive_int(self.latent, "latent")
+        for name in ("n_history", "latent", "n_levels"):
+            _positive_int(getattr(self, name), name)
         _positive(self.radius, "radius")
         self.sigmas = tuple(float(s) for s in _check_sigmas(self.sigmas))
-        _positive_int(self.n_levels, "n_levels")
         if isinstance(self.embedding, dict):
             self.embedding = EmbeddingConfig(**self.embedding)
 
@@ -1770,11 +1769,10 @@ class ScoreGNN(torch.nn.Module):
     def __init__(self, cfg: ScoreConfig = ScoreConfig()):
         super().__init__()
         self.cfg = cfg
-        K = cfg.n_history
         self.embedding = EmbeddingGNN(cfg.embedding)
-        self.net = GeometricGNN(node_in=cfg.embedding.latent + 3 + 2 * K, edge_in=4,
-                                n_node_vectors=K + 1, n_node_scalars=0, n_edge_scalars=0,
-                                latent=cfg.latent, n_steps=cfg.n_steps)
+        self.net = GeometricGNN(node_in=cfg.embedding.latent + 3 + 2 * cfg.n_history, edge_in=4,
+                                n_node_vectors=cfg.n_history + 1, n_node_scalars=0,
+                                n_edge_scalars=0, latent=cfg.latent, n_steps=cfg.n_steps)
         for name in ("vel_scale", "mass_scale"):
             self.register_buffer(name, torch.ones((), dtype=torch.float64))
     bead_embedding = DynamicsGNN.bead_embedding
@@ -1918,7 +1916,6 @@ def load_checkpoint(path, expected_config=None, device="cpu"):
     model.load_state_dict(payload["state_dict"])
     return model.to(resolve_device(device)).eval()
 
-
 # -------------------------------------------------------------------------------------------------
 # 7. Paper B: bi-directional interpolation of MD trajectories
 # -------------------------------------------------------------------------------------------------
@@ -1937,42 +1934,28 @@ def _check_gap(gap, name="gap"):
     """A gap of K steps hides K - 1 frames: K >= 2 for there to be anything to fill."""
     return _positive_int(gap, name, minimum=2)
 
-def _check_pair(a, b, name_a, name_b, expected="[n_atoms, 3]"):
-    """Two arrays that must have the same shape (e.g. the two ends of a segment)."""
-    a = _as_array(a, name_a, min_ndim=1, expected=expected)
-    b = _as_array(b, name_b, min_ndim=1, expected=expected)
-    if a.shape != b.shape:
-        raise ValueError(f"{name_b} has shape {b.shape}; expected {a.shape} like {name_a}")
-    return a, b
-
-def _check_state(state, name, n_atoms):
-    """A phase-space state: a (positions, velocities) pair, each [(batch,) n_atoms, 3]."""
-    if not isinstance(state, (tuple, list)) or len(state) != 2:
-        raise ValueError(f"{name} must be a (positions, velocities) pair (the model integrates "
-                         f"phase space), each [n_atoms, 3]; got {type(state).__name__}")
-    expected = f"[n_atoms, 3] or [batch, n_atoms, 3] with n_atoms = {n_atoms}"
-    pos, vel = _check_pair(state[0], state[1], f"{name}[0] (positions)",
-                           f"{name}[1] (velocities)", expected)
-    if pos.ndim not in (2, 3) or pos.shape[-2:] != (n_atoms, 3):
-        raise ValueError(f"{name}[0] (positions) has shape {pos.shape}; expected {expected}")
-    return pos, vel
+def _same_shape(named: dict, expected="[n_atoms, 3]", **checks):
+    """The arrays {name: array}, which must all have the first one's shape (e.g. both ends)."""
+    arrays = [_as_array(a, k, min_ndim=1, expected=expected, **checks) for k, a in named.items()]
+    first = next(iter(named))
+    for name, a in zip(named, arrays):
+        if a.shape != arrays[0].shape:
+            raise ValueError(f"{name} has shape {a.shape}; expected {arrays[0].shape} like {first}")
+    return arrays
 
 # ---- baselines: straight line and cubic Hermite spline ------------------------------------------
 def linear_interpolation(start, end, n_frames):
     """Straight lines from `start` to `end`, both ends exact: ``[n_frames, *start.shape]``."""
-    a, b = _check_pair(start, end, "start", "end")
+    a, b = _same_shape({"start": start, "end": end})
     n = _positive_int(n_frames, "n_frames", minimum=3)     # both ends and >= 1 missing frame
     lam = (np.arange(n) / (n - 1)).reshape((n,) + (1,) * a.ndim)     # exactly 0 ... 1
     return (1.0 - lam) * a + lam * b
 
 def hermite_interpolation(x0, v0, x1, v1, times):
     """Cubic Hermite spline through both end states (x0, v0), (x1, v1): ``[n_frames, *x0.shape]``.
-
     Exact for motion cubic in time; a cubic turns at most twice, so it cannot follow a vibration
-    shorter than the gap (C-H stretch: 17 steps, K = 20). times: [n_frames >= 3], t0 ... t1.
-    """
-    x0, x1 = _check_pair(x0, x1, "x0", "x1")
-    v0, v1 = _check_pair(x0, v0, "x0", "v0")[1], _check_pair(x0, v1, "x0", "v1")[1]
+    shorter than the gap (C-H stretch: 17 steps, K = 20). times: [n_frames >= 3], t0 ... t1."""
+    x0, v0, x1, v1 = _same_shape({"x0": x0, "v0": v0, "x1": x1, "v1": v1})
     t = _as_array(times, "times", ndim=1, expected="[n_frames] increasing, n_frames >= 3")
     if len(t) < 3 or np.any(np.diff(t) <= 0):
         raise ValueError(f"times = {t}; expected >= 3 strictly increasing times (t0 ... t1)")
@@ -1987,9 +1970,7 @@ def hermite_interpolation(x0, v0, x1, v1, times):
 # the molecule turns by ~0.03 rad (kT = 0.5), so the z-scored inputs stay O(1).
 def segment_frames(start, end, masses, reference):
     """(com [S, 3], rot [S, 3, 3]) with ``(x - com) @ rot`` x in the reference's frame (det +1).
-
-    start, end: positions at t0 and t1, ``[S, n_atoms, 3]``; reference: ``[n_atoms, 3]``.
-    """
+    start, end: positions at t0 and t1, ``[S, n_atoms, 3]``; reference: ``[n_atoms, 3]``."""
     mid = 0.5 * (np.asarray(start) + np.asarray(end))                       # [S, n, 3]
     w = np.asarray(masses, float)[:, None] / np.sum(masses)
     com = np.einsum("sna,n->sa", mid, w[:, 0])                              # [S, 3]
@@ -2014,10 +1995,8 @@ def from_frame(positions, velocities, com, rot):
 # ---- the model: time reversal, the adiabatic blend, the Bi-LSTM ---------------------------------
 def adiabatic_blend(fwd, bwd, time_axis=-2):
     """Adiabatic connection of [B]: x_hat(t_k) = (1 - lambda_k) x_fwd(t_k) + lambda_k x_bwd(t_k).
-
     lambda_k = k / K (linear, as in [B]'s code) is exactly 0 at t0 and 1 at t1, so both ends are
-    pinned bit for bit. fwd, bwd: numpy or torch, K + 1 frames along `time_axis`.
-    """
+    pinned bit for bit. fwd, bwd: numpy or torch, K + 1 frames along `time_axis`."""
     if tuple(fwd.shape) != tuple(bwd.shape):
         raise ValueError(f"bwd has shape {tuple(bwd.shape)}; expected {tuple(fwd.shape)} like fwd")
     shape = [1] * fwd.ndim
@@ -2037,12 +2016,9 @@ class InterpolatorConfig:
 
 class BiLSTMInterpolator(torch.nn.Module):
     """An LSTM that integrates phase space in increments, run from both ends of a gap [B].
-
     The state is z = ((positions - mean) / scale, velocities / scale_v), flat ``[batch, 6 n]``.
     Velocities get no mean shift, so time reversal stays a sign flip in z-space and one network
-    serves both directions. The statistics (`fit_normalization`) are buffers: saved with it.
-    """
-
+    serves both directions. The statistics (`fit_normalization`) are buffers: saved with it."""
     def __init__(self, cfg: InterpolatorConfig = InterpolatorConfig()):
         super().__init__()
         self.cfg = cfg
@@ -2113,14 +2089,20 @@ class BiLSTMInterpolator(torch.nn.Module):
     @torch.no_grad()
     def interpolate(self, start, end, gap: int):
         """Fill a gap of `gap` >= 2 steps between two phase-space states (numpy in and out).
-
         start, end: (positions, velocities), each ``[(batch,) n_atoms, 3]`` in the training
         frame. Returns (positions, velocities) ``[(batch,) gap + 1, n_atoms, 3]``; bi-directional,
-        the ends equal the inputs to float32 round-off (< 1e-6 sigma).
-        """
+        the ends equal the inputs to float32 round-off (< 1e-6 sigma)."""
         n = self.cfg.n_atoms
-        (p0, v0), (p1, v1) = _check_state(start, "start", n), _check_state(end, "end", n)
-        _check_pair(p0, p1, "start[0] (positions)", "end[0] (positions)")
+        for name, state in (("start", start), ("end", end)):
+            if not isinstance(state, (tuple, list)) or len(state) != 2:
+                raise ValueError(f"{name} must be a (positions, velocities) pair (the model "
+                                 f"integrates phase space); got {type(state).__name__}")
+        expected = f"[n_atoms, 3] or [batch, n_atoms, 3] with n_atoms = {n}"
+        p0, v0, p1, v1 = _same_shape({
+            "start[0] (positions)": start[0], "start[1] (velocities)": start[1],
+            "end[0] (positions)": end[0], "end[1] (velocities)": end[1]}, expected)
+        if p0.ndim not in (2, 3) or p0.shape[-2:] != (n, 3):
+            raise ValueError(f"start[0] (positions) has shape {p0.shape}; expected {expected}")
         gap, single = _check_gap(gap), p0.ndim == 2
         z = self(self.encode(p0.reshape(-1, n, 3), v0.reshape(-1, n, 3)),
                  self.encode(p1.reshape(-1, n, 3), v1.reshape(-1, n, 3)), gap)
@@ -2146,15 +2128,11 @@ def train_interpolator(positions, velocities, cfg: InterpolatorConfig = Interpol
                        label: str = "") -> BiLSTMInterpolator:
     """Fit a (Bi-)LSTM interpolator (eval mode, with its z-scoring) on segments
     ``[n_segments, gap + 1, n_atoms, 3]``, each in its own frame (`segment_frames`)."""
-    shape = "[n_segments, gap + 1, n_atoms, 3]"
-    pos = _as_array(positions, "positions", ndim=4, last=3, expected=shape)
-    vel = _as_array(velocities, "velocities", ndim=4, last=3, expected=shape)
-    if vel.shape != pos.shape:
-        raise ValueError(f"velocities has shape {vel.shape}; expected {pos.shape} like positions")
+    pos, vel = _same_shape({"positions": positions, "velocities": velocities},
+                           "[n_segments, gap + 1, n_atoms, 3]", ndim=4, last=3)
     gap = _check_gap(pos.shape[1] - 1, "gap = positions.shape[1] - 1")
-    dev = resolve_device(device)
     torch.manual_seed(train.seed)
-    model = BiLSTMInterpolator(cfg).to(dev)
+    model = BiLSTMInterpolator(cfg).to(resolve_device(device))
     model.fit_normalization(pos, vel)
     z = model.encode(pos, vel)                                          # [S, gap + 1, 6 n]
     w = torch.where(model.reverse > 0, 1.0, train.velocity_weight)    # positions 1, velocities
