@@ -1026,9 +1026,10 @@ def _refine(A, w, labels, cap, max_passes=8):
                 key = (n_q - counts[parts == p].sum(), weight[p] - weight[q] - w[v])
                 if q != p and weight[q] + w[v] <= cap and key > best_key:
                     best, best_key = q, key
+            if best is None:
+                continue
             rest = np.setdiff1d(np.flatnonzero(labels == p), v)   # does the giver stay connected?
-            if best is not None and len(rest) and \
-                    connected_components(A[rest][:, rest], directed=False)[0] == 1:
+            if len(rest) and connected_components(A[rest][:, rest], directed=False)[0] == 1:
                 labels[v], moved = best, moved + 1
                 weight[[p, best]] += (-w[v], w[v])
         if moved == 0:
@@ -2537,6 +2538,10 @@ def _md_seconds_per_tau(traj, tau, device, n_replicas=None, repeats=3) -> float:
                                              save_every=n, device=device), repeats)
     return seconds / (n * dt)
 
+def _rank_correlation(a, b) -> float:
+    """Spearman's rank correlation of two sequences (nan when there are fewer than two)."""
+    return float(spearmanr(a, b).statistic) if len(a) > 1 else float("nan")
+
 def _relaxation(series, dt) -> float:
     """Mean over replicas of the R_g^2 relaxation time of series [T, R]."""
     return float(np.mean([relaxation_time(series[:, r], dt) for r in range(series.shape[1])]))
@@ -2665,8 +2670,7 @@ def _polymer_judge(model, data, m, burn_in_tau, stability_steps, seed, device, q
             for k in range(len(truth))]
     med = lambda get, methods: {e: float(np.median([get(r, e) for r in rows]))  # noqa: E731
                                 for e in methods}
-    rank = lambda a, b: float("nan") if len(rows) < 2 else float(  # noqa: E731
-        spearmanr([r[a] for r in rows], [r[b] for r in rows]).statistic)
+    rank = lambda a, b: _rank_correlation([r[a] for r in rows], [r[b] for r in rows])  # noqa
     both, sel0 = ("learned", "short_md"), np.flatnonzero(cg_te.molecule == 0)  # polymer 0's beads
     cover = one_step_coverage(model, cg_te, x_long, m, seed=seed)
     return dict(
@@ -2890,9 +2894,8 @@ def _transport_and_structure(frames, dt, cg, species, fit, threshold, every=1, n
 def _electrolyte_means(rows) -> dict:
     """Means over the test systems, and the rank correlation of D over (system, species)."""
     mean = lambda get, ms: {m: float(np.mean([get(r, m) for r in rows])) for m in ms}  # noqa
-    d_rank = lambda m: {"diffusivity": float(spearmanr(*zip(*[  # noqa: E731
-        (r["D"]["ground_truth"][s], r["D"][m][s]) for r in rows
-        for s in ELECTROLYTE_SPECIES])).statistic)}
+    d_rank = lambda m: {"diffusivity": _rank_correlation(*zip(*[  # noqa: E731
+        (r["D"]["ground_truth"][s], r["D"][m][s]) for r in rows for s in ELECTROLYTE_SPECIES]))}
     methods = ("learned", "learned_no_score", "short_md")
     return dict(
         diffusivity_log10_mae=mean(lambda r, m: r[f"diffusivity_log10_error_{m}"], methods),
