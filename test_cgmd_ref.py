@@ -826,16 +826,20 @@ def test_step_distribution_samples_have_its_covariance():
     assert float(cov[0, 1].abs()) > 0                                    # correlated for real
 
 
-def test_expected_rg2_matches_sampled_next_frames():
-    """expected_rg2 (closed form from the step's mean and dense covariance) against the mean
-    R_g^2 of 4000 sampled next frames (radius_of_gyration_sq, a separate code path), per
-    molecule and frame; tolerance 5 standard errors of the sample mean. And the moment loss is
-    zero when the observed R_g^2 equals the expected one, positive otherwise."""
+@pytest.mark.parametrize("noise", [1.0, 20.0])
+def test_expected_rg2_matches_sampled_next_frames(noise):
+    """expected_rg2 and rg2_variance (closed forms from the step's mean and dense covariance)
+    against the mean and variance of R_g^2 over 4000 sampled next frames (radius_of_gyration_sq,
+    a separate code path), per molecule and frame; tolerance 5 standard errors of each sample
+    estimate. noise 1: the mean's term of the variance dominates, 20: the trace term does. The
+    moment loss is zero when the observed R_g^2 equals the expected one, positive otherwise."""
     _, cg, _ = _two_polymers()
     h = _history(cg, B=2)
     with torch.no_grad():
         d = _dynamics_model()(h, cg)
+        d.scale, d.edge_scale = noise * d.scale, noise * d.edge_scale
         expected = C.expected_rg2(d, h, cg)                                  # [B, 2]
+        variance = C.rg2_variance(d, h, cg)                                  # [B, 2]
         gen = torch.Generator().manual_seed(1)
         nxt = torch.stack([C.euler_step(h[:, -2], h[:, -1], d.sample(gen)) for _ in range(4000)])
     for k in range(2):
@@ -843,12 +847,16 @@ def test_expected_rg2_matches_sampled_next_frames():
         rg2 = radius_of_gyration_sq(nxt[:, :, beads].numpy(), cg.bead_mass[beads])   # [S, B]
         se = rg2.std(0) / math.sqrt(len(rg2))
         assert np.all(np.abs(rg2.mean(0) - expected[:, k].numpy()) < 5 * se)
+        dev = rg2 - rg2.mean(0)                        # variance: SE from the 4th moment
+        se_var = np.sqrt(((dev ** 4).mean(0) - rg2.var(0) ** 2) / len(rg2))
+        assert np.all(np.abs(rg2.var(0) - variance[:, k].numpy()) < 5 * se_var)
     assert float(d.covariance()[0, 0, 1].abs()) > 0                      # the correlated case
     assert float(C.rg2_moment_loss(d, h, nxt[0], cg)) > 0
     mean_next = C.euler_step(h[:, -2], h[:, -1], d.mean)                 # R_g^2(mean) only:
     zero_noise = C.StepDistribution(mean=d.mean, scale=torch.zeros_like(d.scale), edge_scale=None,
                                     graph=d.graph, std_min=0.0)
     assert float(C.rg2_moment_loss(zero_noise, h, mean_next, cg)) < 1e-20
+    assert math.isfinite(float(C.rg2_moment_loss(d, h, nxt[0], cg, variance=True)))
 
 
 def test_euler_bookkeeping_exact_in_a_rollout():
@@ -1189,6 +1197,7 @@ def test_checkpoint_round_trip_and_refusals(tmp_path, tiny_trained):
     (lambda s, cg, h: C.annealed_langevin(lambda y, sig: y, torch.zeros(3), [0.5, 0.1],
                                           step_size=0.0), "step_size"),
     (lambda s, cg, h: C.RefineConfig(step_size=-1e-3), "step_size"),
+    (lambda s, cg, h: C.RefineConfig(noise_scale=1.5), "noise_scale"),
     (lambda s, cg, h: C.RefineConfig(sigmas=(0.1, 0.1)), "decreasing"),
     (lambda s, cg, h: C.ScoreConfig(sigmas=(0.01, 1.0)), "decreasing"),
     (lambda s, cg, h: C.train_score([np.zeros((30, 1, 4, 3))], [_free_beads(4), _free_beads(4)]),
