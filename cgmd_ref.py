@@ -1691,7 +1691,7 @@ def one_step_coverage(model: DynamicsGNN, cg: CGSystem, frames, stride: int, *,
     dict(coverage={level: fraction}, n_coordinates, mean_z2); > 1: over-confident. Beyond the
     per-coordinate figures, rg2_mean_z2: the mean of (R_g^2 - E)^2 / Var of each molecule's next
     R_g^2 under the step's Gaussian (expected_rg2, rg2_variance): is the collective coordinate
-    calibrated too? (< 1: the Gaussian spreads R_g^2 too wide.)"""
+    calibrated too? (< 1: the Gaussian spreads R_g^2 too wide; None: no molecule of 2+ beads.)"""
     K, s = model.cfg.n_history, _positive_int(stride, "stride")
     x = _frames(frames, "frames", cg, (K + 1) * s)
     rng = np.random.default_rng(seed)
@@ -2491,7 +2491,7 @@ def molecule_rg2(positions, masses, offsets) -> list:
 # Presets: config keywords of the full run and of `quick` (tiny data, a smoke test of seconds).
 MD_TIMING = dict(full=(5.0, 3), quick=(1.0, 1))    # (simulated tau timed, best of n runs)
 # Half the default iterations: on 8 runs the median <R_g^2> error was the same as with 2 500
-# (13.4% vs 12.8%) at half the time (README, "The polymer experiment").
+# (13.4% vs 12.8%) at half the time (commit b5763f1).
 POLYMER_ITERATIONS = 1250
 # rg2_weight 1 (beyond [A], rg2_moment_loss): a unit weight fixed before any test number was seen.
 POLYMER_PRESETS = dict(
