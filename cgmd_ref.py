@@ -1515,16 +1515,18 @@ def expected_rg2(step: StepDistribution, history, cg: CGSystem) -> torch.Tensor:
 
 def rg2_variance(step: StepDistribution, history, cg: CGSystem) -> torch.Tensor:
     """Beyond [A]: the exact Var[R_g^2] [B, n_molecules] of the next frame under one step's
-    Gaussian. Per coordinate R_g^2 = x^T Q x, Q = diag(p) - p p^T, x ~ N(mu, Sigma), so
-    Var = 2 tr(Q Sigma Q Sigma) + 4 mu^T Q Sigma Q mu; three coordinates alike."""
+    Gaussian. Per coordinate R_g^2 = x^T Q x, Q = diag(p) - p p^T, x ~ N(mu, Sigma), so Var =
+    2 tr(Q Sigma Q Sigma) + 4 mu^T Q Sigma Q mu = 2 sum_ij p_i p_j G_ij^2 + 4 y^T G y, with G the
+    covariance about the molecule's centre of mass and y = p (mu - com): both terms >= 0."""
     mean = euler_step(history[:, -2], history[:, -1], step.mean)            # [B, n, 3]
     P, sigma = _mass_fractions(cg, mean), step.covariance()                # [M, n], [B, n, n]
     w = torch.einsum("bij,kj->bki", sigma, P)                              # Sigma p, [B, M, n]
-    trace = (torch.einsum("ki,kj,bij->bk", P, P, sigma ** 2)               # tr((Q Sigma)^2)
-             - 2 * torch.einsum("ki,bki->bk", P, w ** 2) + torch.einsum("ki,bki->bk", P, w) ** 2)
+    pwp = torch.einsum("ki,bki->bk", P, w)[..., None, None]                # p^T Sigma p
+    G = sigma[:, None] - w[..., :, None] - w[..., None, :] + pwp           # [B, M, n, n]
     com = torch.einsum("kn,bnc->bkc", P, mean)
     y = P[None, :, :, None] * (mean[:, None] - com[:, :, None, :])           # Q mu, [B, M, n, 3]
-    return 6 * trace + 4 * torch.einsum("bkic,bij,bkjc->bk", y, sigma, y)
+    return (6 * torch.einsum("ki,kj,bkij->bk", P, P, G ** 2)              # three coordinates
+            + 4 * torch.einsum("bkic,bkij,bkjc->bk", y, G, y))
 
 def rg2_moment_loss(step: StepDistribution, history, x_next, cg: CGSystem) -> torch.Tensor:
     """Beyond [A]: squared error of expected_rg2 against the next frame's R_g^2, relative to each
