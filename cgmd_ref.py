@@ -62,6 +62,7 @@ import sys
 import tempfile
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from numbers import Integral, Real
 from typing import Optional
@@ -269,8 +270,9 @@ def subsystem(system: System, start: int, stop: int) -> System:
 # Building the list of pairs (i, j) costs far more than using it, so it keeps every pair within
 # r_cut + skin (a "Verlet skin"; the kernel masks r > r_cut) and stays valid while the two largest
 # displacements since the build sum to < skin. Neighbours come from scipy's cKDTree (periodic
-# `boxsize`). Small molecules in implicit solvent (<= _STATIC_GROUP_SIZE atoms that can interact)
-# keep every pair and never rebuild: a 24-bead chain has only 276 pairs.
+# `boxsize`; a large box in slabs, one thread each: _periodic_pairs). Small molecules in implicit
+# solvent (<= _STATIC_GROUP_SIZE atoms that can interact) keep every pair and never rebuild: a
+# 24-bead chain has only 276 pairs.
 _STATIC_GROUP_SIZE = 128
 
 class PairList:
@@ -294,6 +296,7 @@ class PairList:
         sig2_tab = system.sigma ** 2
         sr6 = (sig2_tab / system.r_cut ** 2) ** 3
         self._tables = (sig2_tab, 24.0 * system.epsilon, 4.0 * system.epsilon * (sr6 * sr6 - sr6))
+        self._types = np.tile(system.types, n_replicas)        # per global atom index
         self.n_builds, self.x_ref, self.rc2 = 0, None, system.r_cut ** 2
     def build(self, x: torch.Tensor) -> None:
         """(Re)build the list from engine coordinates x [3, n_replicas * n_atoms]."""
@@ -303,11 +306,9 @@ class PairList:
             i, j = self._all_group_pairs()
         elif s.box is None:
             i, j = self._tree_pairs_open(pos)
-        else:   # one tree per replica box
-            i, j = np.concatenate([
-                cKDTree(_wrap(pos[r * n:(r + 1) * n], s.box), boxsize=s.box).query_pairs(
-                    s.r_cut + self.skin, output_type="ndarray") + r * n
-                for r in range(self.n_replicas)]).T
+        else:
+            i, j = _periodic_pairs(pos.reshape(self.n_replicas, n, 3), s.box,
+                                   s.r_cut + self.skin).T
         i, j = np.minimum(i, j), np.maximum(i, j)
         if len(self._excluded):
             keep = ~np.isin((i % n) * n + (j % n), self._excluded)
@@ -315,7 +316,7 @@ class PairList:
         # No sorting: the scatter-adds run fastest when consecutive pairs hit *different* atoms
         # (repeated adds to one address wait on each other), and the tree's order is mixed.
         t = dict(device=self.device, dtype=self.dtype)
-        tt = s.types[i % n] * len(s.sigma) + s.types[j % n]   # type-pair index
+        tt = self._types[i] * len(s.sigma) + self._types[j]   # type-pair index
         self.sig2, self.eps24, self.e_shift = (torch.as_tensor(tab.ravel()[tt], **t)
                                                for tab in self._tables)
         self.i, self.j = (torch.as_tensor(a, device=self.device) for a in (i, j))
@@ -365,6 +366,29 @@ class PairList:
         if self.shift is not None:
             d.add_(self.shift)
         return d
+
+def _periodic_pairs(pos, box: float, r: float) -> np.ndarray:
+    """Pairs [P, 2] (global indices) closer than r in each replica's periodic box, pos [R, n, 3].
+    A box of >= 4 r is cut into slabs along x (one per torch thread), searched in parallel
+    (cKDTree releases the GIL): slab k's tree also holds the atoms within r above its upper face,
+    so a pair across a face is found once, below it; pairs of two such guests are dropped."""
+    R, n, _ = pos.shape
+    n_slabs = max(1, min(torch.get_num_threads(), int(box // (2 * r))))
+    w = _wrap(pos, box)
+    slab = np.minimum((w[..., 0] * (n_slabs / box)).astype(np.int64), n_slabs - 1)
+    def search(task):
+        rep, k = task
+        if n_slabs == 1:
+            return cKDTree(w[rep], boxsize=box).query_pairs(r, output_type="ndarray") + rep * n
+        guest = (slab[rep] != k) & ((w[rep, :, 0] - (k + 1) * box / n_slabs) % box < r)
+        idx = np.r_[np.flatnonzero(slab[rep] == k), np.flatnonzero(guest)]   # own atoms first
+        pairs = cKDTree(w[rep, idx], boxsize=box).query_pairs(r, output_type="ndarray")
+        return idx[pairs[pairs[:, 0] < len(idx) - guest.sum()]] + rep * n   # (i < j)
+    tasks = [(rep, k) for rep in range(R) for k in range(n_slabs)]
+    if n_slabs == 1:                                 # small boxes: threads cost more than they save
+        return np.concatenate([search(task) for task in tasks])
+    with ThreadPoolExecutor(n_slabs) as pool:                     # results in task order
+        return np.concatenate(list(pool.map(search, tasks)))
 
 # ---- force kernel -------------------------------------------------------------------------------
 # A pair with d = x_i - x_j, s6 = (sig/r)^6: F_i = -dU/dr d/r = 24 eps s6 (2 s6 - 1) / r^2 d = -F_j.

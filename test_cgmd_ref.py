@@ -247,6 +247,30 @@ def test_verlet_list_matches_all_pairs_and_stays_valid_within_skin():
     assert torch.allclose(F_old, ff.forces(x1), atol=1e-12)
 
 
+def test_periodic_pair_search_in_parallel_slabs_matches_all_pairs():
+    # A box of >= 4 (r_cut + skin) is searched as two slabs in two threads (each slab's tree
+    # holds the atoms just above it): the same pairs as brute force, once each, in 2 replicas.
+    system, x = C.lj_fluid(1500, 0.8, seed=4)
+    X = np.stack([x, x + np.random.default_rng(0).normal(0, 0.3, x.shape)])
+    threads, n = torch.get_num_threads(), system.n_atoms
+    torch.set_num_threads(2)
+    try:
+        ff = C.ForceField(system, 2, "cpu", torch.float64)
+        ff.pairs.build(torch.as_tensor(X.reshape(-1, 3).T.copy()))
+    finally:
+        torch.set_num_threads(threads)
+    r = system.r_cut + ff.pairs.skin
+    assert system.box >= 4 * r
+    expected = set()
+    for rep, xr in enumerate(X):
+        d = xr[:, None] - xr[None]
+        d -= system.box * np.round(d / system.box)
+        i, j = np.nonzero(np.triu(np.linalg.norm(d, axis=-1) < r, 1))
+        expected |= set(zip((i + rep * n).tolist(), (j + rep * n).tolist()))
+    got = list(zip(ff.pairs.i.tolist(), ff.pairs.j.tolist()))
+    assert len(got) == len(set(got)) and set(got) == expected
+
+
 def test_replicas_equal_one_by_one_and_isolated_molecules_do_not_interact():
     sys_a, xa = C.random_polymer(1, np.random.default_rng(5))
     sys_b, xb = C.random_polymer(2, np.random.default_rng(6))
