@@ -377,7 +377,9 @@ def _periodic_pairs(pos, box: float, r: float) -> np.ndarray:
     w = _wrap(pos, box)
     slab = np.minimum((w[..., 0] * (n_slabs / box)).astype(np.int64), n_slabs - 1)
     def search(task):
-        rep, k = task                                # one slab: every atom its own, no guests
+        rep, k = task
+        if n_slabs == 1:
+            return cKDTree(w[rep], boxsize=box).query_pairs(r, output_type="ndarray") + rep * n
         guest = (slab[rep] != k) & ((w[rep, :, 0] - (k + 1) * box / n_slabs) % box < r)
         idx = np.r_[np.flatnonzero(slab[rep] == k), np.flatnonzero(guest)]   # own atoms first
         pairs = cKDTree(w[rep, idx], boxsize=box).query_pairs(r, output_type="ndarray")
