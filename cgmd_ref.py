@@ -378,7 +378,7 @@ def _periodic_pairs(pos, box: float, r: float) -> np.ndarray:
     slab = np.minimum((w[..., 0] * (n_slabs / box)).astype(np.int64), n_slabs - 1)
     def search(task):
         rep, k = task
-        if n_slabs == 1:
+        if n_slabs == 1:                 # every dataset's box: skip the slab bookkeeping (A/B)
             return cKDTree(w[rep], boxsize=box).query_pairs(r, output_type="ndarray") + rep * n
         guest = (slab[rep] != k) & ((w[rep, :, 0] - (k + 1) * box / n_slabs) % box < r)
         idx = np.r_[np.flatnonzero(slab[rep] == k), np.flatnonzero(guest)]   # own atoms first
