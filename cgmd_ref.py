@@ -21,26 +21,13 @@ and the work they build on:
   [6] Song, Ermon. "Generative Modeling by Estimating Gradients of the Data Distribution".
       NeurIPS 2019, arXiv:1907.05600 (noise-conditional score networks, annealed Langevin).
 
-Sections, in the order data flows (paper ideas marked [A] / [B]):
-  0. Helpers: argument checks, device / dtype choice, reproducible training
-  1. MD engine: System, pair lists, forces, BAOAB Langevin integrator [1], simulate(), Trajectory
-  2. The three toy worlds: LJ fluid, single-chain polymers (class I / II), a polymer
-     electrolyte, a small stiff molecule
-  3. Files: atomic .npz / JSON writing, loading without pickle
-  4. Coarse-graining [A]: greedy spectral partitioning [5] (in place of METIS), the CG mapping,
-     CG graphs, message passing [2] and the Embedding GNN
-  5. [A] the learned CG simulator: geometric Dynamics GNN with a Gaussian step distribution,
-     training, rollout, the supervised <R_g^2> baseline
-  6. [A] the Score GNN: denoising score matching [6], annealed Langevin refinement; checkpoints
-  7. [B] bi-directional interpolation: linear and Hermite baselines, the Bi-LSTM with its
-     adiabatic blend, training
-  8. Property estimators: R_g^2, autocorrelation, MSD / diffusion [4], g(r), collisions, free
-     energy surfaces, block-averaging errors [3]
-  9. Experiments: MD ground truth, [A] polymers, [A] electrolyte, [B] stiff molecule (they read
-     the datasets data_gen.py writes; only the command line runs data_gen.py)
- 10. Figures (when matplotlib is installed)
- 11. Benchmark and command line: `python cgmd_ref.py [--quick] [--seed N] [--device auto]`,
-     `python cgmd_ref.py bench`
+Sections, in the order data flows (the method first, the driver last):
+  0 helpers; 1 MD engine (BAOAB Langevin [1]); 2 toy worlds (LJ fluid, class I / II polymers,
+  a polymer electrolyte, a stiff molecule); 3 files; 4 coarse-graining [A] (spectral partitioning
+  [5], CG graphs, message passing [2], Embedding GNN); 5 [A] Dynamics GNN; 6 [A] Score GNN [6];
+  7 [B] Bi-LSTM interpolation; 8 estimators (R_g^2, ACF, MSD [4], g(r), free energy, blocks [3]);
+  then the driver, which the method sections never call: 9 experiments, 10 figures, 11 bench and
+  command line (`python cgmd_ref.py [--quick] [--seed N] [--device auto]`, `... bench`).
 
 Conventions. Reduced Lennard-Jones units everywhere (sigma = epsilon = m = k_B = 1; time unit tau).
 Arrays handed to users are numpy, shaped [n_frames, (n_replicas,) n_atoms, 3]; positions are
@@ -2510,23 +2497,18 @@ def molecule_rg2(positions, masses, offsets) -> list:
 # -------------------------------------------------------------------------------------------------
 # 9. Experiments: the papers' claims, each beside its baseline
 # -------------------------------------------------------------------------------------------------
-# Each experiment reads what data_gen.py wrote (it never generates data), then: train -> roll out
-# on held-out systems -> estimate -> compare with the long MD and a cheaper baseline (short MD, no
-# Score GNN, straight lines and splines). It returns a JSON-ready dict; the demo prints it.
-
-# Presets: config keywords of the full run and of `quick` (tiny data, a smoke test of seconds).
+# Each experiment reads what data_gen.py wrote, trains, rolls out on held-out systems and compares
+# with the long MD and a cheaper baseline (short MD, no Score GNN, lines and splines): a JSON-ready
+# dict. Presets: config keywords of the full run and of `quick` (tiny data, seconds).
 MD_TIMING = dict(full=(5.0, 3), quick=(1.0, 1))    # (simulated tau timed, best of n runs)
-# Half the default iterations: on 8 runs the median <R_g^2> error was the same as with 2 500
-# (13.4% vs 12.8%) at half the time (commit b5763f1).
-POLYMER_ITERATIONS = 1250
-# rg2_weight 1 (beyond [A], rg2_moment_loss): a unit weight fixed before any test number was seen.
-POLYMER_PRESETS = dict(
+POLYMER_ITERATIONS = 1250          # half the default: the same median error (commit b5763f1)
+POLYMER_PRESETS = dict(            # rg2_weight 1 (beyond [A]): fixed before any test number
     full=dict(model={}, train=dict(rg2_weight=1.0, n_iterations=POLYMER_ITERATIONS)),
     quick=dict(model=dict(latent=16, n_steps=1, embedding=EmbeddingConfig(latent=16, n_steps=1)),
                train=dict(stride=2, n_iterations=20, rg2_weight=1.0), stability_steps=50,
                n_validation=1))
-# Electrolytes: learned step 10 tau (stride 10 frames of 1 tau), K = 2, [A]'s per-bead noise; fit:
-# the fraction of MSD lags the Einstein slope is fitted over.
+# Electrolytes: a learned step of 10 tau (stride 10 frames of 1 tau), K = 2, [A]'s per-bead noise;
+# fit: the fraction of MSD lags the Einstein slope is fitted over.
 ELECTROLYTE_PRESETS = dict(
     full=dict(model=dict(n_history=2, latent=32, n_steps=3, radius=2.5, correlated=False),
               score=dict(latent=32, n_steps=2, radius=2.0),
@@ -2569,18 +2551,18 @@ def _best_time(run, repeats: int):
         best = min(best, time.perf_counter() - t0)
     return best, out
 
+# The learned rollout and the MD are timed alike: a warm-up, then the best of `repeats` runs.
 def _timed_rollout(model, cg, history, n_steps, step_tau, repeats, seed, refine=None, label=None):
-    """(seconds per simulated tau, frames) of rollout(), after a warm-up as the MD timing has."""
+    """(seconds per simulated tau, frames) of rollout()."""
     rollout(model, cg, history, 2, seed=seed, refine=refine)
     seconds, frames = _best_time(lambda: rollout(model, cg, history, n_steps, seed=seed,
                                                  refine=refine, label=label), repeats)
     return seconds / (n_steps * step_tau), frames
 
 def _md_seconds_per_tau(traj, tau, device, n_replicas=None, repeats=3) -> float:
-    """Wall time per simulated tau of simulate() from traj's last frame (or n_replicas of it)."""
-    dt = traj.info["dt"]
+    """Seconds per simulated tau of simulate() from traj's last frame (or n_replicas of it)."""
+    dt, x, v = traj.info["dt"], traj.positions[-1], traj.velocities[-1]
     n = max(1, int(round(tau / dt)))
-    x, v = traj.positions[-1], traj.velocities[-1]
     if n_replicas is not None:
         x, v = (np.resize(a, (n_replicas,) + a.shape[-2:]) for a in (x, v))
     simulate(traj.system, x, 20, dt=dt, velocities=v, save_every=20, device=device)
@@ -2632,10 +2614,8 @@ def polymer_experiment(data_dir="data", seed=0, device="cpu", quick=False,
 
     Trains on the class I runs but the last n_validation polymers, which choose the weights
     (rg2_validation); rolls the class II polymers out as long as the long MD (after burn_in_tau)
-    and compares with the long MD, MD as short as the training runs and a GNN that predicts
-    <R_g^2> from the fine graph; plus Spearman ranks, one-step calibration and a rollout of
-    `stability_steps` steps. cfg, train: default POLYMER_PRESETS; checkpoint: path to save to.
-    """
+    and compares with it, with MD as short as the training runs and with a GNN that predicts
+    <R_g^2> from the fine graph (_polymer_judge). cfg, train: default POLYMER_PRESETS."""
     t_start, preset = time.perf_counter(), POLYMER_PRESETS["quick" if quick else "full"]
     cfg = cfg or DynamicsConfig(**preset["model"])
     train = train or TrainConfig(seed=seed, **preset["train"])
@@ -2645,14 +2625,13 @@ def polymer_experiment(data_dir="data", seed=0, device="cpu", quick=False,
     files = _data_files(data_dir, [f"polymer_{k}" for k in ("train", "test_short", "test_long")],
                         "polymers", quick)
     data = [_load_cg(f, atoms_per_bead, seed) for f in files]      # the test sets: same polymers
-    t_train, tr, max_group = time.perf_counter(), data[0][2], 48
+    t_train, tr = time.perf_counter(), data[0][2]
     starts = np.flatnonzero(np.diff(tr.system.molecule, prepend=-1)).tolist()  # first atoms
     n_train = len(starts) - n_validation
     if n_train < 1 or n_validation < 0:
         raise ValueError(f"n_validation = {n_validation}; expected 0 <= n_validation < "
                          f"{len(starts)} (the number of training polymers)")
-    # Training polymers in groups of <= max_group (one group a training step)
-    n_groups = -(-n_train // max_group)
+    n_groups = -(-n_train // 48)        # training polymers in groups of <= 48, one a step
     cuts = [starts[i * n_train // n_groups] for i in range(n_groups)] + (
         starts[n_train:n_train + 1] or [tr.system.n_atoms])
     groups = [_load_cg(tr, atoms_per_bead, seed, a, b) for a, b in zip(cuts[:-1], cuts[1:])]
