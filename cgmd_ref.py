@@ -2674,9 +2674,9 @@ def rg2_validation(x_val, cg_val: CGSystem, stride: int, n_history: int, *, n_re
     return validate
 
 def _polymer_judge(model, data, m, burn_in_tau, stability_steps, seed, device, quick) -> dict:
-    """Roll out on the test polymers (m frames a step), timed beside MD; judge each method by
-    the medians of its errors and by Spearman ranks of estimate vs truth (LiFlow's test of
-    transfer: are unseen polymers ordered by size and by relaxation time correctly?)."""
+    """Roll out on the test polymers (m frames a step), timed beside MD; judge each method by its
+    median errors and by Spearman ranks (LiFlow's test of transfer: are unseen polymers ordered
+    by size and by relaxation time correctly?), one-step calibration and a long rollout."""
     (x_tr, cg_tr, tr), (x_short, cg_te, short), (x_long, _, long) = data
     frame_dt = float(tr.time[1] - tr.time[0])
     step_tau = m * frame_dt
@@ -2780,9 +2780,8 @@ def _stability_check(model, cg, history, n_steps, seed, x_truth) -> dict:
     """A long rollout from `history`: finite, and how long the CG bonds get (vs the MD frames)."""
     if not n_steps:
         return dict(steps=n_steps)
-    t0 = time.perf_counter()
+    t0, b = time.perf_counter(), cg.cg_bonds
     frames = rollout(model, cg, history, n_steps, seed=seed, label="stability rollout")
-    b = cg.cg_bonds
     bond, bond_true = (np.linalg.norm(x[:, :, b[:, 0]] - x[:, :, b[:, 1]], axis=-1)
                        for x in (frames, x_truth))
     return dict(steps=n_steps, finite=bool(np.isfinite(frames).all()),
@@ -2814,11 +2813,9 @@ def electrolyte_experiment(data_dir="data", seed=0, device="cpu", quick=False,
     """Paper [A]'s electrolyte claim: Score GNN refinement, on compositions never trained on.
 
     Trains the Dynamics and Score GNNs on the training compositions' short runs; on each unseen
-    test composition rolls out n_replicas (one batch) as long as the long MD, with and without
-    refinement (same seed), and compares diffusivities, RDFs and the collision rate (non-bonded
-    bead pairs closer than collision_threshold sigma) with the long and the short MD. Configs
-    default to ELECTROLYTE_PRESETS; checkpoint_dir: folder to save both models to.
-    """
+    composition rolls out n_replicas as long as the long MD, with and without refinement (same
+    seed), and compares diffusivities, RDFs and the collision rate (non-bonded bead pairs closer
+    than collision_threshold sigma) with the long and the short MD. Configs: ELECTROLYTE_PRESETS."""
     t_start, preset = time.perf_counter(), ELECTROLYTE_PRESETS["quick" if quick else "full"]
     cfg = cfg or DynamicsConfig(**preset["model"])
     score_cfg = score_cfg or ScoreConfig(**preset["score"])
@@ -2883,8 +2880,8 @@ def _electrolyte_test(data_dir, k, model, score, refine, m, atoms_per_bead, n_re
     truth = stats(x_long, frame_dt, m)
     methods = {name: stats(f[1:], step_tau) for name, f in frames.items()}
     methods["short_md"] = stats(x_short, frame_dt)
-    dr, every = truth["r"][1] - truth["r"][0], dict(ground_truth=truth, **methods)
-    rollouts = ("learned", "learned_no_score")
+    dr, every, rollouts = truth["r"][1] - truth["r"][0], dict(ground_truth=truth, **methods), (
+        "learned", "learned_no_score")
     row = dict(system=k, n_beads=cg.n_beads, box=cg.box,
                D={e: v["D"] for e, v in every.items()}, msd={e: v["msd"] for e, v in every.items()},
                rdf=dict(r=truth["r"].tolist(), **{e: {p: g.tolist() for p, g in v["rdf"].items()}
@@ -2902,9 +2899,8 @@ def _electrolyte_test(data_dir, k, model, score, refine, m, atoms_per_bead, n_re
     return row, seconds, n_steps, long.info["dt"]
 
 def _transport_and_structure(frames, dt, cg, species, fit, threshold, every=1, n_bins=30) -> dict:
-    """D and MSD per species (mean over replicas) of unwrapped frames [T, R, n, 3], `dt` apart;
-    the three RDFs and the collision rate per frame (non-bonded bead pairs closer than
-    `threshold`) of every `every`-th frame."""
+    """D and MSD per species (mean over replicas) of unwrapped frames [T, R, n, 3] `dt` apart;
+    the RDFs and the collision rate (pairs closer than `threshold`) of every `every`-th frame."""
     T, R = frames[::every].shape[:2]
     flat = frames[::every].reshape(T * R, cg.n_beads, 3)
     rdf = {}
@@ -2940,18 +2936,15 @@ def _electrolyte_means(rows) -> dict:
 def split_segments(traj, gap, train_fraction=0.8, train_stride=None):
     """Time split of every replica: training segments early, held-out segments late.
 
-    Training segments start every `train_stride` frames (default K / 4: overlapping, about the
-    same cost per epoch for any K) in the first `train_fraction` of the frames; held-out ones
-    tile the rest every K frames (as in [B]: every K-th frame is known), after a buffer of K
-    frames so that no held-out frame borders a training frame. Returns ((train positions,
-    velocities), (test positions, velocities)), each [n_segments, gap + 1, n_atoms, 3].
-    """
+    Training segments start every `train_stride` frames (default K / 4: overlapping) in the first
+    `train_fraction` of the frames; held-out ones tile the rest every K frames (as in [B]: every
+    K-th frame is known) after a buffer of K frames. Returns ((train positions, velocities),
+    (test positions, velocities)), each [n_segments, gap + 1, n_atoms, 3]."""
     pos, vel = traj.positions, traj.velocities
     if pos.ndim == 3:                                    # no replica axis: one replica
         pos, vel = pos[:, None], vel[:, None]
     n_frames = pos.shape[0]
     n_train = int(train_fraction * n_frames)
-
     def cut(first, stop, stride):     # segment s of replica r at s * R + r: frames s .. s + K
         idx = np.arange(first, stop - gap, stride)[:, None] + np.arange(gap + 1)  # [S, K + 1]
         return tuple(np.moveaxis(a[idx], 2, 1).reshape(-1, gap + 1, *a.shape[2:])
@@ -2970,11 +2963,9 @@ def _ch_bond_lengths(positions):
 def free_energy_difference(true_values, values, kT, n_bins=30):
     """F = -kT ln p of a 1-D coordinate, interpolated frames vs true ones (any shapes).
 
-    Bins span the central 99% of the true values; p is the count per bin over *all* samples (mass
-    outside is missing, not renormalised away); an empty bin gets one count, so a method that
-    never visits a bin pays a large but finite penalty. F is shifted by the true minimum.
-    Returns dict: l1 (mean |F - F_true| over bins), max, centres, F_true, F ([n_bins] each).
-    """
+    Bins span the central 99% of the true values; p is the count per bin over *all* samples; an
+    empty bin gets one count (a method that never visits it pays a large, finite penalty); F is
+    shifted by the true minimum. Returns dict: l1 (mean |F - F_true|), max, centres, F_true, F."""
     edges = np.linspace(*np.percentile(true_values, [0.5, 99.5]), n_bins + 1)
     kT = _positive(kT, "kT")
     f_true, f = (-kT * np.log(np.maximum(np.histogram(x, edges)[0], 1) / x.size)
@@ -3019,7 +3010,6 @@ def _run_temperature(path, label, gap, device, train_cfg, hidden, inner, t_start
     # of replica r is at s * R + r); consecutive segments share their end frames.
     idx = np.arange(3) * traj.positions.shape[1]
     idx = idx[idx < len(te_p)]
-
     def series(p):
         b = _ch_bond_lengths(p[idx])[..., 0]                             # [n_seg, K + 1]
         return np.concatenate([b[:, :-1].ravel(), b[-1, -1:]]).tolist()
@@ -3036,12 +3026,9 @@ def interpolation_experiment(data_dir="data", gap=20, seed=0, device="cpu", quic
     """Paper [B] on the stiff molecule: fill gaps of K = gap steps at low / mid / high kT.
 
     Per temperature (labels: default all of STIFF_TEMPERATURES) a Bi-LSTM and a uni-directional
-    LSTM train on the first 80% of every replica's frames; every figure comes from the held-out
-    segments tiling the last 20%. Returns dict: mae[label][method] (position MAE over the gap's
-    interior, sigma), endpoint_error (max |x_hat - x| of the Bi-LSTM at t0 and t1),
-    free_energy[label] (of the C-H bond length), trace[label], gap, seconds,
-    vibration_period_steps (C-H period / dt), config.
-    """
+    LSTM train on the first 80% of every replica's frames; figures come from held-out segments
+    tiling the last 20%: mae[label][method] (position MAE over the gap's interior),
+    endpoint_error (the Bi-LSTM's, at t0 and t1), free_energy[label] (of the C-H bond), trace."""
     t_start = time.perf_counter()
     gap = _check_gap(gap)
     labels = list(STIFF_TEMPERATURES) if labels is None else list(labels)
@@ -3064,9 +3051,8 @@ def interpolation_experiment(data_dir="data", gap=20, seed=0, device="cpu", quic
 
 def gap_sweep(data_dir="data", gaps=(5, 10, 20, 40, 80), seed=0, device="cpu", quick=False,
               labels=None) -> dict:
-    """Position MAE per method as the gap K grows, one interpolation_experiment per K (about the
-    same training cost per K). Returns {"mae": {str(K): {label: {method: MAE}}},
-    "endpoint_error", "seconds"}."""
+    """Position MAE per method as the gap K grows, one interpolation_experiment per K: {"mae":
+    {str(K): {label: {method: MAE}}}, "endpoint_error", "seconds"}."""
     t0 = time.perf_counter()
     runs = {str(int(k)): interpolation_experiment(data_dir, k, seed, device, quick, labels)
             for k in gaps}
