@@ -181,29 +181,26 @@ class System:
         n = len(self.types)
         if n == 0 or self.types.min() < 0:
             raise ValueError("types must be a non-empty list of non-negative type indices")
-        self.bonds = _as_array(self.bonds, "bonds", dtype=np.int64).reshape(-1, 2)
-        if np.any((self.bonds < 0) | (self.bonds >= n) | (self.bonds[:, :1] == self.bonds[:, 1:])):
+        b = self.bonds = _as_array(self.bonds, "bonds", dtype=np.int64).reshape(-1, 2)
+        if np.any((b < 0) | (b >= n) | (b[:, :1] == b[:, 1:])):
             raise ValueError(f"bonds must join two different atoms in 0..{n - 1}")
-        nb = len(self.bonds)   # masses [n] > 0; bond_k, bond_r0 [n_bonds] >= 0 or a scalar
-        for name, size in (("masses", n), ("bond_k", nb), ("bond_r0", nb)):
-            a, mass = _as_array(getattr(self, name), name), name == "masses"
+        for name, size in (("masses", n), ("bond_k", len(b)), ("bond_r0", len(b))):
+            a, mass = _as_array(getattr(self, name), name), name == "masses"   # k, r0: or scalar
             a = np.full(size, float(a)) if a.ndim == 0 and not mass else a
             if a.shape != (size,) or np.any(a <= 0 if mass else a < 0):
                 raise ValueError(f"{name} must be [{size}] numbers {'> 0' if mass else '>= 0'},"
                                  f" got shape {a.shape}")
             setattr(self, name, a)
         nt = int(self.types.max()) + 1
-        for name, sign in (("epsilon", "non-negative"), ("sigma", "positive")):
-            m = _as_array(getattr(self, name), name, ndim=2, expected="[n_types, n_types]")
-            if m.shape[0] != m.shape[1] or m.shape[0] < nt:
-                raise ValueError(f"{name} has shape {m.shape}; expected [n_types, n_types] with "
-                                 f"n_types >= {nt} (the largest type index + 1)")
+        eps, sig = (_as_array(getattr(self, k), k, ndim=2, expected="[n_types, n_types]")
+                    for k in ("epsilon", "sigma"))
+        if eps.shape != sig.shape or eps.shape[0] != eps.shape[1] or len(eps) < nt:
+            raise ValueError(f"epsilon has shape {eps.shape} and sigma {sig.shape}; expected two "
+                             f"[n_types, n_types] tables, n_types >= {nt} (largest type + 1)")
+        for name, m, sign in (("epsilon", eps, "non-negative"), ("sigma", sig, "positive")):
             if not np.allclose(m, m.T) or np.any(m <= 0 if name == "sigma" else m < 0):
                 raise ValueError(f"{name} must be finite and {sign}, and symmetric")
-            setattr(self, name, m)
-        if self.epsilon.shape != self.sigma.shape:
-            raise ValueError(f"epsilon has shape {self.epsilon.shape} and sigma "
-                             f"{self.sigma.shape}; the two type tables must have the same shape")
+        self.epsilon, self.sigma = eps, sig
         self.r_cut = _positive(self.r_cut, "r_cut")
         if self.box is not None:
             self.box = _positive(self.box, "box")
@@ -216,9 +213,7 @@ class System:
             raise ValueError(f"molecule has shape {self.molecule.shape}; expected [{n}]")
         if self.isolated_molecules and self.box is not None:
             raise ValueError("isolated_molecules=True needs open boundaries (box=None)")
-    @property
-    def n_atoms(self) -> int:
-        return len(self.types)
+    n_atoms = property(lambda self: len(self.types))
     def check_positions(self, positions, name: str = "positions") -> np.ndarray:
         """positions as float64 [n_atoms, 3] or [n_replicas, n_atoms, 3], or ValueError."""
         x = _as_array(positions, name)
@@ -516,10 +511,9 @@ def simulate(system: System, positions, n_steps: int, *, dt: float = 0.005, kT: 
     ff = ForceField(system, n_rep, dev, tdt)
     inv_m = torch.as_tensor(np.tile(1.0 / system.masses, n_rep), device=dev, dtype=tdt)
     x = _to_engine(x0, dev, tdt)
-    if velocities is None:   # Maxwell-Boltzmann at kT
-        v = torch.randn(x.shape, generator=gen, device=dev, dtype=tdt) * (kT * inv_m).sqrt()
-    else:
-        v = _to_engine(np.asarray(velocities, dtype=float).reshape(x0.shape), dev, tdt)
+    v = (torch.randn(x.shape, generator=gen, device=dev, dtype=tdt) * (kT * inv_m).sqrt()
+         if velocities is None else   # Maxwell-Boltzmann at kT, or the given ones
+         _to_engine(np.asarray(velocities, dtype=float).reshape(x0.shape), dev, tdt))
     ff.pairs.build(x)
     F = ff.forces(x)
     frames = [_frame(x, v, ff, inv_m, 0)]
@@ -538,8 +532,7 @@ def simulate(system: System, positions, n_steps: int, *, dt: float = 0.005, kT: 
         F = ff.forces(x)
         v.addcmul_(F, half_dt_inv_m)                                            # B
         if step % check_every == 0 or step % save_every == 0:
-            if _check_and_rebuild(x, ff, step, step - last_check):
-                F = ff.forces(x)
+            F = ff.forces(x) if _check_and_rebuild(x, ff, step, step - last_check) else F
             last_check = step
         if step % save_every == 0:
             frames.append(_frame(x, v, ff, inv_m, step))
@@ -560,10 +553,8 @@ def _check_run(system, positions, velocities, n_steps, dt, kT, gamma, save_every
     if velocities is not None and _as_array(velocities, "velocities").shape != x.shape:
         raise ValueError(f"velocities has shape {np.shape(velocities)}; expected {x.shape} "
                          "like positions")
-    _positive_int(n_steps, "n_steps", minimum=0)
-    _positive_int(save_every, "save_every")
-    _positive(dt, "dt")
-    _positive(kT, "kT")
+    _positive_int(n_steps, "n_steps", minimum=0), _positive_int(save_every, "save_every")
+    _positive(dt, "dt"), _positive(kT, "kT")
     if not (math.isfinite(float(gamma)) and gamma >= 0):
         raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
     tdt = dtype if dtype in _DTYPES.values() else _DTYPES.get(dtype)
@@ -572,32 +563,28 @@ def _check_run(system, positions, velocities, n_steps, dt, kT, gamma, save_every
     return x if x.ndim == 3 else x[None], resolve_device(device), tdt
 
 def _frame(x, v, ff: ForceField, inv_m, step: int):
-    """A frame as float64 numpy: positions, velocities [R, n, 3], potential, kinetic [R]."""
+    """A frame as float64 numpy: positions, velocities [R, n, 3] (C order, as numpy's sums follow
+    the strides), potential, kinetic [R]."""
     if not bool(torch.isfinite(x).all()):     # (topk's place for NaN is not promised everywhere)
-        raise SimulationBlowUp(f"simulation blew up at step {step}: non-finite positions; try a "
-                               "smaller dt")
+        raise SimulationBlowUp(f"simulation blew up at step {step}: non-finite positions")
     ke = (0.5 * v.square().sum(0) / inv_m).view(ff.n_replicas, -1).sum(1)
-    return (_from_engine(x, ff.n_replicas).astype(np.float64, order="C"),   # C order: numpy
-            _from_engine(v, ff.n_replicas).astype(np.float64, order="C"),   # sums follow strides
-            ff.energy(x).cpu().numpy().astype(np.float64), ke.cpu().numpy().astype(np.float64))
+    xv = (_from_engine(a, ff.n_replicas).astype(np.float64, order="C") for a in (x, v))
+    return (*xv, ff.energy(x).cpu().numpy().astype(np.float64), ke.cpu().numpy().astype(np.float64))
 
 def _check_and_rebuild(x, ff: ForceField, step: int, steps_since: int) -> bool:
-    """Blow-up check (non-finite, or > 0.5 sigma a step); True if the pair list was rebuilt."""
-    moved, top2 = ff.pairs.displacement_since_build(x)
-    if not math.isfinite(moved):
-        raise SimulationBlowUp(f"simulation blew up at step {step}: non-finite positions "
-                               f"(first seen within the last {steps_since} steps); try a "
-                               "smaller dt or relax the starting configuration")
-    if ff.pairs.static:   # no build to compare with: move the reference along each check
-        if moved > 0.5 * steps_since:
-            raise SimulationBlowUp(f"simulation blew up at step {step}: an atom moved {moved:.3g}"
-                                   f" sigma in {steps_since} steps; try a smaller dt")
-        ff.pairs.x_ref = x.clone()
-    elif ff.pairs.needs_rebuild(top2):
-        if moved > ff.pairs.skin + 0.5 * steps_since:
-            raise SimulationBlowUp(f"simulation blew up at step {step}: an atom moved {moved:.3g}"
-                                   " sigma since the last pair-list build; try a smaller dt")
-        ff.pairs.build(x)
+    """Blow-up check (an atom may move 0.5 sigma a step, plus the skin since a pair-list build);
+    rebuilds the list when the skin is used up, then returns True. A static list has no builds:
+    its reference positions move along at each check instead."""
+    pl, (moved, top2) = ff.pairs, ff.pairs.displacement_since_build(x)
+    limit = 0.5 * steps_since + (0.0 if pl.static else pl.skin)
+    if not moved <= limit:   # (also when moved is NaN)
+        why = (f"an atom moved {moved:.3g} sigma (limit {limit:.3g})" if math.isfinite(moved)
+               else f"non-finite positions (first seen within the last {steps_since} steps)")
+        raise SimulationBlowUp(f"simulation blew up at step {step}: {why}; try a smaller dt")
+    if pl.static:
+        pl.x_ref = x.clone()
+    elif pl.needs_rebuild(top2):
+        pl.build(x)
         return True
     return False
 
@@ -608,16 +595,15 @@ class _Progress:
         self.t0 = self.t_last = time.perf_counter()
     def update(self, step):
         now = time.perf_counter()
-        if self.label is None or (now - self.t_last < 2.0 and step < self.total):
-            return
-        self.t_last, rate = now, step / max(now - self.t0, 1e-9)   # steps per second
-        print(f"  {self.label}: {100 * step / max(self.total, 1):5.1f}%  {rate * self.atoms:.2e}"
-              f" atom-steps/s  ETA {(self.total - step) / max(rate, 1e-9):5.0f}s",
-              file=sys.stderr, flush=True)
+        if self.label is not None and (now - self.t_last >= 2.0 or step >= self.total):
+            self.t_last, rate = now, step / max(now - self.t0, 1e-9)   # steps per second
+            self._print(f"{100 * step / max(self.total, 1):5.1f}%  {rate * self.atoms:.2e} "
+                        f"atom-steps/s  ETA {(self.total - step) / max(rate, 1e-9):5.0f}s")
     def done(self):
+        self._print(f"done in {time.perf_counter() - self.t0:.1f}s")
+    def _print(self, text):
         if self.label is not None:
-            print(f"  {self.label}: done in {time.perf_counter() - self.t0:.1f}s",
-                  file=sys.stderr, flush=True)
+            print(f"  {self.label}: {text}", file=sys.stderr, flush=True)
 
 # -------------------------------------------------------------------------------------------------
 # 2. The three toy worlds (plus a plain LJ fluid for tests and the benchmark)
