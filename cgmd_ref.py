@@ -202,17 +202,15 @@ class System:
                 raise ValueError(f"{name} must be finite and {sign}, and symmetric")
         self.epsilon, self.sigma = eps, sig
         self.r_cut = _positive(self.r_cut, "r_cut")
-        if self.box is not None:
+        if self.box is not None:   # (the minimum image convention needs box >= 2 r_cut)
             self.box = _positive(self.box, "box")
-            if self.box < 2 * self.r_cut:
-                raise ValueError(f"box={self.box} is smaller than 2*r_cut={2 * self.r_cut}: the "
-                                 "minimum image convention would miss interactions")
+            if self.box < 2 * self.r_cut or self.isolated_molecules:
+                raise ValueError(f"box={self.box}; a periodic box needs box >= 2*r_cut="
+                                 f"{2 * self.r_cut} and isolated_molecules=False")
         self.molecule = _as_array(np.zeros(n, dtype=np.int64) if self.molecule is None
                                   else self.molecule, "molecule", ndim=1, dtype=np.int64)
         if self.molecule.shape != (n,):
             raise ValueError(f"molecule has shape {self.molecule.shape}; expected [{n}]")
-        if self.isolated_molecules and self.box is not None:
-            raise ValueError("isolated_molecules=True needs open boundaries (box=None)")
     n_atoms = property(lambda self: len(self.types))
     def check_positions(self, positions, name: str = "positions") -> np.ndarray:
         """positions as float64 [n_atoms, 3] or [n_replicas, n_atoms, 3], or ValueError."""
@@ -224,18 +222,15 @@ class System:
 
 def lorentz_berthelot(epsilon, sigma):
     """Type-pair tables from per-type values: eps_ab = sqrt(eps_a eps_b), sig_ab = mean."""
-    e = _as_array(epsilon, "epsilon", ndim=1)
-    s = _as_array(sigma, "sigma", ndim=1)
+    e, s = _as_array(epsilon, "epsilon", ndim=1), _as_array(sigma, "sigma", ndim=1)
     return np.sqrt(np.outer(e, e)), 0.5 * (s[:, None] + s[None, :])
 
 def concatenate_systems(systems, isolated: bool = True):
     """Join open-boundary Systems (sharing type tables and r_cut) into one, each molecule kept to
     itself if `isolated`; returns (system, atom_offsets [len(systems) + 1])."""
-    if not systems:
-        raise ValueError("systems is empty")
+    if not systems or any(s.box is not None for s in systems):
+        raise ValueError("systems must be a non-empty list of open-boundary Systems (box=None)")
     s0 = systems[0]
-    if any(s.box is not None for s in systems):
-        raise ValueError("concatenate_systems joins open-boundary systems only (box=None)")
     if any(s.r_cut != s0.r_cut or s.epsilon.shape != s0.epsilon.shape or not (np.allclose(
             s.epsilon, s0.epsilon) and np.allclose(s.sigma, s0.sigma)) for s in systems):
         raise ValueError("systems must share epsilon, sigma and r_cut to be concatenated")
@@ -324,17 +319,15 @@ class PairList:
         self.x_ref = x.detach().clone()
         self.n_builds += 1
     def _all_group_pairs(self):
-        order = np.argsort(self.groups, kind="stable")
+        order = np.argsort(self.groups, kind="stable")   # atoms sorted by group
         g = self.groups[order]
-        ii, jj = [], []
         starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
-        ends = np.r_[starts[1:], len(g)]
-        for size in np.unique(ends - starts):   # one triu per distinct group size, not per group
-            sel = starts[(ends - starts) == size]
+        sizes, pairs = np.diff(np.r_[starts, len(g)]), []
+        for size in np.unique(sizes):   # one triu per distinct group size, not per group
             a, b = np.triu_indices(size, 1)
-            ii.append((order[sel[:, None] + a[None, :]]).ravel())
-            jj.append((order[sel[:, None] + b[None, :]]).ravel())
-        return np.concatenate(ii), np.concatenate(jj)
+            sel = starts[sizes == size][:, None]
+            pairs.append((order[sel + a].ravel(), order[sel + b].ravel()))
+        return tuple(np.concatenate(p) for p in zip(*pairs))
     def _tree_pairs_open(self, pos):
         # Lay the groups out side by side along x, far enough apart that one tree over all atoms
         # finds only pairs within a group; then keep only same-group pairs (a cheap safety net).
@@ -408,8 +401,7 @@ class ForceField:
         return d
     def forces(self, x: torch.Tensor) -> torch.Tensor:
         """Total force [3, N] on engine coordinates x [3, N] (N = n_replicas * n_atoms)."""
-        F = torch.zeros_like(x)
-        pl = self.pairs
+        F, pl = torch.zeros_like(x), self.pairs
         if len(pl.i):
             d = pl.displacements(x)
             r2 = d.square().sum(0)
@@ -429,8 +421,7 @@ class ForceField:
         return F
     def energy(self, x: torch.Tensor) -> torch.Tensor:
         """Potential energy per replica, [n_replicas]."""
-        E = torch.zeros(self.n_replicas, device=self.device, dtype=x.dtype)
-        pl = self.pairs
+        E, pl = torch.zeros(self.n_replicas, device=self.device, dtype=x.dtype), self.pairs
         if len(pl.i):
             r2 = pl.displacements(x).square().sum(0)
             s6 = (pl.sig2 / r2).pow(3)
@@ -649,19 +640,16 @@ def polymer(backbone, side_chains, model: PolymerModel = PolymerModel()):
 
     backbone: [L] types (0 = B1, 1 = B2); side_chains: L lists of side-group types (2 = S1,
     3 = S2) from the backbone outwards, [] for none, alternating above and below the backbone."""
-    types = list(backbone)
-    L = len(types)
+    types, L = list(backbone), len(backbone)
     if L < 2 or len(side_chains) != L:
         raise ValueError("backbone needs >= 2 beads and side_chains one list per backbone bead")
     pos = [(0.95 * b, 0.3 * (b % 2), 0.0) for b in range(L)]
     bonds = [(b - d, b, d == 1) for b in range(L) for d in (1, 2) if b >= d]   # (i, j, not 1-3)
     for b, chain in enumerate(side_chains):
-        prev, up = b, 1.0 if b % 2 == 0 else -1.0
-        for depth, t in enumerate(chain, start=1):
+        for depth, t in enumerate(chain, start=1):   # bonded to the bead before (or backbone b)
+            bonds.append((len(types) - 1 if depth > 1 else b, len(types), True))
+            pos.append((0.95 * b, 0.3 * (b % 2), (1.0 if b % 2 == 0 else -1.0) * depth))
             types.append(t)
-            pos.append((0.95 * b, 0.3 * (b % 2), up * depth))
-            bonds.append((prev, len(types) - 1, True))
-            prev = len(types) - 1
     bonds, types = np.array(bonds), np.array(types)
     eps, sig = lorentz_berthelot(model.epsilon, model.sigma)
     return System(types=types, masses=np.asarray(model.masses)[types], bonds=bonds[:, :2].copy(),
@@ -727,14 +715,12 @@ def electrolyte(n_chains: int, chain_length: int, n_salt: int, *,
     n_poly = n_chains * chain_length
     n = n_poly + 2 * n_salt
     box = (n / model.density) ** (1 / 3)   # System checks box >= 2 r_cut
-    rng = np.random.default_rng(seed)
-    sites = _lattice(n, box)
+    rng, sites = np.random.default_rng(seed), _lattice(n, box)
     pos = np.concatenate([sites[:n_poly], sites[n_poly + rng.permutation(n - n_poly)]])
     mono = np.tile([0, 0, 1], chain_length)[:chain_length]          # P P O P P O ...
     types = np.concatenate([np.tile(mono, n_chains), np.full(n_salt, 2), np.full(n_salt, 3)])
     starts = np.arange(n_chains)[:, None] * chain_length
-    b1 = np.arange(chain_length - 1)[None, :] + starts              # bonds
-    b2 = np.arange(chain_length - 2)[None, :] + starts              # 1-3 angle springs
+    b1, b2 = (np.arange(chain_length - d)[None, :] + starts for d in (1, 2))   # bonds, 1-3 springs
     bonds = np.concatenate([np.stack([b, b + d], -1).reshape(-1, 2) for d, b in ((1, b1), (2, b2))])
     eps, sig = lorentz_berthelot(model.epsilon, model.sigma)
     eps[2, [1, 3, 2]] = eps[[1, 3, 2], 2] = (   # the cation's wells with O, anion and cation
@@ -816,8 +802,7 @@ _TRAJ_FIELDS = ("positions", "velocities", "time", "potential_energy", "kinetic_
 def save_trajectory(path, traj: Trajectory, **extra_arrays) -> None:
     """Write a Trajectory (and any extra named arrays) to an .npz file, atomically; positions
     and velocities as float32 (plenty for analysis, half the disk)."""
-    s = traj.system
-    arrays = {k: getattr(traj, k) for k in _TRAJ_FIELDS}
+    s, arrays = traj.system, {k: getattr(traj, k) for k in _TRAJ_FIELDS}
     arrays.update(positions=traj.positions.astype(np.float32),
                   velocities=traj.velocities.astype(np.float32),
                   r_cut=np.float64(s.r_cut), box=np.float64(np.nan if s.box is None else s.box),
