@@ -614,8 +614,7 @@ def lj_fluid(n_atoms: int, density: float, *, r_cut: float = 2.5, seed: int = 0)
     (r_cut = 2**(1/6): WCA). Returns (System, positions [n_atoms, 3])."""
     n_atoms = _positive_int(n_atoms, "n_atoms", minimum=2)
     box = (n_atoms / _positive(density, "density")) ** (1 / 3)
-    rng = np.random.default_rng(seed)
-    x = _lattice(n_atoms, box) + rng.normal(0.0, 0.02, (n_atoms, 3))
+    x = _lattice(n_atoms, box) + np.random.default_rng(seed).normal(0.0, 0.02, (n_atoms, 3))
     return System(types=np.zeros(n_atoms, dtype=np.int64), masses=np.ones(n_atoms),
                   bonds=np.zeros((0, 2), dtype=np.int64), bond_k=0.0, bond_r0=0.0,
                   epsilon=[[1.0]], sigma=[[1.0]], r_cut=r_cut, box=box), x
@@ -677,12 +676,11 @@ def random_polymer(polymer_class: int, rng, model: PolymerModel = PolymerModel()
             while len(backbone) < L:
                 backbone += [t] * int(rng.integers(2, 5))
                 t = 1 - t
-            backbone = backbone[:L]
             sides = [[] if rng.random() > 0.6 else
                      [3 if rng.random() < 0.6 else 2 for _ in range(int(rng.integers(1, 3)))]
                      for _ in range(L)]
-        if 16 <= len(backbone) + sum(map(len, sides)) <= 40:
-            return polymer(backbone, sides, model)
+        if 16 <= L + sum(map(len, sides)) <= 40:
+            return polymer(backbone[:L], sides, model)
 
 # ---- world 2: a toy polymer electrolyte ([A]'s Li-ion / TFSI battery dataset, in miniature).
 # -P-P-O- chains (like PEO's -C-C-O-), small light cations, large heavy anions, periodic box. No
