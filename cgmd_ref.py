@@ -168,44 +168,37 @@ class System:
         n = len(self.types)
         if n == 0 or self.types.min() < 0:
             raise ValueError("types must be a non-empty list of non-negative type indices")
-        self.bonds = _as_array(self.bonds, "bonds", dtype=np.int64).reshape(-1, 2)
-        if np.any((self.bonds < 0) | (self.bonds >= n) | (self.bonds[:, :1] == self.bonds[:, 1:])):
+        b = self.bonds = _as_array(self.bonds, "bonds", dtype=np.int64).reshape(-1, 2)
+        if np.any((b < 0) | (b >= n) | (b[:, :1] == b[:, 1:])):
             raise ValueError(f"bonds must join two different atoms in 0..{n - 1}")
-        nb = len(self.bonds)   # masses [n] > 0; bond_k, bond_r0 [n_bonds] >= 0 or a scalar
-        for name, size in (("masses", n), ("bond_k", nb), ("bond_r0", nb)):
-            a, mass = _as_array(getattr(self, name), name), name == "masses"
+        for name, size in (("masses", n), ("bond_k", len(b)), ("bond_r0", len(b))):
+            a, mass = _as_array(getattr(self, name), name), name == "masses"   # k, r0: or scalar
             a = np.full(size, float(a)) if a.ndim == 0 and not mass else a
             if a.shape != (size,) or np.any(a <= 0 if mass else a < 0):
                 raise ValueError(f"{name} must be [{size}] numbers {'> 0' if mass else '>= 0'},"
                                  f" got shape {a.shape}")
             setattr(self, name, a)
         nt = int(self.types.max()) + 1
-        for name, sign in (("epsilon", "non-negative"), ("sigma", "positive")):
-            m = _as_array(getattr(self, name), name, ndim=2, expected="[n_types, n_types]")
-            if m.shape[0] != m.shape[1] or m.shape[0] < nt:
-                raise ValueError(f"{name} has shape {m.shape}; expected [n_types, n_types] with "
-                                 f"n_types >= {nt} (the largest type index + 1)")
+        eps, sig = (_as_array(getattr(self, k), k, ndim=2, expected="[n_types, n_types]")
+                    for k in ("epsilon", "sigma"))
+        if eps.shape != sig.shape or eps.shape[0] != eps.shape[1] or len(eps) < nt:
+            raise ValueError(f"epsilon has shape {eps.shape} and sigma {sig.shape}; expected two "
+                             f"[n_types, n_types] tables, n_types >= {nt} (largest type + 1)")
+        for name, m, sign in (("epsilon", eps, "non-negative"), ("sigma", sig, "positive")):
             if not np.allclose(m, m.T) or np.any(m <= 0 if name == "sigma" else m < 0):
                 raise ValueError(f"{name} must be finite and {sign}, and symmetric")
-            setattr(self, name, m)
-        if self.epsilon.shape != self.sigma.shape:
-            raise ValueError(f"epsilon has shape {self.epsilon.shape} and sigma "
-                             f"{self.sigma.shape}; the two type tables must have the same shape")
+        self.epsilon, self.sigma = eps, sig
         self.r_cut = _positive(self.r_cut, "r_cut")
-        if self.box is not None:
+        if self.box is not None:   # (the minimum image convention needs box >= 2 r_cut)
             self.box = _positive(self.box, "box")
-            if self.box < 2 * self.r_cut:
-                raise ValueError(f"box={self.box} is smaller than 2*r_cut={2 * self.r_cut}: the "
-                                 "minimum image convention would miss interactions")
+            if self.box < 2 * self.r_cut or self.isolated_molecules:
+                raise ValueError(f"box={self.box}; a periodic box needs box >= 2*r_cut="
+                                 f"{2 * self.r_cut} and isolated_molecules=False")
         self.molecule = _as_array(np.zeros(n, dtype=np.int64) if self.molecule is None
                                   else self.molecule, "molecule", ndim=1, dtype=np.int64)
         if self.molecule.shape != (n,):
             raise ValueError(f"molecule has shape {self.molecule.shape}; expected [{n}]")
-        if self.isolated_molecules and self.box is not None:
-            raise ValueError("isolated_molecules=True needs open boundaries (box=None)")
-    @property
-    def n_atoms(self) -> int:
-        return len(self.types)
+    n_atoms = property(lambda self: len(self.types))
     def check_positions(self, positions, name: str = "positions") -> np.ndarray:
         """positions as float64 [n_atoms, 3] or [n_replicas, n_atoms, 3], or ValueError."""
         x = _as_array(positions, name)
@@ -216,18 +209,15 @@ class System:
 
 def lorentz_berthelot(epsilon, sigma):
     """Type-pair tables from per-type values: eps_ab = sqrt(eps_a eps_b), sig_ab = mean."""
-    e = _as_array(epsilon, "epsilon", ndim=1)
-    s = _as_array(sigma, "sigma", ndim=1)
+    e, s = _as_array(epsilon, "epsilon", ndim=1), _as_array(sigma, "sigma", ndim=1)
     return np.sqrt(np.outer(e, e)), 0.5 * (s[:, None] + s[None, :])
 
 def concatenate_systems(systems, isolated: bool = True):
     """Join open-boundary Systems (sharing type tables and r_cut) into one, each molecule kept to
     itself if `isolated`; returns (system, atom_offsets [len(systems) + 1])."""
-    if not systems:
-        raise ValueError("systems is empty")
+    if not systems or any(s.box is not None for s in systems):
+        raise ValueError("systems must be a non-empty list of open-boundary Systems (box=None)")
     s0 = systems[0]
-    if any(s.box is not None for s in systems):
-        raise ValueError("concatenate_systems joins open-boundary systems only (box=None)")
     if any(s.r_cut != s0.r_cut or s.epsilon.shape != s0.epsilon.shape or not (np.allclose(
             s.epsilon, s0.epsilon) and np.allclose(s.sigma, s0.sigma)) for s in systems):
         raise ValueError("systems must share epsilon, sigma and r_cut to be concatenated")
@@ -316,17 +306,15 @@ class PairList:
         self.x_ref = x.detach().clone()
         self.n_builds += 1
     def _all_group_pairs(self):
-        order = np.argsort(self.groups, kind="stable")
+        order = np.argsort(self.groups, kind="stable")   # atoms sorted by group
         g = self.groups[order]
-        ii, jj = [], []
         starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
-        ends = np.r_[starts[1:], len(g)]
-        for size in np.unique(ends - starts):   # one triu per distinct group size, not per group
-            sel = starts[(ends - starts) == size]
+        sizes, pairs = np.diff(np.r_[starts, len(g)]), []
+        for size in np.unique(sizes):   # one triu per distinct group size, not per group
             a, b = np.triu_indices(size, 1)
-            ii.append((order[sel[:, None] + a[None, :]]).ravel())
-            jj.append((order[sel[:, None] + b[None, :]]).ravel())
-        return np.concatenate(ii), np.concatenate(jj)
+            sel = starts[sizes == size][:, None]
+            pairs.append((order[sel + a].ravel(), order[sel + b].ravel()))
+        return tuple(np.concatenate(p) for p in zip(*pairs))
     def _tree_pairs_open(self, pos):
         # Lay the groups out side by side along x, far enough apart that one tree over all atoms
         # finds only pairs within a group; then keep only same-group pairs (a cheap safety net).
@@ -400,8 +388,7 @@ class ForceField:
         return d
     def forces(self, x: torch.Tensor) -> torch.Tensor:
         """Total force [3, N] on engine coordinates x [3, N] (N = n_replicas * n_atoms)."""
-        F = torch.zeros_like(x)
-        pl = self.pairs
+        F, pl = torch.zeros_like(x), self.pairs
         if len(pl.i):
             d = pl.displacements(x)
             r2 = d.square().sum(0)
@@ -421,8 +408,7 @@ class ForceField:
         return F
     def energy(self, x: torch.Tensor) -> torch.Tensor:
         """Potential energy per replica, [n_replicas]."""
-        E = torch.zeros(self.n_replicas, device=self.device, dtype=x.dtype)
-        pl = self.pairs
+        E, pl = torch.zeros(self.n_replicas, device=self.device, dtype=x.dtype), self.pairs
         if len(pl.i):
             r2 = pl.displacements(x).square().sum(0)
             s6 = (pl.sig2 / r2).pow(3)
@@ -503,10 +489,9 @@ def simulate(system: System, positions, n_steps: int, *, dt: float = 0.005, kT: 
     ff = ForceField(system, n_rep, dev, tdt)
     inv_m = torch.as_tensor(np.tile(1.0 / system.masses, n_rep), device=dev, dtype=tdt)
     x = _to_engine(x0, dev, tdt)
-    if velocities is None:   # Maxwell-Boltzmann at kT
-        v = torch.randn(x.shape, generator=gen, device=dev, dtype=tdt) * (kT * inv_m).sqrt()
-    else:
-        v = _to_engine(np.asarray(velocities, dtype=float).reshape(x0.shape), dev, tdt)
+    v = (torch.randn(x.shape, generator=gen, device=dev, dtype=tdt) * (kT * inv_m).sqrt()
+         if velocities is None else   # Maxwell-Boltzmann at kT, or the given ones
+         _to_engine(np.asarray(velocities, dtype=float).reshape(x0.shape), dev, tdt))
     ff.pairs.build(x)
     F = ff.forces(x)
     frames = [_frame(x, v, ff, inv_m, 0)]
@@ -525,8 +510,7 @@ def simulate(system: System, positions, n_steps: int, *, dt: float = 0.005, kT: 
         F = ff.forces(x)
         v.addcmul_(F, half_dt_inv_m)                                            # B
         if step % check_every == 0 or step % save_every == 0:
-            if _check_and_rebuild(x, ff, step, step - last_check):
-                F = ff.forces(x)
+            F = ff.forces(x) if _check_and_rebuild(x, ff, step, step - last_check) else F
             last_check = step
         if step % save_every == 0:
             frames.append(_frame(x, v, ff, inv_m, step))
@@ -547,10 +531,8 @@ def _check_run(system, positions, velocities, n_steps, dt, kT, gamma, save_every
     if velocities is not None and _as_array(velocities, "velocities").shape != x.shape:
         raise ValueError(f"velocities has shape {np.shape(velocities)}; expected {x.shape} "
                          "like positions")
-    _positive_int(n_steps, "n_steps", minimum=0)
-    _positive_int(save_every, "save_every")
-    _positive(dt, "dt")
-    _positive(kT, "kT")
+    _positive_int(n_steps, "n_steps", minimum=0), _positive_int(save_every, "save_every")
+    _positive(dt, "dt"), _positive(kT, "kT")
     if not (math.isfinite(float(gamma)) and gamma >= 0):
         raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
     tdt = dtype if dtype in _DTYPES.values() else _DTYPES.get(dtype)
@@ -559,32 +541,28 @@ def _check_run(system, positions, velocities, n_steps, dt, kT, gamma, save_every
     return x if x.ndim == 3 else x[None], resolve_device(device), tdt
 
 def _frame(x, v, ff: ForceField, inv_m, step: int):
-    """A frame as float64 numpy: positions, velocities [R, n, 3], potential, kinetic [R]."""
+    """A frame as float64 numpy: positions, velocities [R, n, 3] (C order, as numpy's sums follow
+    the strides), potential, kinetic [R]."""
     if not bool(torch.isfinite(x).all()):     # (topk's place for NaN is not promised everywhere)
-        raise SimulationBlowUp(f"simulation blew up at step {step}: non-finite positions; try a "
-                               "smaller dt")
+        raise SimulationBlowUp(f"simulation blew up at step {step}: non-finite positions")
     ke = (0.5 * v.square().sum(0) / inv_m).view(ff.n_replicas, -1).sum(1)
-    return (_from_engine(x, ff.n_replicas).astype(np.float64, order="C"),   # C order: numpy
-            _from_engine(v, ff.n_replicas).astype(np.float64, order="C"),   # sums follow strides
-            ff.energy(x).cpu().numpy().astype(np.float64), ke.cpu().numpy().astype(np.float64))
+    xv = (_from_engine(a, ff.n_replicas).astype(np.float64, order="C") for a in (x, v))
+    return (*xv, ff.energy(x).cpu().numpy().astype(np.float64), ke.cpu().numpy().astype(np.float64))
 
 def _check_and_rebuild(x, ff: ForceField, step: int, steps_since: int) -> bool:
-    """Blow-up check (non-finite, or > 0.5 sigma a step); True if the pair list was rebuilt."""
-    moved, top2 = ff.pairs.displacement_since_build(x)
-    if not math.isfinite(moved):
-        raise SimulationBlowUp(f"simulation blew up at step {step}: non-finite positions "
-                               f"(first seen within the last {steps_since} steps); try a "
-                               "smaller dt or relax the starting configuration")
-    if ff.pairs.static:   # no build to compare with: move the reference along each check
-        if moved > 0.5 * steps_since:
-            raise SimulationBlowUp(f"simulation blew up at step {step}: an atom moved {moved:.3g}"
-                                   f" sigma in {steps_since} steps; try a smaller dt")
-        ff.pairs.x_ref = x.clone()
-    elif ff.pairs.needs_rebuild(top2):
-        if moved > ff.pairs.skin + 0.5 * steps_since:
-            raise SimulationBlowUp(f"simulation blew up at step {step}: an atom moved {moved:.3g}"
-                                   " sigma since the last pair-list build; try a smaller dt")
-        ff.pairs.build(x)
+    """Blow-up check (an atom may move 0.5 sigma a step, plus the skin since a pair-list build);
+    rebuilds the list when the skin is used up, then returns True. A static list has no builds:
+    its reference positions move along at each check instead."""
+    pl, (moved, top2) = ff.pairs, ff.pairs.displacement_since_build(x)
+    limit = 0.5 * steps_since + (0.0 if pl.static else pl.skin)
+    if not moved <= limit:   # (also when moved is NaN)
+        why = (f"an atom moved {moved:.3g} sigma (limit {limit:.3g})" if math.isfinite(moved)
+               else f"non-finite positions (first seen within the last {steps_since} steps)")
+        raise SimulationBlowUp(f"simulation blew up at step {step}: {why}; try a smaller dt")
+    if pl.static:
+        pl.x_ref = x.clone()
+    elif pl.needs_rebuild(top2):
+        pl.build(x)
         return True
     return False
 
@@ -595,16 +573,15 @@ class _Progress:
         self.t0 = self.t_last = time.perf_counter()
     def update(self, step):
         now = time.perf_counter()
-        if self.label is None or (now - self.t_last < 2.0 and step < self.total):
-            return
-        self.t_last, rate = now, step / max(now - self.t0, 1e-9)   # steps per second
-        print(f"  {self.label}: {100 * step / max(self.total, 1):5.1f}%  {rate * self.atoms:.2e}"
-              f" atom-steps/s  ETA {(self.total - step) / max(rate, 1e-9):5.0f}s",
-              file=sys.stderr, flush=True)
+        if self.label is not None and (now - self.t_last >= 2.0 or step >= self.total):
+            self.t_last, rate = now, step / max(now - self.t0, 1e-9)   # steps per second
+            self._print(f"{100 * step / max(self.total, 1):5.1f}%  {rate * self.atoms:.2e} "
+                        f"atom-steps/s  ETA {(self.total - step) / max(rate, 1e-9):5.0f}s")
     def done(self):
+        self._print(f"done in {time.perf_counter() - self.t0:.1f}s")
+    def _print(self, text):
         if self.label is not None:
-            print(f"  {self.label}: done in {time.perf_counter() - self.t0:.1f}s",
-                  file=sys.stderr, flush=True)
+            print(f"  {self.label}: {text}", file=sys.stderr, flush=True)
 
 # -------------------------------------------------------------------------------------------------
 # 2. The three toy worlds (plus a plain LJ fluid for tests and the benchmark)
@@ -624,8 +601,7 @@ def lj_fluid(n_atoms: int, density: float, *, r_cut: float = 2.5, seed: int = 0)
     (r_cut = 2**(1/6): WCA). Returns (System, positions [n_atoms, 3])."""
     n_atoms = _positive_int(n_atoms, "n_atoms", minimum=2)
     box = (n_atoms / _positive(density, "density")) ** (1 / 3)
-    rng = np.random.default_rng(seed)
-    x = _lattice(n_atoms, box) + rng.normal(0.0, 0.02, (n_atoms, 3))
+    x = _lattice(n_atoms, box) + np.random.default_rng(seed).normal(0.0, 0.02, (n_atoms, 3))
     return System(types=np.zeros(n_atoms, dtype=np.int64), masses=np.ones(n_atoms),
                   bonds=np.zeros((0, 2), dtype=np.int64), bond_k=0.0, bond_r0=0.0,
                   epsilon=[[1.0]], sigma=[[1.0]], r_cut=r_cut, box=box), x
@@ -650,19 +626,16 @@ def polymer(backbone, side_chains, model: PolymerModel = PolymerModel()):
 
     backbone: [L] types (0 = B1, 1 = B2); side_chains: L lists of side-group types (2 = S1,
     3 = S2) from the backbone outwards, [] for none, alternating above and below the backbone."""
-    types = list(backbone)
-    L = len(types)
+    types, L = list(backbone), len(backbone)
     if L < 2 or len(side_chains) != L:
         raise ValueError("backbone needs >= 2 beads and side_chains one list per backbone bead")
     pos = [(0.95 * b, 0.3 * (b % 2), 0.0) for b in range(L)]
     bonds = [(b - d, b, d == 1) for b in range(L) for d in (1, 2) if b >= d]   # (i, j, not 1-3)
     for b, chain in enumerate(side_chains):
-        prev, up = b, 1.0 if b % 2 == 0 else -1.0
-        for depth, t in enumerate(chain, start=1):
+        for depth, t in enumerate(chain, start=1):   # bonded to the bead before (or backbone b)
+            bonds.append((len(types) - 1 if depth > 1 else b, len(types), True))
+            pos.append((0.95 * b, 0.3 * (b % 2), (1.0 if b % 2 == 0 else -1.0) * depth))
             types.append(t)
-            pos.append((0.95 * b, 0.3 * (b % 2), up * depth))
-            bonds.append((prev, len(types) - 1, True))
-            prev = len(types) - 1
     bonds, types = np.array(bonds), np.array(types)
     eps, sig = lorentz_berthelot(model.epsilon, model.sigma)
     return System(types=types, masses=np.asarray(model.masses)[types], bonds=bonds[:, :2].copy(),
@@ -690,12 +663,11 @@ def random_polymer(polymer_class: int, rng, model: PolymerModel = PolymerModel()
             while len(backbone) < L:
                 backbone += [t] * int(rng.integers(2, 5))
                 t = 1 - t
-            backbone = backbone[:L]
             sides = [[] if rng.random() > 0.6 else
                      [3 if rng.random() < 0.6 else 2 for _ in range(int(rng.integers(1, 3)))]
                      for _ in range(L)]
-        if 16 <= len(backbone) + sum(map(len, sides)) <= 40:
-            return polymer(backbone, sides, model)
+        if 16 <= L + sum(map(len, sides)) <= 40:
+            return polymer(backbone[:L], sides, model)
 
 # ---- world 2: a toy polymer electrolyte ([A]'s Li-ion / TFSI battery dataset, in miniature).
 # -P-P-O- chains (like PEO's -C-C-O-), small light cations, large heavy anions, periodic box. No
@@ -728,14 +700,12 @@ def electrolyte(n_chains: int, chain_length: int, n_salt: int, *,
     n_poly = n_chains * chain_length
     n = n_poly + 2 * n_salt
     box = (n / model.density) ** (1 / 3)   # System checks box >= 2 r_cut
-    rng = np.random.default_rng(seed)
-    sites = _lattice(n, box)
+    rng, sites = np.random.default_rng(seed), _lattice(n, box)
     pos = np.concatenate([sites[:n_poly], sites[n_poly + rng.permutation(n - n_poly)]])
     mono = np.tile([0, 0, 1], chain_length)[:chain_length]          # P P O P P O ...
     types = np.concatenate([np.tile(mono, n_chains), np.full(n_salt, 2), np.full(n_salt, 3)])
     starts = np.arange(n_chains)[:, None] * chain_length
-    b1 = np.arange(chain_length - 1)[None, :] + starts              # bonds
-    b2 = np.arange(chain_length - 2)[None, :] + starts              # 1-3 angle springs
+    b1, b2 = (np.arange(chain_length - d)[None, :] + starts for d in (1, 2))   # bonds, 1-3 springs
     bonds = np.concatenate([np.stack([b, b + d], -1).reshape(-1, 2) for d, b in ((1, b1), (2, b2))])
     eps, sig = lorentz_berthelot(model.epsilon, model.sigma)
     eps[2, [1, 3, 2]] = eps[[1, 3, 2], 2] = (   # the cation's wells with O, anion and cation
@@ -817,8 +787,7 @@ _TRAJ_FIELDS = ("positions", "velocities", "time", "potential_energy", "kinetic_
 def save_trajectory(path, traj: Trajectory, **extra_arrays) -> None:
     """Write a Trajectory (and any extra named arrays) to an .npz file, atomically; positions
     and velocities as float32 (plenty for analysis, half the disk)."""
-    s = traj.system
-    arrays = {k: getattr(traj, k) for k in _TRAJ_FIELDS}
+    s, arrays = traj.system, {k: getattr(traj, k) for k in _TRAJ_FIELDS}
     arrays.update(positions=traj.positions.astype(np.float32),
                   velocities=traj.velocities.astype(np.float32),
                   r_cut=np.float64(s.r_cut), box=np.float64(np.nan if s.box is None else s.box),
