@@ -1979,8 +1979,6 @@ def load_checkpoint(path, expected_config=None, device="cpu"):
 # (vibrational) part. Baselines: straight lines, and (beyond [B]) a cubic Hermite spline.
 # Shapes: a segment is [gap + 1, n_atoms, 3] (frames t0 ... t1, K = gap steps of dt), a batch
 # [n_segments, gap + 1, n_atoms, 3]; in the network a state is a flat z-scored [batch, 6 n_atoms].
-
-# ---- argument checks shared by this section -----------------------------------------------------
 def _check_gap(gap, name="gap"):
     """A gap of K steps hides K - 1 frames: K >= 2 for there to be anything to fill."""
     return _positive_int(gap, name, minimum=2)
@@ -2010,15 +2008,13 @@ def hermite_interpolation(x0, v0, x1, v1, times):
     t = _as_array(times, "times", ndim=1, expected="[n_frames] increasing, n_frames >= 3")
     if len(t) < 3 or np.any(np.diff(t) <= 0):
         raise ValueError(f"times = {t}; expected >= 3 strictly increasing times (t0 ... t1)")
-    # One spline covers all atoms and coordinates at once (y may carry any trailing axes).
     return CubicHermiteSpline([t[0], t[-1]], np.stack([x0, x1]), np.stack([v0, v1]), axis=0)(t)
 
 # ---- a segment's frame of reference -------------------------------------------------------------
 # The same vibration looks different in every orientation, so each segment gets its own frame:
 # origin at the centre of mass, axes by a Kabsch fit onto a reference geometry, both from the mean
 # of the two *known* end frames (no peeking; a reversed segment has the same frame). The map is
-# rigid and fixed over the segment, so Newton's equations are unchanged; over a gap of 0.1 tau
-# the molecule turns by ~0.03 rad (kT = 0.5), so the z-scored inputs stay O(1).
+# rigid and fixed over the segment, so Newton's equations are unchanged.
 def segment_frames(start, end, masses, reference):
     """(com [S, 3], rot [S, 3, 3]) with ``(x - com) @ rot`` x in the reference's frame (det +1).
     start, end: positions at t0 and t1, ``[S, n_atoms, 3]``; reference: ``[n_atoms, 3]``."""
@@ -2026,10 +2022,9 @@ def segment_frames(start, end, masses, reference):
     w = np.asarray(masses, float)[:, None] / np.sum(masses)
     com = np.einsum("sna,n->sa", mid, w[:, 0])                              # [S, 3]
     ref = np.asarray(reference, float)
-    ref = ref - (w * ref).sum(0)
     # Kabsch: the rotation R minimising |(mid - com) R - ref|^2 is U diag(1, 1, d) V^T from the
-    # SVD of H = (mid - com)^T ref; d = sign det(U V^T) rules out a reflection.
-    u, _, vt = np.linalg.svd(np.einsum("sna,nb->sab", mid - com[:, None], ref))
+    # SVD of H = (mid - com)^T ref (ref centred); d = sign det(U V^T) rules out a reflection.
+    u, _, vt = np.linalg.svd(np.einsum("sna,nb->sab", mid - com[:, None], ref - (w * ref).sum(0)))
     u[:, :, 2] *= np.sign(np.linalg.det(u @ vt))[:, None]
     return com, u @ vt
 
@@ -2094,8 +2089,7 @@ class BiLSTMInterpolator(torch.nn.Module):
     def encode(self, positions, velocities) -> torch.Tensor:
         """``[..., n_atoms, 3]`` x 2 (float64 numpy) -> z ``[..., 6 n_atoms]`` (float32 tensor)."""
         lead = np.shape(positions)[:-2]
-        x = np.concatenate([np.reshape(positions, lead + (-1,)),
-                            np.reshape(velocities, lead + (-1,))], -1)
+        x = np.concatenate([np.reshape(a, lead + (-1,)) for a in (positions, velocities)], -1)
         mean, scale = self.mean.double().cpu().numpy(), self.scale.double().cpu().numpy()
         return torch.as_tensor((x - mean) / scale, dtype=torch.float32, device=self.mean.device)
 
@@ -2146,8 +2140,8 @@ class BiLSTMInterpolator(torch.nn.Module):
         n = self.cfg.n_atoms
         for name, state in (("start", start), ("end", end)):
             if not isinstance(state, (tuple, list)) or len(state) != 2:
-                raise ValueError(f"{name} must be a (positions, velocities) pair (the model "
-                                 f"integrates phase space); got {type(state).__name__}")
+                raise ValueError(f"{name} must be a (positions, velocities) pair; got "
+                                 f"{type(state).__name__}")
         expected = f"[n_atoms, 3] or [batch, n_atoms, 3] with n_atoms = {n}"
         p0, v0, p1, v1 = _same_shape({
             "start[0] (positions)": start[0], "start[1] (velocities)": start[1],
@@ -2155,9 +2149,8 @@ class BiLSTMInterpolator(torch.nn.Module):
         if p0.ndim not in (2, 3) or p0.shape[-2:] != (n, 3):
             raise ValueError(f"start[0] (positions) has shape {p0.shape}; expected {expected}")
         gap, single = _check_gap(gap), p0.ndim == 2
-        z = self(self.encode(p0.reshape(-1, n, 3), v0.reshape(-1, n, 3)),
-                 self.encode(p1.reshape(-1, n, 3), v1.reshape(-1, n, 3)), gap)
-        pos, vel = self.decode(z)
+        pos, vel = self.decode(self(self.encode(p0.reshape(-1, n, 3), v0.reshape(-1, n, 3)),
+                                    self.encode(p1.reshape(-1, n, 3), v1.reshape(-1, n, 3)), gap))
         return (pos[0], vel[0]) if single else (pos, vel)
 
 # ---- training -----------------------------------------------------------------------------------
