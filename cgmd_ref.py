@@ -2227,79 +2227,70 @@ def radius_of_gyration_sq(positions, masses):
     if m.shape != pos.shape[-2:-1] or np.any(m <= 0):
         raise ValueError(f"masses has shape {m.shape}; expected [n_atoms] = [{pos.shape[-2]}] > 0")
     w = m / m.sum()                                   # weights sum to 1
-    com = np.einsum("...ij,i->...j", pos, w)          # [..., 3]
-    d = pos - com[..., None, :]                       # [..., n, 3]
+    d = pos - np.einsum("...ij,i->...j", pos, w)[..., None, :]      # from the centre of mass
     return np.einsum("...ij,...ij,i->...", d, d, w)
+
+def molecule_rg2(positions, masses, offsets) -> list:
+    """R_g^2 [...] of each molecule k (atoms offsets[k]:offsets[k + 1]) of a concatenate_systems()
+    batch's positions [..., n, 3], as a list."""
+    return [radius_of_gyration_sq(positions[..., a:b, :], masses[a:b])
+            for a, b in zip(offsets[:-1], offsets[1:])]
 
 # ---- autocorrelation and relaxation time --------------------------------------------------------
 def autocorrelation(x):
-    """Normalised autocorrelation C(k) = <dx(t) dx(t+k)> / <dx^2> of a series ``[T]``, k < T.
-
-    All lags at once by FFT (Wiener-Khinchin), zero-padded to >= 2T - 1 points against wrap-around;
-    each lag-k sum is divided by its T - k terms ("unbiased"): C(0) == 1, noisy for k near T.
-    """
+    """Normalised autocorrelation C(k) = <dx(t) dx(t+k)> / <dx^2> of a series ``[T]``, k < T: all
+    lags at once by FFT (Wiener-Khinchin), each lag-k sum divided by its T - k terms ("unbiased"):
+    C(0) == 1, noisy for k near T."""
     x = _as_array(x, "x", ndim=1, expected="[T] with T >= 2")
     n = x.shape[0]
     if n < 2 or np.ptp(x) == 0:
         raise ValueError(f"x is constant or has T = {n} < 2 samples; expected a varying series")
-    dx = x - x.mean()
-    n_fft = scipy.fft.next_fast_len(2 * n - 1)       # padding: no wrap-around
-    spectrum = scipy.fft.rfft(dx, n_fft)
-    acf = scipy.fft.irfft(spectrum * spectrum.conj(), n_fft)[:n]
-    acf /= n - np.arange(n)                           # unbiased: / (T - k)
+    n_fft = scipy.fft.next_fast_len(2 * n - 1)       # zero-padding: no wrap-around
+    spectrum = scipy.fft.rfft(x - x.mean(), n_fft)
+    acf = scipy.fft.irfft(spectrum * spectrum.conj(), n_fft)[:n] / (n - np.arange(n))
     return acf / acf[0]
 
 def relaxation_time(x, dt):
-    """Integrated autocorrelation time dt * integral_0^{k0} C(k) dk of a series ``[T]``, T >= 3.
-
+    """Integrated autocorrelation time dt * integral_0^{k0} C(k) dk of a series ``[T >= 3]``.
     k0, C's first (linearly interpolated) zero crossing, keeps the long-lag noise out: exp(-t/tau)
-    gives ~tau. If C never crosses zero the whole ACF is integrated, an UNDER-estimate.
-    """
+    gives ~tau. If C never crosses zero the whole ACF is integrated, an UNDER-estimate."""
     dt = _positive(dt, "dt")
-    if np.ndim(x) == 1 and len(x) < 3:
-        raise ValueError(f"x has {len(x)} samples; expected T >= 3")
-    acf = autocorrelation(x)                          # (which checks x)
-    k = np.flatnonzero(acf <= 0)[:1]                  # the first lag with C <= 0, if any
+    acf = autocorrelation(x)
+    if len(acf) < 3:
+        raise ValueError(f"x has {len(acf)} samples; expected T >= 3")
+    k = np.flatnonzero(acf <= 0)                      # lags with C <= 0
     if k.size == 0:
         return float(np.trapezoid(acf, dx=dt))
-    k = int(k[0])
-    a, b = acf[k - 1], acf[k]                         # a > 0 >= b
-    tail = 0.5 * a * a / (a - b)                      # triangle up to C = 0
-    return float((np.trapezoid(acf[:k], dx=1.0) + tail) * dt)
+    a, b = acf[k[0] - 1], acf[k[0]]                   # a > 0 >= b: a triangle up to C = 0
+    return float((np.trapezoid(acf[:k[0]], dx=1.0) + 0.5 * a * a / (a - b)) * dt)
 
 # ---- mean squared displacement and diffusion coefficient ----------------------------------------
 def mean_squared_displacement(positions):
     """MSD(k) = <|r_i(t + k) - r_i(t)|^2> over particles and T - k origins, [T] from [T, n, 3].
-
-    As MDAnalysis ``EinsteinMSD(fft=True)``: the FFT algorithm of nMoldyn [4], O(T log T),
-    MSD(k) = S1(k) - 2 S2(k) with S1(k) = sum_{t < T-k} (|r(t)|^2 + |r(t+k)|^2) / (T - k) from
-    cumulative sums and S2(k) = sum_{t < T-k} r(t) . r(t+k) / (T - k) an FFT autocorrelation.
-    """
+    As MDAnalysis ``EinsteinMSD(fft=True)`` (nMoldyn's FFT algorithm [4], O(T log T)):
+    MSD(k) = S1(k) - 2 S2(k), S1(k) = sum_{t < T-k} (|r(t)|^2 + |r(t+k)|^2) / (T - k) from
+    cumulative sums and S2(k) = sum_{t < T-k} r(t) . r(t+k) / (T - k) by FFT."""
     pos = _as_array(positions, "positions", ndim=3, last=3, expected="[T, n_atoms, 3]")
     n_t, n_atoms = pos.shape[:2]
     if n_t < 1 or n_atoms < 1:
         raise ValueError(f"positions has shape {pos.shape}; expected at least one frame and atom")
-    # Only differences count: removing each particle's mean cuts round-off in S1 - 2 S2.
-    r = pos - pos.mean(axis=0)
+    r = pos - pos.mean(axis=0)           # only differences count: less round-off in S1 - 2 S2
     k = np.arange(n_t)
-    lags_count = n_t - k                              # origins per lag
     sq = np.einsum("tij,tij->t", r, r)                # [T], summed over particles
     csum = np.concatenate(([0.0], np.cumsum(sq)))     # csum[k] = sum_{t<k}
-    s1 = (csum[n_t - k] + (csum[n_t] - csum[k])) / lags_count
+    s1 = (csum[n_t - k] + (csum[n_t] - csum[k])) / (n_t - k)
     n_fft = scipy.fft.next_fast_len(2 * n_t - 1)
     spec = scipy.fft.rfft(r, n_fft, axis=0)           # [n_fft // 2 + 1, n, 3]
     power = np.einsum("fij,fij->f", spec, spec.conj()).real
-    s2 = scipy.fft.irfft(power, n_fft)[:n_t] / lags_count
+    s2 = scipy.fft.irfft(power, n_fft)[:n_t] / (n_t - k)
     msd = (s1 - 2.0 * s2) / n_atoms
     msd[0] = 0.0                                      # exact; kill round-off
     return msd
 
 def diffusion_coefficient(positions, dt, *, fit_start=0.2, fit_stop=0.6):
-    """Self-diffusion coefficient D (sigma^2 / tau) from the Einstein relation MSD = 6 D t.
-
-    A line with free intercept (a ballistic offset does not bias it) over lags fit_start ..
-    fit_stop of T - 1: short lags are not yet diffusive, long ones have few origins (noisy).
-    """
+    """Self-diffusion coefficient D (sigma^2 / tau) from the Einstein relation MSD = 6 D t: a line
+    with free intercept (a ballistic offset does not bias it) over lags fit_start .. fit_stop of
+    T - 1: short lags are not yet diffusive, long ones have few origins (noisy)."""
     dt = _positive(dt, "dt")
     if not (all(isinstance(v, Real) and not isinstance(v, bool) for v in (fit_start, fit_stop))
             and 0.0 <= fit_start < fit_stop <= 1.0):
@@ -2309,26 +2300,22 @@ def diffusion_coefficient(positions, dt, *, fit_start=0.2, fit_stop=0.6):
 
 def _einstein_slope(msd, dt, fit_start, fit_stop) -> float:
     """diffusion_coefficient's fit to an MSD curve [T] that callers already have."""
-    k_max = msd.shape[0] - 1
-    eps = 1e-9                       # guard against 0.2*100 = 20.000000004
+    k_max, eps = msd.shape[0] - 1, 1e-9               # eps: 0.2 * 100 = 20.000000004
     lags = np.arange(int(np.ceil(fit_start * k_max - eps)),
                      int(np.floor(fit_stop * k_max + eps)) + 1)
     if lags.size < 3:
         raise ValueError(f"fit_start/fit_stop window [{fit_start}, {fit_stop}] of {k_max} lags "
                          f"has {lags.size}; expected >= 3 (widen it or pass longer positions)")
-    slope, _ = np.polyfit(lags * dt, msd[lags], 1)
-    return float(slope / 6.0)
+    return float(np.polyfit(lags * dt, msd[lags], 1)[0] / 6.0)
 
 # ---- radial distribution function ---------------------------------------------------------------
 def radial_distribution(positions_a, box, r_max, n_bins, positions_b=None):
     """Radial distribution function g(r) in a cubic periodic box: (r_centres, g), each [n_bins].
-
-    Minimum-image distances (r_max <= box / 2: each pair seen once) of all pairs per frame
-    (pdist / cdist, O(Na Nb)), histogrammed on [0, r_max] and divided by the ideal gas's
-    T N_pairs / V shell_volume, N_pairs = N (N - 1) ordered pairs i != j (freud's finite-size
-    normalisation; MDAnalysis ``InterRDF(exclusion_block=(1, 1))``), or Na Nb for species a, b.
-    positions_a, positions_b (None: g_aa): ``[T, N, 3]`` or ``[N, 3]``, wrapped or not.
-    """
+    Minimum-image distances of all pairs per frame (r_max <= box / 2: each pair seen once),
+    histogrammed on [0, r_max] and divided by the ideal gas's T N_pairs / V shell_volume, with
+    N_pairs = N (N - 1) ordered pairs (freud's finite-size normalisation; MDAnalysis
+    ``InterRDF(exclusion_block=(1, 1))``), or Na Nb for species a, b.
+    positions_a, positions_b (None: g_aa): ``[T, N, 3]`` or ``[N, 3]``, wrapped or not."""
     pos_a = _as_frames(positions_a, "positions_a")
     box, r_max = _positive(box, "box"), _positive(r_max, "r_max")
     if r_max > box / 2:
@@ -2343,8 +2330,7 @@ def radial_distribution(positions_a, box, r_max, n_bins, positions_b=None):
         raise ValueError(f"positions_a has shape {pos_a.shape}; expected >= 2 atoms (or 1 each)")
     counts = np.zeros(n_bins)
     for t in range(pos_a.shape[0]):
-        a = np.mod(pos_a[t], box)
-        b = None if pos_b is None else np.mod(pos_b[t], box)
+        a, b = (None if p is None else np.mod(p[t], box) for p in (pos_a, pos_b))
         sq = 0.0
         for k in range(3):        # per axis |dx| lies in [0, box); in place: the arrays are big
             dk = pdist(a[:, k:k + 1]) if b is None else cdist(a[:, k:k + 1], b[:, k:k + 1]).ravel()
@@ -2355,16 +2341,13 @@ def radial_distribution(positions_a, box, r_max, n_bins, positions_b=None):
         counts *= 2.0             # pdist gives i < j; normalise per ORDERED pair
     edges = np.linspace(0.0, r_max, n_bins + 1)
     shell = 4.0 / 3.0 * np.pi * (edges[1:] ** 3 - edges[:-1] ** 3)
-    ideal = pos_a.shape[0] * n_pairs / box ** 3 * shell
-    return 0.5 * (edges[1:] + edges[:-1]), counts / ideal
+    return 0.5 * (edges[1:] + edges[:-1]), counts / (pos_a.shape[0] * n_pairs / box ** 3 * shell)
 
 # ---- collision (overlap) rate -------------------------------------------------------------------
 def collision_rate(positions, threshold, *, box=None, exclude=None):
     """Fraction of atom pairs closer than `threshold` (strictly) per frame of [T, n, 3]: ``[T]``.
-
     Flags unphysical overlaps. Pairs in `exclude` (integer [m, 2], any order, repeats allowed;
-    e.g. bonds) are no candidates: rate = hits / (n (n - 1) / 2 - distinct excluded pairs).
-    """
+    e.g. bonds) are no candidates: rate = hits / (n (n - 1) / 2 - distinct excluded pairs)."""
     pos = _as_frames(positions, "positions")
     threshold = _positive(threshold, "threshold")
     box = None if box is None else _positive(box, "box")
@@ -2401,14 +2384,12 @@ def pairwise_distance_features(positions):
 
 def free_energy_surface(features, kT=1.0, n_bins=30, *, pca=None,
                         range=None):  # noqa: A002  (mirrors np.histogram2d)
-    """Free-energy surface F(PC1, PC2) = -kT ln p from a 2-D histogram of features ``[T, d]``.
-
-    Invariant features (`pairwise_distance_features`) are projected on their first two principal
-    components; pass a first result as `pca` (and its bin range as `range`) to use its axes (and
-    grid). p sums to 1 over bins; empty bins get F = +inf (infinitely unlikely); min F = 0.
-    Returns dict F [n_bins, n_bins] (F[i, j]: x bin i, y bin j), x_edges, y_edges, mean [d],
-    components [2, d], explained_variance_ratio [2] (of THIS data) and projection [T, 2].
-    """
+    """Free-energy surface F(PC1, PC2) = -kT ln p from a 2-D histogram of features ``[T, d]``
+    (invariant ones: `pairwise_distance_features`) projected on their first two principal axes;
+    a first result passed as `pca` (its bin range as `range`) gives its axes (and grid). p sums
+    to 1 over bins; empty bins get F = +inf; min F = 0. Returns dict F [n_bins, n_bins] (F[i, j]:
+    x bin i, y bin j), x_edges, y_edges, mean [d], components [2, d], explained_variance_ratio [2]
+    (of THIS data) and projection [T, 2]."""
     x = _as_array(features, "features", ndim=2, expected="[T, d], T, d >= 2")
     if x.shape[0] < 2 or x.shape[1] < 2:
         raise ValueError(f"features has shape {x.shape}; expected [T, d] with T >= 2 and d >= 2")
@@ -2420,8 +2401,7 @@ def free_energy_surface(features, kT=1.0, n_bins=30, *, pca=None,
         mean = x.mean(axis=0)
         _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
         # SVD axes have an arbitrary sign: make each one's largest |entry| positive.
-        big = np.argmax(np.abs(vt[:2]), axis=1)
-        comps = vt[:2] * np.sign(vt[:2][np.arange(2), big])[:, None]
+        comps = vt[:2] * np.sign(vt[np.arange(2), np.argmax(np.abs(vt[:2]), axis=1)])[:, None]
         ratio = s[:2] ** 2 / np.sum(s ** 2)
     else:
         if not isinstance(pca, dict) or not {"mean", "components"} <= pca.keys():
@@ -2452,14 +2432,12 @@ def _block_sem(x, n_blocks):
 
 def block_standard_error(x, n_blocks=None):
     """Standard error of the mean of a correlated series ``[T]`` by block averaging [3].
-
     Correlation makes std / sqrt(T) too small; means of blocks much longer than the correlation
     time are nearly independent. `n_blocks` (2 .. T): that many equal blocks. None: Flyvbjerg-
     Petersen blocking (T >= 16), averaging neighbours pairwise (block size B = 2^level) up to the
     first level with B^3 > 2 T (s_level / s_0)^4 (Lee, Drummond, Needs, PRB 83, 245117 (2011);
     ``pyblock``): as (s_level / s_0)^2 ~ 2 tau_int, small bias yet many blocks. Only levels with
-    >= 8 blocks count; if none qualifies, the last, with a RuntimeWarning (a lower bound).
-    """
+    >= 8 blocks count; if none qualifies, the last, with a RuntimeWarning (a lower bound)."""
     x = _as_array(x, "x", ndim=1, expected="[T]")
     n_t = x.shape[0]
     if n_blocks is not None:
@@ -2492,13 +2470,6 @@ def replica_mean_se(x):
     if len(per_replica) > 1:
         return float(x.mean()), float(per_replica.std(ddof=1) / math.sqrt(len(per_replica)))
     return float(x.mean()), (block_standard_error(x[:, 0]) if len(x) >= 16 else float("nan"))
-
-def molecule_rg2(positions, masses, offsets) -> list:
-    """R_g^2 [...] of each molecule k (atoms offsets[k]:offsets[k + 1]) of a concatenate_systems()
-    batch's positions [..., n, 3], as a list."""
-    return [radius_of_gyration_sq(positions[..., a:b, :], masses[a:b])
-            for a, b in zip(offsets[:-1], offsets[1:])]
-
 
 # -------------------------------------------------------------------------------------------------
 # 9. Experiments: the papers' claims, each beside its baseline
