@@ -1992,7 +1992,6 @@ def _same_shape(named: dict, expected="[n_atoms, 3]", **checks):
             raise ValueError(f"{name} has shape {a.shape}; expected {arrays[0].shape} like {first}")
     return arrays
 
-# ---- baselines: straight line and cubic Hermite spline ------------------------------------------
 def linear_interpolation(start, end, n_frames):
     """Straight lines from `start` to `end`, both ends exact: ``[n_frames, *start.shape]``."""
     a, b = _same_shape({"start": start, "end": end})
@@ -2010,7 +2009,6 @@ def hermite_interpolation(x0, v0, x1, v1, times):
         raise ValueError(f"times = {t}; expected >= 3 strictly increasing times (t0 ... t1)")
     return CubicHermiteSpline([t[0], t[-1]], np.stack([x0, x1]), np.stack([v0, v1]), axis=0)(t)
 
-# ---- a segment's frame of reference -------------------------------------------------------------
 # The same vibration looks different in every orientation, so each segment gets its own frame:
 # origin at the centre of mass, axes by a Kabsch fit onto a reference geometry, both from the mean
 # of the two *known* end frames (no peeking; a reversed segment has the same frame). The map is
@@ -2187,22 +2185,20 @@ def train_interpolator(positions, velocities, cfg: InterpolatorConfig = Interpol
         both = torch.cat([z, model.time_reverse(z.flip(1))])           # [2S, T, 6 n]
         for epoch in range(train.teacher_epochs):                       # (1) teacher forcing
             total = 0.0
-            for idx in torch.randperm(len(both), generator=gen).split(train.batch_size):
-                x = both[idx]
+            for x in both[torch.randperm(len(both), generator=gen)].split(train.batch_size):
                 out, _ = model.lstm(x[:, :-1])                          # [B, T - 1, hidden]
                 loss = (((x[:, :-1] + model.head(out) - x[:, 1:]) ** 2) * w).mean()
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                total += loss.item() * len(idx)
+                total += loss.item() * len(x)
             print(f"  {label} teacher-forcing epoch {epoch + 1}/{train.teacher_epochs}: "
                   f"loss {total / len(both):.5f} ({time.perf_counter() - t0:.1f}s)", flush=True)
         n_batches = math.ceil(len(z) / train.batch_size) * train.epochs
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(n_batches, 1), train.lr / 20)
         for epoch in range(train.epochs):                               # (2) through the blend
             total = 0.0
-            for idx in torch.randperm(len(z), generator=gen).split(train.batch_size):
-                x = z[idx]
+            for x in z[torch.randperm(len(z), generator=gen)].split(train.batch_size):
                 pred = model(x[:, 0], x[:, -1], gap)
                 loss = (((pred[:, 1:-1] - x[:, 1:-1]) ** 2) * w).mean()  # interior frames only
                 opt.zero_grad()
@@ -2210,7 +2206,7 @@ def train_interpolator(positions, velocities, cfg: InterpolatorConfig = Interpol
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # long rollouts spike
                 opt.step()
                 sched.step()
-                total += loss.item() * len(idx)
+                total += loss.item() * len(x)
             print(f"  {label} rollout epoch {epoch + 1}/{train.epochs}: interior loss "
                   f"{total / len(z):.5f} ({time.perf_counter() - t0:.1f}s)", flush=True)
     return model.eval()
@@ -2236,7 +2232,6 @@ def molecule_rg2(positions, masses, offsets) -> list:
     return [radius_of_gyration_sq(positions[..., a:b, :], masses[a:b])
             for a, b in zip(offsets[:-1], offsets[1:])]
 
-# ---- autocorrelation and relaxation time --------------------------------------------------------
 def autocorrelation(x):
     """Normalised autocorrelation C(k) = <dx(t) dx(t+k)> / <dx^2> of a series ``[T]``, k < T: all
     lags at once by FFT (Wiener-Khinchin), each lag-k sum divided by its T - k terms ("unbiased"):
@@ -2264,7 +2259,6 @@ def relaxation_time(x, dt):
     a, b = acf[k[0] - 1], acf[k[0]]                   # a > 0 >= b: a triangle up to C = 0
     return float((np.trapezoid(acf[:k[0]], dx=1.0) + 0.5 * a * a / (a - b)) * dt)
 
-# ---- mean squared displacement and diffusion coefficient ----------------------------------------
 def mean_squared_displacement(positions):
     """MSD(k) = <|r_i(t + k) - r_i(t)|^2> over particles and T - k origins, [T] from [T, n, 3].
     As MDAnalysis ``EinsteinMSD(fft=True)`` (nMoldyn's FFT algorithm [4], O(T log T)):
@@ -2308,7 +2302,6 @@ def _einstein_slope(msd, dt, fit_start, fit_stop) -> float:
                          f"has {lags.size}; expected >= 3 (widen it or pass longer positions)")
     return float(np.polyfit(lags * dt, msd[lags], 1)[0] / 6.0)
 
-# ---- radial distribution function ---------------------------------------------------------------
 def radial_distribution(positions_a, box, r_max, n_bins, positions_b=None):
     """Radial distribution function g(r) in a cubic periodic box: (r_centres, g), each [n_bins].
     Minimum-image distances of all pairs per frame (r_max <= box / 2: each pair seen once),
@@ -2343,7 +2336,6 @@ def radial_distribution(positions_a, box, r_max, n_bins, positions_b=None):
     shell = 4.0 / 3.0 * np.pi * (edges[1:] ** 3 - edges[:-1] ** 3)
     return 0.5 * (edges[1:] + edges[:-1]), counts / (pos_a.shape[0] * n_pairs / box ** 3 * shell)
 
-# ---- collision (overlap) rate -------------------------------------------------------------------
 def collision_rate(positions, threshold, *, box=None, exclude=None):
     """Fraction of atom pairs closer than `threshold` (strictly) per frame of [T, n, 3]: ``[T]``.
     Flags unphysical overlaps. Pairs in `exclude` (integer [m, 2], any order, repeats allowed;
@@ -2373,7 +2365,6 @@ def collision_rate(positions, threshold, *, box=None, exclude=None):
         rates[t] = (codes.size - np.count_nonzero(np.isin(codes, excluded))) / n_pairs
     return rates
 
-# ---- free-energy surface on principal components ------------------------------------------------
 def pairwise_distance_features(positions):
     """Internal distances |x_i - x_j|, i < j in triu order: [T, n (n-1) / 2] from [T, n, 3]."""
     pos = _as_array(positions, "positions", ndim=3, last=3, expected="[T, n_atoms >= 2, 3]")
@@ -2423,7 +2414,6 @@ def free_energy_surface(features, kT=1.0, n_bins=30, *, pca=None,
     return dict(F=F, x_edges=xe, y_edges=ye, mean=mean, components=comps,
                 explained_variance_ratio=ratio, projection=proj)
 
-# ---- block averaging ----------------------------------------------------------------------------
 def _block_sem(x, n_blocks):
     """SEM from the scatter of n_blocks equal block means of x (the remainder dropped)."""
     size = x.shape[0] // n_blocks
@@ -2455,8 +2445,7 @@ def block_standard_error(x, n_blocks=None):
         sem = _block_sem(level_x, level_x.shape[0])
         if block ** 3 > 2 * n_t * (sem / sem0) ** 4:
             return sem
-        half = level_x.shape[0] // 2                  # drop odd last point
-        level_x = 0.5 * (level_x[0:2 * half:2] + level_x[1:2 * half:2])
+        level_x = 0.5 * (level_x[:-1:2] + level_x[1::2])     # neighbours; an odd last one dropped
         block *= 2
     warnings.warn("block_standard_error: no blocking level met the optimal-block criterion: x is "
                   "too short for its correlation time; SEM underestimated", RuntimeWarning, 2)
