@@ -2009,13 +2009,12 @@ def hermite_interpolation(x0, v0, x1, v1, times):
         raise ValueError(f"times = {t}; expected >= 3 strictly increasing times (t0 ... t1)")
     return CubicHermiteSpline([t[0], t[-1]], np.stack([x0, x1]), np.stack([v0, v1]), axis=0)(t)
 
-# The same vibration looks different in every orientation, so each segment gets its own frame:
-# origin at the centre of mass, axes by a Kabsch fit onto a reference geometry, both from the mean
-# of the two *known* end frames (no peeking; a reversed segment has the same frame). The map is
-# rigid and fixed over the segment, so Newton's equations are unchanged.
 def segment_frames(start, end, masses, reference):
-    """(com [S, 3], rot [S, 3, 3]) with ``(x - com) @ rot`` x in the reference's frame (det +1).
-    start, end: positions at t0 and t1, ``[S, n_atoms, 3]``; reference: ``[n_atoms, 3]``."""
+    """Each segment's own frame (a vibration looks different in every orientation): origin at the
+    centre of mass, axes by a Kabsch fit onto `reference` ``[n_atoms, 3]``, both from the mean of
+    the *known* ends start, end ``[S, n_atoms, 3]`` (a reversed segment has the same frame). Rigid
+    and fixed over the segment, so Newton's equations are unchanged. Returns com [S, 3] and
+    rot [S, 3, 3] (det +1), with ``(x - com) @ rot`` x in the reference's frame."""
     mid = 0.5 * (np.asarray(start) + np.asarray(end))                       # [S, n, 3]
     w = np.asarray(masses, float)[:, None] / np.sum(masses)
     com = np.einsum("sna,n->sa", mid, w[:, 0])                              # [S, 3]
@@ -2038,9 +2037,9 @@ def from_frame(positions, velocities, com, rot):
 
 # ---- the model: time reversal, the adiabatic blend, the Bi-LSTM ---------------------------------
 def adiabatic_blend(fwd, bwd, time_axis=-2):
-    """Adiabatic connection of [B]: x_hat(t_k) = (1 - lambda_k) x_fwd(t_k) + lambda_k x_bwd(t_k).
-    lambda_k = k / K (linear, as in [B]'s code) is exactly 0 at t0 and 1 at t1, so both ends are
-    pinned bit for bit. fwd, bwd: numpy or torch, K + 1 frames along `time_axis`."""
+    """[B]'s adiabatic connection (1 - lambda_k) fwd_k + lambda_k bwd_k, lambda_k = k / K as in
+    [B]'s code: exactly 0 at t0 and 1 at t1, so both ends are pinned bit for bit. fwd, bwd: numpy
+    or torch, K + 1 frames along `time_axis`."""
     if tuple(fwd.shape) != tuple(bwd.shape):
         raise ValueError(f"bwd has shape {tuple(bwd.shape)}; expected {tuple(fwd.shape)} like fwd")
     shape = [1] * fwd.ndim
@@ -2135,26 +2134,21 @@ class BiLSTMInterpolator(torch.nn.Module):
         start, end: (positions, velocities), each ``[(batch,) n_atoms, 3]`` in the training
         frame. Returns (positions, velocities) ``[(batch,) gap + 1, n_atoms, 3]``; bi-directional,
         the ends equal the inputs to float32 round-off (< 1e-6 sigma)."""
-        n = self.cfg.n_atoms
+        n, named = self.cfg.n_atoms, {}
         for name, state in (("start", start), ("end", end)):
             if not isinstance(state, (tuple, list)) or len(state) != 2:
                 raise ValueError(f"{name} must be a (positions, velocities) pair; got "
                                  f"{type(state).__name__}")
+            named.update({f"{name}[0] (positions)": state[0], f"{name}[1] (velocities)": state[1]})
         expected = f"[n_atoms, 3] or [batch, n_atoms, 3] with n_atoms = {n}"
-        p0, v0, p1, v1 = _same_shape({
-            "start[0] (positions)": start[0], "start[1] (velocities)": start[1],
-            "end[0] (positions)": end[0], "end[1] (velocities)": end[1]}, expected)
-        if p0.ndim not in (2, 3) or p0.shape[-2:] != (n, 3):
+        p0, v0, p1, v1 = _same_shape(named, expected, ndim=(2, 3))
+        if p0.shape[-2:] != (n, 3):
             raise ValueError(f"start[0] (positions) has shape {p0.shape}; expected {expected}")
         gap, single = _check_gap(gap), p0.ndim == 2
         pos, vel = self.decode(self(self.encode(p0.reshape(-1, n, 3), v0.reshape(-1, n, 3)),
                                     self.encode(p1.reshape(-1, n, 3), v1.reshape(-1, n, 3)), gap))
         return (pos[0], vel[0]) if single else (pos, vel)
 
-# ---- training -----------------------------------------------------------------------------------
-# (1) Teacher forcing: one-step increments on true trajectories (one fused LSTM call per batch),
-# in both time directions since the same network runs backward. (2) End to end through the blend,
-# as in [B]: only that loss teaches the two passes to meet, and rollouts are what inference uses.
 @dataclass
 class InterpTrainConfig:
     """Training schedule of the interpolator (defaults: ~15-20 s per model on 2 CPU cores)."""
@@ -2169,7 +2163,10 @@ def train_interpolator(positions, velocities, cfg: InterpolatorConfig = Interpol
                        train: InterpTrainConfig = InterpTrainConfig(), device="cpu",
                        label: str = "") -> BiLSTMInterpolator:
     """Fit a (Bi-)LSTM interpolator (eval mode, with its z-scoring) on segments
-    ``[n_segments, gap + 1, n_atoms, 3]``, each in its own frame (`segment_frames`)."""
+    ``[n_segments, gap + 1, n_atoms, 3]``, each in its own frame (`segment_frames`): (1) teacher
+    forcing, one-step increments on true trajectories (one fused LSTM call per batch) in both time
+    directions, as the same network runs backward; (2) end to end through the blend as in [B]:
+    only that loss teaches the two passes to meet, and rollouts are what inference uses."""
     pos, vel = _same_shape({"positions": positions, "velocities": velocities},
                            "[n_segments, gap + 1, n_atoms, 3]", ndim=4, last=3)
     gap = _check_gap(pos.shape[1] - 1, "gap = positions.shape[1] - 1")
@@ -2303,12 +2300,11 @@ def _einstein_slope(msd, dt, fit_start, fit_stop) -> float:
     return float(np.polyfit(lags * dt, msd[lags], 1)[0] / 6.0)
 
 def radial_distribution(positions_a, box, r_max, n_bins, positions_b=None):
-    """Radial distribution function g(r) in a cubic periodic box: (r_centres, g), each [n_bins].
-    Minimum-image distances of all pairs per frame (r_max <= box / 2: each pair seen once),
-    histogrammed on [0, r_max] and divided by the ideal gas's T N_pairs / V shell_volume, with
-    N_pairs = N (N - 1) ordered pairs (freud's finite-size normalisation; MDAnalysis
-    ``InterRDF(exclusion_block=(1, 1))``), or Na Nb for species a, b.
-    positions_a, positions_b (None: g_aa): ``[T, N, 3]`` or ``[N, 3]``, wrapped or not."""
+    """Radial distribution function g(r) of positions_a, positions_b (None: g_aa), ``[T, N, 3]``
+    or ``[N, 3]`` in a cubic periodic box, wrapped or not: (r_centres, g), each [n_bins]. Pair
+    distances (minimum image, r_max <= box / 2) are histogrammed on [0, r_max] and divided by the
+    ideal gas's T N_pairs / V shell_volume, N_pairs = N (N - 1) ordered pairs (freud's finite-size
+    normalisation; MDAnalysis ``InterRDF(exclusion_block=(1, 1))``) or Na Nb for species a, b."""
     pos_a = _as_frames(positions_a, "positions_a")
     box, r_max = _positive(box, "box"), _positive(r_max, "r_max")
     if r_max > box / 2:
@@ -2375,12 +2371,11 @@ def pairwise_distance_features(positions):
 
 def free_energy_surface(features, kT=1.0, n_bins=30, *, pca=None,
                         range=None):  # noqa: A002  (mirrors np.histogram2d)
-    """Free-energy surface F(PC1, PC2) = -kT ln p from a 2-D histogram of features ``[T, d]``
-    (invariant ones: `pairwise_distance_features`) projected on their first two principal axes;
-    a first result passed as `pca` (its bin range as `range`) gives its axes (and grid). p sums
-    to 1 over bins; empty bins get F = +inf; min F = 0. Returns dict F [n_bins, n_bins] (F[i, j]:
-    x bin i, y bin j), x_edges, y_edges, mean [d], components [2, d], explained_variance_ratio [2]
-    (of THIS data) and projection [T, 2]."""
+    """Free energy F(PC1, PC2) = -kT ln p (min 0, empty bins +inf) from a 2-D histogram of features
+    ``[T, d]`` (invariant ones: `pairwise_distance_features`) on their first two principal axes, or
+    on those of a first result passed as `pca` (and its grid as `range`). Returns dict F [n_bins,
+    n_bins] (F[i, j]: x bin i, y bin j), x_edges, y_edges, mean [d], components [2, d], projection
+    [T, 2] and explained_variance_ratio [2] (of THIS data)."""
     x = _as_array(features, "features", ndim=2, expected="[T, d], T, d >= 2")
     if x.shape[0] < 2 or x.shape[1] < 2:
         raise ValueError(f"features has shape {x.shape}; expected [T, d] with T >= 2 and d >= 2")
