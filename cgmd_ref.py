@@ -2037,9 +2037,8 @@ def from_frame(positions, velocities, com, rot):
 
 # ---- the model: time reversal, the adiabatic blend, the Bi-LSTM ---------------------------------
 def adiabatic_blend(fwd, bwd, time_axis=-2):
-    """[B]'s adiabatic connection (1 - lambda_k) fwd_k + lambda_k bwd_k, lambda_k = k / K as in
-    [B]'s code: exactly 0 at t0 and 1 at t1, so both ends are pinned bit for bit. fwd, bwd: numpy
-    or torch, K + 1 frames along `time_axis`."""
+    """[B]'s adiabatic connection (above), lambda_k = k / K as in [B]'s code: 0 at t0, 1 at t1,
+    so both ends are pinned bit for bit. fwd, bwd: numpy or torch, K + 1 frames on `time_axis`."""
     if tuple(fwd.shape) != tuple(bwd.shape):
         raise ValueError(f"bwd has shape {tuple(bwd.shape)}; expected {tuple(fwd.shape)} like fwd")
     shape = [1] * fwd.ndim
@@ -2130,10 +2129,9 @@ class BiLSTMInterpolator(torch.nn.Module):
 
     @torch.no_grad()
     def interpolate(self, start, end, gap: int):
-        """Fill a gap of `gap` >= 2 steps between two phase-space states (numpy in and out).
-        start, end: (positions, velocities), each ``[(batch,) n_atoms, 3]`` in the training
-        frame. Returns (positions, velocities) ``[(batch,) gap + 1, n_atoms, 3]``; bi-directional,
-        the ends equal the inputs to float32 round-off (< 1e-6 sigma)."""
+        """Fill a gap of `gap` >= 2 steps between phase-space states start, end = numpy (positions,
+        velocities) ``[(batch,) n_atoms, 3]`` in the training frame: (positions, velocities)
+        ``[(batch,) gap + 1, n_atoms, 3]``; bi-directional, the ends equal the inputs to < 1e-6."""
         n, named = self.cfg.n_atoms, {}
         for name, state in (("start", start), ("end", end)):
             if not isinstance(state, (tuple, list)) or len(state) != 2:
@@ -2416,13 +2414,12 @@ def _block_sem(x, n_blocks):
     return float(np.std(means, ddof=1) / np.sqrt(n_blocks))
 
 def block_standard_error(x, n_blocks=None):
-    """Standard error of the mean of a correlated series ``[T]`` by block averaging [3].
-    Correlation makes std / sqrt(T) too small; means of blocks much longer than the correlation
-    time are nearly independent. `n_blocks` (2 .. T): that many equal blocks. None: Flyvbjerg-
-    Petersen blocking (T >= 16), averaging neighbours pairwise (block size B = 2^level) up to the
-    first level with B^3 > 2 T (s_level / s_0)^4 (Lee, Drummond, Needs, PRB 83, 245117 (2011);
-    ``pyblock``): as (s_level / s_0)^2 ~ 2 tau_int, small bias yet many blocks. Only levels with
-    >= 8 blocks count; if none qualifies, the last, with a RuntimeWarning (a lower bound)."""
+    """Standard error of the mean of a correlated series ``[T]`` by block averaging [3]: means of
+    blocks much longer than the correlation time are nearly independent (std / sqrt(T) is not).
+    `n_blocks` (2 .. T): that many equal blocks. None: Flyvbjerg-Petersen blocking (T >= 16),
+    averaging neighbours pairwise (block size B = 2^level) up to the first level of >= 8 blocks
+    with B^3 > 2 T (s_level / s_0)^4 (Lee, Drummond, Needs, PRB 83, 245117 (2011), ``pyblock``; as
+    (s_level / s_0)^2 ~ 2 tau_int); if none, the last, with a RuntimeWarning (a lower bound)."""
     x = _as_array(x, "x", ndim=1, expected="[T]")
     n_t = x.shape[0]
     if n_blocks is not None:
