@@ -2073,7 +2073,6 @@ class BiLSTMInterpolator(torch.nn.Module):
         self.register_buffer("mean", torch.zeros(d))          # [6 n]; zero on the velocities
         self.register_buffer("scale", torch.ones(d))          # [6 n]
         self.register_buffer("reverse", torch.cat([torch.ones(d // 2), -torch.ones(d // 2)]))
-
     def fit_normalization(self, positions, velocities) -> None:
         """Per-coordinate mean / std of positions and RMS of velocities, ``[..., n_atoms, 3]``."""
         n3 = 3 * self.cfg.n_atoms
@@ -2081,30 +2080,25 @@ class BiLSTMInterpolator(torch.nn.Module):
         self.mean.copy_(torch.as_tensor(np.r_[p.mean(0), np.zeros(n3)]))
         scale = np.r_[p.std(0), np.sqrt((v ** 2).mean(0))]
         self.scale.copy_(torch.as_tensor(np.maximum(scale, 1e-8)))
-
     def encode(self, positions, velocities) -> torch.Tensor:
         """``[..., n_atoms, 3]`` x 2 (float64 numpy) -> z ``[..., 6 n_atoms]`` (float32 tensor)."""
         lead = np.shape(positions)[:-2]
         x = np.concatenate([np.reshape(a, lead + (-1,)) for a in (positions, velocities)], -1)
         mean, scale = self.mean.double().cpu().numpy(), self.scale.double().cpu().numpy()
         return torch.as_tensor((x - mean) / scale, dtype=torch.float32, device=self.mean.device)
-
     def decode(self, z: torch.Tensor):
         """Inverse of encode, in float64: z ``[..., 6 n]`` -> (positions, velocities) numpy."""
         mean, scale = self.mean.double().cpu().numpy(), self.scale.double().cpu().numpy()
         x = z.detach().cpu().double().numpy() * scale + mean
         n3, shape = 3 * self.cfg.n_atoms, x.shape[:-1] + (self.cfg.n_atoms, 3)
         return x[..., :n3].reshape(shape), x[..., n3:].reshape(shape)
-
     def time_reverse(self, z: torch.Tensor) -> torch.Tensor:
         """Time reversal of a state (or a trajectory's states): velocities change sign."""
         return z * self.reverse
-
     def step(self, z: torch.Tensor, hc):
         """One increment of [B]: z_{k+1} = z_k + dz_k, dz read off the LSTM (memory hc)."""
         out, hc = self.lstm(z[:, None], hc)                      # out: [B, 1, hidden]
         return z + self.head(out[:, 0]), hc
-
     def rollout(self, z0: torch.Tensor, n_steps: int) -> torch.Tensor:
         """Integrate z0 ``[B, 6 n]`` on its own outputs: ``[B, n_steps + 1, 6 n]``."""
         states, z, hc = [z0], z0, None
@@ -2112,21 +2106,18 @@ class BiLSTMInterpolator(torch.nn.Module):
             z, hc = self.step(z, hc)
             states.append(z)
         return torch.stack(states, 1)
-
     def passes(self, z_start: torch.Tensor, z_end: torch.Tensor, gap: int):
         """Forward and backward pass ``[B, gap + 1, 6 n]``: one rollout of 2B trajectories, from
         z(t0) and from the time-reversed z(t1), turned back (frame k <- K - k, -velocities)."""
         both = self.rollout(torch.cat([z_start, self.time_reverse(z_end)]), gap)
         fwd, bwd_reversed = both.split(len(z_start))
         return fwd, self.time_reverse(bwd_reversed.flip(1))
-
     def forward(self, z_start: torch.Tensor, z_end: torch.Tensor, gap: int) -> torch.Tensor:
         """States ``[B, gap + 1, 6 n]`` from z_start to z_end ``[B, 6 n]``: the `passes` joined
         by `adiabatic_blend`; uni-directional, the forward rollout alone (the end not pinned)."""
         if not self.cfg.bidirectional:
             return self.rollout(z_start, gap)
         return adiabatic_blend(*self.passes(z_start, z_end, gap))
-
     @torch.no_grad()
     def interpolate(self, start, end, gap: int):
         """Fill a gap of `gap` >= 2 steps between phase-space states start, end = numpy (positions,
