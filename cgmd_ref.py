@@ -1935,8 +1935,6 @@ def load_checkpoint(path, expected_config=None, device="cpu"):
 # (vibrational) part. Baselines: straight lines, and (beyond [B]) a cubic Hermite spline.
 # Shapes: a segment is [gap + 1, n_atoms, 3] (frames t0 ... t1, K = gap steps of dt), a batch
 # [n_segments, gap + 1, n_atoms, 3]; in the network a state is a flat z-scored [batch, 6 n_atoms].
-
-# ---- argument checks shared by this section -----------------------------------------------------
 def _check_gap(gap, name="gap"):
     """A gap of K steps hides K - 1 frames: K >= 2 for there to be anything to fill."""
     return _positive_int(gap, name, minimum=2)
@@ -1950,7 +1948,6 @@ def _same_shape(named: dict, expected="[n_atoms, 3]", **checks):
             raise ValueError(f"{name} has shape {a.shape}; expected {arrays[0].shape} like {first}")
     return arrays
 
-# ---- baselines: straight line and cubic Hermite spline ------------------------------------------
 def linear_interpolation(start, end, n_frames):
     """Straight lines from `start` to `end`, both ends exact: ``[n_frames, *start.shape]``."""
     a, b = _same_shape({"start": start, "end": end})
@@ -1966,26 +1963,21 @@ def hermite_interpolation(x0, v0, x1, v1, times):
     t = _as_array(times, "times", ndim=1, expected="[n_frames] increasing, n_frames >= 3")
     if len(t) < 3 or np.any(np.diff(t) <= 0):
         raise ValueError(f"times = {t}; expected >= 3 strictly increasing times (t0 ... t1)")
-    # One spline covers all atoms and coordinates at once (y may carry any trailing axes).
     return CubicHermiteSpline([t[0], t[-1]], np.stack([x0, x1]), np.stack([v0, v1]), axis=0)(t)
 
-# ---- a segment's frame of reference -------------------------------------------------------------
-# The same vibration looks different in every orientation, so each segment gets its own frame:
-# origin at the centre of mass, axes by a Kabsch fit onto a reference geometry, both from the mean
-# of the two *known* end frames (no peeking; a reversed segment has the same frame). The map is
-# rigid and fixed over the segment, so Newton's equations are unchanged; over a gap of 0.1 tau
-# the molecule turns by ~0.03 rad (kT = 0.5), so the z-scored inputs stay O(1).
 def segment_frames(start, end, masses, reference):
-    """(com [S, 3], rot [S, 3, 3]) with ``(x - com) @ rot`` x in the reference's frame (det +1).
-    start, end: positions at t0 and t1, ``[S, n_atoms, 3]``; reference: ``[n_atoms, 3]``."""
+    """Each segment's own frame (a vibration looks different in every orientation): origin at the
+    centre of mass, axes by a Kabsch fit onto `reference` ``[n_atoms, 3]``, both from the mean of
+    the *known* ends start, end ``[S, n_atoms, 3]`` (a reversed segment has the same frame). Rigid
+    and fixed over the segment, so Newton's equations are unchanged. Returns com [S, 3] and
+    rot [S, 3, 3] (det +1), with ``(x - com) @ rot`` x in the reference's frame."""
     mid = 0.5 * (np.asarray(start) + np.asarray(end))                       # [S, n, 3]
     w = np.asarray(masses, float)[:, None] / np.sum(masses)
     com = np.einsum("sna,n->sa", mid, w[:, 0])                              # [S, 3]
     ref = np.asarray(reference, float)
-    ref = ref - (w * ref).sum(0)
     # Kabsch: the rotation R minimising |(mid - com) R - ref|^2 is U diag(1, 1, d) V^T from the
-    # SVD of H = (mid - com)^T ref; d = sign det(U V^T) rules out a reflection.
-    u, _, vt = np.linalg.svd(np.einsum("sna,nb->sab", mid - com[:, None], ref))
+    # SVD of H = (mid - com)^T ref (ref centred); d = sign det(U V^T) rules out a reflection.
+    u, _, vt = np.linalg.svd(np.einsum("sna,nb->sab", mid - com[:, None], ref - (w * ref).sum(0)))
     u[:, :, 2] *= np.sign(np.linalg.det(u @ vt))[:, None]
     return com, u @ vt
 
@@ -2001,9 +1993,8 @@ def from_frame(positions, velocities, com, rot):
 
 # ---- the model: time reversal, the adiabatic blend, the Bi-LSTM ---------------------------------
 def adiabatic_blend(fwd, bwd, time_axis=-2):
-    """Adiabatic connection of [B]: x_hat(t_k) = (1 - lambda_k) x_fwd(t_k) + lambda_k x_bwd(t_k).
-    lambda_k = k / K (linear, as in [B]'s code) is exactly 0 at t0 and 1 at t1, so both ends are
-    pinned bit for bit. fwd, bwd: numpy or torch, K + 1 frames along `time_axis`."""
+    """[B]'s adiabatic connection (above), lambda_k = k / K as in [B]'s code: 0 at t0, 1 at t1,
+    so both ends are pinned bit for bit. fwd, bwd: numpy or torch, K + 1 frames on `time_axis`."""
     if tuple(fwd.shape) != tuple(bwd.shape):
         raise ValueError(f"bwd has shape {tuple(bwd.shape)}; expected {tuple(fwd.shape)} like fwd")
     shape = [1] * fwd.ndim
@@ -2038,7 +2029,6 @@ class BiLSTMInterpolator(torch.nn.Module):
         self.register_buffer("mean", torch.zeros(d))          # [6 n]; zero on the velocities
         self.register_buffer("scale", torch.ones(d))          # [6 n]
         self.register_buffer("reverse", torch.cat([torch.ones(d // 2), -torch.ones(d // 2)]))
-
     def fit_normalization(self, positions, velocities) -> None:
         """Per-coordinate mean / std of positions and RMS of velocities, ``[..., n_atoms, 3]``."""
         n3 = 3 * self.cfg.n_atoms
@@ -2046,31 +2036,25 @@ class BiLSTMInterpolator(torch.nn.Module):
         self.mean.copy_(torch.as_tensor(np.r_[p.mean(0), np.zeros(n3)]))
         scale = np.r_[p.std(0), np.sqrt((v ** 2).mean(0))]
         self.scale.copy_(torch.as_tensor(np.maximum(scale, 1e-8)))
-
     def encode(self, positions, velocities) -> torch.Tensor:
         """``[..., n_atoms, 3]`` x 2 (float64 numpy) -> z ``[..., 6 n_atoms]`` (float32 tensor)."""
         lead = np.shape(positions)[:-2]
-        x = np.concatenate([np.reshape(positions, lead + (-1,)),
-                            np.reshape(velocities, lead + (-1,))], -1)
+        x = np.concatenate([np.reshape(a, lead + (-1,)) for a in (positions, velocities)], -1)
         mean, scale = self.mean.double().cpu().numpy(), self.scale.double().cpu().numpy()
         return torch.as_tensor((x - mean) / scale, dtype=torch.float32, device=self.mean.device)
-
     def decode(self, z: torch.Tensor):
         """Inverse of encode, in float64: z ``[..., 6 n]`` -> (positions, velocities) numpy."""
         mean, scale = self.mean.double().cpu().numpy(), self.scale.double().cpu().numpy()
         x = z.detach().cpu().double().numpy() * scale + mean
         n3, shape = 3 * self.cfg.n_atoms, x.shape[:-1] + (self.cfg.n_atoms, 3)
         return x[..., :n3].reshape(shape), x[..., n3:].reshape(shape)
-
     def time_reverse(self, z: torch.Tensor) -> torch.Tensor:
         """Time reversal of a state (or a trajectory's states): velocities change sign."""
         return z * self.reverse
-
     def step(self, z: torch.Tensor, hc):
         """One increment of [B]: z_{k+1} = z_k + dz_k, dz read off the LSTM (memory hc)."""
         out, hc = self.lstm(z[:, None], hc)                      # out: [B, 1, hidden]
         return z + self.head(out[:, 0]), hc
-
     def rollout(self, z0: torch.Tensor, n_steps: int) -> torch.Tensor:
         """Integrate z0 ``[B, 6 n]`` on its own outputs: ``[B, n_steps + 1, 6 n]``."""
         states, z, hc = [z0], z0, None
@@ -2078,48 +2062,38 @@ class BiLSTMInterpolator(torch.nn.Module):
             z, hc = self.step(z, hc)
             states.append(z)
         return torch.stack(states, 1)
-
     def passes(self, z_start: torch.Tensor, z_end: torch.Tensor, gap: int):
         """Forward and backward pass ``[B, gap + 1, 6 n]``: one rollout of 2B trajectories, from
         z(t0) and from the time-reversed z(t1), turned back (frame k <- K - k, -velocities)."""
         both = self.rollout(torch.cat([z_start, self.time_reverse(z_end)]), gap)
         fwd, bwd_reversed = both.split(len(z_start))
         return fwd, self.time_reverse(bwd_reversed.flip(1))
-
     def forward(self, z_start: torch.Tensor, z_end: torch.Tensor, gap: int) -> torch.Tensor:
         """States ``[B, gap + 1, 6 n]`` from z_start to z_end ``[B, 6 n]``: the `passes` joined
         by `adiabatic_blend`; uni-directional, the forward rollout alone (the end not pinned)."""
         if not self.cfg.bidirectional:
             return self.rollout(z_start, gap)
         return adiabatic_blend(*self.passes(z_start, z_end, gap))
-
     @torch.no_grad()
     def interpolate(self, start, end, gap: int):
-        """Fill a gap of `gap` >= 2 steps between two phase-space states (numpy in and out).
-        start, end: (positions, velocities), each ``[(batch,) n_atoms, 3]`` in the training
-        frame. Returns (positions, velocities) ``[(batch,) gap + 1, n_atoms, 3]``; bi-directional,
-        the ends equal the inputs to float32 round-off (< 1e-6 sigma)."""
-        n = self.cfg.n_atoms
+        """Fill a gap of `gap` >= 2 steps between phase-space states start, end = numpy (positions,
+        velocities) ``[(batch,) n_atoms, 3]`` in the training frame: (positions, velocities)
+        ``[(batch,) gap + 1, n_atoms, 3]``; bi-directional, the ends equal the inputs to < 1e-6."""
+        n, named = self.cfg.n_atoms, {}
         for name, state in (("start", start), ("end", end)):
             if not isinstance(state, (tuple, list)) or len(state) != 2:
-                raise ValueError(f"{name} must be a (positions, velocities) pair (the model "
-                                 f"integrates phase space); got {type(state).__name__}")
+                raise ValueError(f"{name} must be a (positions, velocities) pair; got "
+                                 f"{type(state).__name__}")
+            named.update({f"{name}[0] (positions)": state[0], f"{name}[1] (velocities)": state[1]})
         expected = f"[n_atoms, 3] or [batch, n_atoms, 3] with n_atoms = {n}"
-        p0, v0, p1, v1 = _same_shape({
-            "start[0] (positions)": start[0], "start[1] (velocities)": start[1],
-            "end[0] (positions)": end[0], "end[1] (velocities)": end[1]}, expected)
-        if p0.ndim not in (2, 3) or p0.shape[-2:] != (n, 3):
+        p0, v0, p1, v1 = _same_shape(named, expected, ndim=(2, 3))
+        if p0.shape[-2:] != (n, 3):
             raise ValueError(f"start[0] (positions) has shape {p0.shape}; expected {expected}")
         gap, single = _check_gap(gap), p0.ndim == 2
-        z = self(self.encode(p0.reshape(-1, n, 3), v0.reshape(-1, n, 3)),
-                 self.encode(p1.reshape(-1, n, 3), v1.reshape(-1, n, 3)), gap)
-        pos, vel = self.decode(z)
+        pos, vel = self.decode(self(self.encode(p0.reshape(-1, n, 3), v0.reshape(-1, n, 3)),
+                                    self.encode(p1.reshape(-1, n, 3), v1.reshape(-1, n, 3)), gap))
         return (pos[0], vel[0]) if single else (pos, vel)
 
-# ---- training -----------------------------------------------------------------------------------
-# (1) Teacher forcing: one-step increments on true trajectories (one fused LSTM call per batch),
-# in both time directions since the same network runs backward. (2) End to end through the blend,
-# as in [B]: only that loss teaches the two passes to meet, and rollouts are what inference uses.
 @dataclass
 class InterpTrainConfig:
     """Training schedule of the interpolator (defaults: ~15-20 s per model on 2 CPU cores)."""
@@ -2134,7 +2108,10 @@ def train_interpolator(positions, velocities, cfg: InterpolatorConfig = Interpol
                        train: InterpTrainConfig = InterpTrainConfig(), device="cpu",
                        label: str = "") -> BiLSTMInterpolator:
     """Fit a (Bi-)LSTM interpolator (eval mode, with its z-scoring) on segments
-    ``[n_segments, gap + 1, n_atoms, 3]``, each in its own frame (`segment_frames`)."""
+    ``[n_segments, gap + 1, n_atoms, 3]``, each in its own frame (`segment_frames`): (1) teacher
+    forcing, one-step increments on true trajectories (one fused LSTM call per batch) in both time
+    directions, as the same network runs backward; (2) end to end through the blend as in [B]:
+    only that loss teaches the two passes to meet, and rollouts are what inference uses."""
     pos, vel = _same_shape({"positions": positions, "velocities": velocities},
                            "[n_segments, gap + 1, n_atoms, 3]", ndim=4, last=3)
     gap = _check_gap(pos.shape[1] - 1, "gap = positions.shape[1] - 1")
@@ -2150,22 +2127,20 @@ def train_interpolator(positions, velocities, cfg: InterpolatorConfig = Interpol
         both = torch.cat([z, model.time_reverse(z.flip(1))])           # [2S, T, 6 n]
         for epoch in range(train.teacher_epochs):                       # (1) teacher forcing
             total = 0.0
-            for idx in torch.randperm(len(both), generator=gen).split(train.batch_size):
-                x = both[idx]
+            for x in both[torch.randperm(len(both), generator=gen)].split(train.batch_size):
                 out, _ = model.lstm(x[:, :-1])                          # [B, T - 1, hidden]
                 loss = (((x[:, :-1] + model.head(out) - x[:, 1:]) ** 2) * w).mean()
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                total += loss.item() * len(idx)
+                total += loss.item() * len(x)
             print(f"  {label} teacher-forcing epoch {epoch + 1}/{train.teacher_epochs}: "
                   f"loss {total / len(both):.5f} ({time.perf_counter() - t0:.1f}s)", flush=True)
         n_batches = math.ceil(len(z) / train.batch_size) * train.epochs
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(n_batches, 1), train.lr / 20)
         for epoch in range(train.epochs):                               # (2) through the blend
             total = 0.0
-            for idx in torch.randperm(len(z), generator=gen).split(train.batch_size):
-                x = z[idx]
+            for x in z[torch.randperm(len(z), generator=gen)].split(train.batch_size):
                 pred = model(x[:, 0], x[:, -1], gap)
                 loss = (((pred[:, 1:-1] - x[:, 1:-1]) ** 2) * w).mean()  # interior frames only
                 opt.zero_grad()
@@ -2173,7 +2148,7 @@ def train_interpolator(positions, velocities, cfg: InterpolatorConfig = Interpol
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # long rollouts spike
                 opt.step()
                 sched.step()
-                total += loss.item() * len(idx)
+                total += loss.item() * len(x)
             print(f"  {label} rollout epoch {epoch + 1}/{train.epochs}: interior loss "
                   f"{total / len(z):.5f} ({time.perf_counter() - t0:.1f}s)", flush=True)
     return model.eval()
@@ -2190,79 +2165,68 @@ def radius_of_gyration_sq(positions, masses):
     if m.shape != pos.shape[-2:-1] or np.any(m <= 0):
         raise ValueError(f"masses has shape {m.shape}; expected [n_atoms] = [{pos.shape[-2]}] > 0")
     w = m / m.sum()                                   # weights sum to 1
-    com = np.einsum("...ij,i->...j", pos, w)          # [..., 3]
-    d = pos - com[..., None, :]                       # [..., n, 3]
+    d = pos - np.einsum("...ij,i->...j", pos, w)[..., None, :]      # from the centre of mass
     return np.einsum("...ij,...ij,i->...", d, d, w)
 
-# ---- autocorrelation and relaxation time --------------------------------------------------------
-def autocorrelation(x):
-    """Normalised autocorrelation C(k) = <dx(t) dx(t+k)> / <dx^2> of a series ``[T]``, k < T.
+def molecule_rg2(positions, masses, offsets) -> list:
+    """R_g^2 [...] of each molecule k (atoms offsets[k]:offsets[k + 1]) of a concatenate_systems()
+    batch's positions [..., n, 3], as a list."""
+    return [radius_of_gyration_sq(positions[..., a:b, :], masses[a:b])
+            for a, b in zip(offsets[:-1], offsets[1:])]
 
-    All lags at once by FFT (Wiener-Khinchin), zero-padded to >= 2T - 1 points against wrap-around;
-    each lag-k sum is divided by its T - k terms ("unbiased"): C(0) == 1, noisy for k near T.
-    """
+def autocorrelation(x):
+    """Normalised autocorrelation C(k) = <dx(t) dx(t+k)> / <dx^2> of a series ``[T]``, k < T: all
+    lags at once by FFT (Wiener-Khinchin), each lag-k sum divided by its T - k terms ("unbiased"):
+    C(0) == 1, noisy for k near T."""
     x = _as_array(x, "x", ndim=1, expected="[T] with T >= 2")
     n = x.shape[0]
     if n < 2 or np.ptp(x) == 0:
         raise ValueError(f"x is constant or has T = {n} < 2 samples; expected a varying series")
-    dx = x - x.mean()
-    n_fft = scipy.fft.next_fast_len(2 * n - 1)       # padding: no wrap-around
-    spectrum = scipy.fft.rfft(dx, n_fft)
-    acf = scipy.fft.irfft(spectrum * spectrum.conj(), n_fft)[:n]
-    acf /= n - np.arange(n)                           # unbiased: / (T - k)
+    n_fft = scipy.fft.next_fast_len(2 * n - 1)       # zero-padding: no wrap-around
+    spectrum = scipy.fft.rfft(x - x.mean(), n_fft)
+    acf = scipy.fft.irfft(spectrum * spectrum.conj(), n_fft)[:n] / (n - np.arange(n))
     return acf / acf[0]
 
 def relaxation_time(x, dt):
-    """Integrated autocorrelation time dt * integral_0^{k0} C(k) dk of a series ``[T]``, T >= 3.
-
+    """Integrated autocorrelation time dt * integral_0^{k0} C(k) dk of a series ``[T >= 3]``.
     k0, C's first (linearly interpolated) zero crossing, keeps the long-lag noise out: exp(-t/tau)
-    gives ~tau. If C never crosses zero the whole ACF is integrated, an UNDER-estimate.
-    """
+    gives ~tau. If C never crosses zero the whole ACF is integrated, an UNDER-estimate."""
     dt = _positive(dt, "dt")
-    if np.ndim(x) == 1 and len(x) < 3:
-        raise ValueError(f"x has {len(x)} samples; expected T >= 3")
-    acf = autocorrelation(x)                          # (which checks x)
-    k = np.flatnonzero(acf <= 0)[:1]                  # the first lag with C <= 0, if any
+    acf = autocorrelation(x)
+    if len(acf) < 3:
+        raise ValueError(f"x has {len(acf)} samples; expected T >= 3")
+    k = np.flatnonzero(acf <= 0)                      # lags with C <= 0
     if k.size == 0:
         return float(np.trapezoid(acf, dx=dt))
-    k = int(k[0])
-    a, b = acf[k - 1], acf[k]                         # a > 0 >= b
-    tail = 0.5 * a * a / (a - b)                      # triangle up to C = 0
-    return float((np.trapezoid(acf[:k], dx=1.0) + tail) * dt)
+    a, b = acf[k[0] - 1], acf[k[0]]                   # a > 0 >= b: a triangle up to C = 0
+    return float((np.trapezoid(acf[:k[0]], dx=1.0) + 0.5 * a * a / (a - b)) * dt)
 
-# ---- mean squared displacement and diffusion coefficient ----------------------------------------
 def mean_squared_displacement(positions):
     """MSD(k) = <|r_i(t + k) - r_i(t)|^2> over particles and T - k origins, [T] from [T, n, 3].
-
-    As MDAnalysis ``EinsteinMSD(fft=True)``: the FFT algorithm of nMoldyn [4], O(T log T),
-    MSD(k) = S1(k) - 2 S2(k) with S1(k) = sum_{t < T-k} (|r(t)|^2 + |r(t+k)|^2) / (T - k) from
-    cumulative sums and S2(k) = sum_{t < T-k} r(t) . r(t+k) / (T - k) an FFT autocorrelation.
-    """
+    As MDAnalysis ``EinsteinMSD(fft=True)`` (nMoldyn's FFT algorithm [4], O(T log T)):
+    MSD(k) = S1(k) - 2 S2(k), S1(k) = sum_{t < T-k} (|r(t)|^2 + |r(t+k)|^2) / (T - k) from
+    cumulative sums and S2(k) = sum_{t < T-k} r(t) . r(t+k) / (T - k) by FFT."""
     pos = _as_array(positions, "positions", ndim=3, last=3, expected="[T, n_atoms, 3]")
     n_t, n_atoms = pos.shape[:2]
     if n_t < 1 or n_atoms < 1:
         raise ValueError(f"positions has shape {pos.shape}; expected at least one frame and atom")
-    # Only differences count: removing each particle's mean cuts round-off in S1 - 2 S2.
-    r = pos - pos.mean(axis=0)
+    r = pos - pos.mean(axis=0)           # only differences count: less round-off in S1 - 2 S2
     k = np.arange(n_t)
-    lags_count = n_t - k                              # origins per lag
     sq = np.einsum("tij,tij->t", r, r)                # [T], summed over particles
     csum = np.concatenate(([0.0], np.cumsum(sq)))     # csum[k] = sum_{t<k}
-    s1 = (csum[n_t - k] + (csum[n_t] - csum[k])) / lags_count
+    s1 = (csum[n_t - k] + (csum[n_t] - csum[k])) / (n_t - k)
     n_fft = scipy.fft.next_fast_len(2 * n_t - 1)
     spec = scipy.fft.rfft(r, n_fft, axis=0)           # [n_fft // 2 + 1, n, 3]
     power = np.einsum("fij,fij->f", spec, spec.conj()).real
-    s2 = scipy.fft.irfft(power, n_fft)[:n_t] / lags_count
+    s2 = scipy.fft.irfft(power, n_fft)[:n_t] / (n_t - k)
     msd = (s1 - 2.0 * s2) / n_atoms
     msd[0] = 0.0                                      # exact; kill round-off
     return msd
 
 def diffusion_coefficient(positions, dt, *, fit_start=0.2, fit_stop=0.6):
-    """Self-diffusion coefficient D (sigma^2 / tau) from the Einstein relation MSD = 6 D t.
-
-    A line with free intercept (a ballistic offset does not bias it) over lags fit_start ..
-    fit_stop of T - 1: short lags are not yet diffusive, long ones have few origins (noisy).
-    """
+    """Self-diffusion coefficient D (sigma^2 / tau) from the Einstein relation MSD = 6 D t: a line
+    with free intercept (a ballistic offset does not bias it) over lags fit_start .. fit_stop of
+    T - 1: short lags are not yet diffusive, long ones have few origins (noisy)."""
     dt = _positive(dt, "dt")
     if not (all(isinstance(v, Real) and not isinstance(v, bool) for v in (fit_start, fit_stop))
             and 0.0 <= fit_start < fit_stop <= 1.0):
@@ -2272,26 +2236,20 @@ def diffusion_coefficient(positions, dt, *, fit_start=0.2, fit_stop=0.6):
 
 def _einstein_slope(msd, dt, fit_start, fit_stop) -> float:
     """diffusion_coefficient's fit to an MSD curve [T] that callers already have."""
-    k_max = msd.shape[0] - 1
-    eps = 1e-9                       # guard against 0.2*100 = 20.000000004
+    k_max, eps = msd.shape[0] - 1, 1e-9               # eps: 0.2 * 100 = 20.000000004
     lags = np.arange(int(np.ceil(fit_start * k_max - eps)),
                      int(np.floor(fit_stop * k_max + eps)) + 1)
     if lags.size < 3:
         raise ValueError(f"fit_start/fit_stop window [{fit_start}, {fit_stop}] of {k_max} lags "
                          f"has {lags.size}; expected >= 3 (widen it or pass longer positions)")
-    slope, _ = np.polyfit(lags * dt, msd[lags], 1)
-    return float(slope / 6.0)
+    return float(np.polyfit(lags * dt, msd[lags], 1)[0] / 6.0)
 
-# ---- radial distribution function ---------------------------------------------------------------
 def radial_distribution(positions_a, box, r_max, n_bins, positions_b=None):
-    """Radial distribution function g(r) in a cubic periodic box: (r_centres, g), each [n_bins].
-
-    Minimum-image distances (r_max <= box / 2: each pair seen once) of all pairs per frame
-    (pdist / cdist, O(Na Nb)), histogrammed on [0, r_max] and divided by the ideal gas's
-    T N_pairs / V shell_volume, N_pairs = N (N - 1) ordered pairs i != j (freud's finite-size
-    normalisation; MDAnalysis ``InterRDF(exclusion_block=(1, 1))``), or Na Nb for species a, b.
-    positions_a, positions_b (None: g_aa): ``[T, N, 3]`` or ``[N, 3]``, wrapped or not.
-    """
+    """Radial distribution function g(r) of positions_a, positions_b (None: g_aa), ``[T, N, 3]``
+    or ``[N, 3]`` in a cubic periodic box, wrapped or not: (r_centres, g), each [n_bins]. Pair
+    distances (minimum image, r_max <= box / 2) are histogrammed on [0, r_max] and divided by the
+    ideal gas's T N_pairs / V shell_volume, N_pairs = N (N - 1) ordered pairs (freud's finite-size
+    normalisation; MDAnalysis ``InterRDF(exclusion_block=(1, 1))``) or Na Nb for species a, b."""
     pos_a = _as_frames(positions_a, "positions_a")
     box, r_max = _positive(box, "box"), _positive(r_max, "r_max")
     if r_max > box / 2:
@@ -2306,8 +2264,7 @@ def radial_distribution(positions_a, box, r_max, n_bins, positions_b=None):
         raise ValueError(f"positions_a has shape {pos_a.shape}; expected >= 2 atoms (or 1 each)")
     counts = np.zeros(n_bins)
     for t in range(pos_a.shape[0]):
-        a = np.mod(pos_a[t], box)
-        b = None if pos_b is None else np.mod(pos_b[t], box)
+        a, b = (None if p is None else np.mod(p[t], box) for p in (pos_a, pos_b))
         sq = 0.0
         for k in range(3):        # per axis |dx| lies in [0, box); in place: the arrays are big
             dk = pdist(a[:, k:k + 1]) if b is None else cdist(a[:, k:k + 1], b[:, k:k + 1]).ravel()
@@ -2318,16 +2275,12 @@ def radial_distribution(positions_a, box, r_max, n_bins, positions_b=None):
         counts *= 2.0             # pdist gives i < j; normalise per ORDERED pair
     edges = np.linspace(0.0, r_max, n_bins + 1)
     shell = 4.0 / 3.0 * np.pi * (edges[1:] ** 3 - edges[:-1] ** 3)
-    ideal = pos_a.shape[0] * n_pairs / box ** 3 * shell
-    return 0.5 * (edges[1:] + edges[:-1]), counts / ideal
+    return 0.5 * (edges[1:] + edges[:-1]), counts / (pos_a.shape[0] * n_pairs / box ** 3 * shell)
 
-# ---- collision (overlap) rate -------------------------------------------------------------------
 def collision_rate(positions, threshold, *, box=None, exclude=None):
     """Fraction of atom pairs closer than `threshold` (strictly) per frame of [T, n, 3]: ``[T]``.
-
     Flags unphysical overlaps. Pairs in `exclude` (integer [m, 2], any order, repeats allowed;
-    e.g. bonds) are no candidates: rate = hits / (n (n - 1) / 2 - distinct excluded pairs).
-    """
+    e.g. bonds) are no candidates: rate = hits / (n (n - 1) / 2 - distinct excluded pairs)."""
     pos = _as_frames(positions, "positions")
     threshold = _positive(threshold, "threshold")
     box = None if box is None else _positive(box, "box")
@@ -2353,7 +2306,6 @@ def collision_rate(positions, threshold, *, box=None, exclude=None):
         rates[t] = (codes.size - np.count_nonzero(np.isin(codes, excluded))) / n_pairs
     return rates
 
-# ---- free-energy surface on principal components ------------------------------------------------
 def pairwise_distance_features(positions):
     """Internal distances |x_i - x_j|, i < j in triu order: [T, n (n-1) / 2] from [T, n, 3]."""
     pos = _as_array(positions, "positions", ndim=3, last=3, expected="[T, n_atoms >= 2, 3]")
@@ -2364,14 +2316,11 @@ def pairwise_distance_features(positions):
 
 def free_energy_surface(features, kT=1.0, n_bins=30, *, pca=None,
                         range=None):  # noqa: A002  (mirrors np.histogram2d)
-    """Free-energy surface F(PC1, PC2) = -kT ln p from a 2-D histogram of features ``[T, d]``.
-
-    Invariant features (`pairwise_distance_features`) are projected on their first two principal
-    components; pass a first result as `pca` (and its bin range as `range`) to use its axes (and
-    grid). p sums to 1 over bins; empty bins get F = +inf (infinitely unlikely); min F = 0.
-    Returns dict F [n_bins, n_bins] (F[i, j]: x bin i, y bin j), x_edges, y_edges, mean [d],
-    components [2, d], explained_variance_ratio [2] (of THIS data) and projection [T, 2].
-    """
+    """Free energy F(PC1, PC2) = -kT ln p (min 0, empty bins +inf) from a 2-D histogram of features
+    ``[T, d]`` (invariant ones: `pairwise_distance_features`) on their first two principal axes, or
+    on those of a first result passed as `pca` (and its grid as `range`). Returns dict F [n_bins,
+    n_bins] (F[i, j]: x bin i, y bin j), x_edges, y_edges, mean [d], components [2, d], projection
+    [T, 2] and explained_variance_ratio [2] (of THIS data)."""
     x = _as_array(features, "features", ndim=2, expected="[T, d], T, d >= 2")
     if x.shape[0] < 2 or x.shape[1] < 2:
         raise ValueError(f"features has shape {x.shape}; expected [T, d] with T >= 2 and d >= 2")
@@ -2383,8 +2332,7 @@ def free_energy_surface(features, kT=1.0, n_bins=30, *, pca=None,
         mean = x.mean(axis=0)
         _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
         # SVD axes have an arbitrary sign: make each one's largest |entry| positive.
-        big = np.argmax(np.abs(vt[:2]), axis=1)
-        comps = vt[:2] * np.sign(vt[:2][np.arange(2), big])[:, None]
+        comps = vt[:2] * np.sign(vt[np.arange(2), np.argmax(np.abs(vt[:2]), axis=1)])[:, None]
         ratio = s[:2] ** 2 / np.sum(s ** 2)
     else:
         if not isinstance(pca, dict) or not {"mean", "components"} <= pca.keys():
@@ -2406,7 +2354,6 @@ def free_energy_surface(features, kT=1.0, n_bins=30, *, pca=None,
     return dict(F=F, x_edges=xe, y_edges=ye, mean=mean, components=comps,
                 explained_variance_ratio=ratio, projection=proj)
 
-# ---- block averaging ----------------------------------------------------------------------------
 def _block_sem(x, n_blocks):
     """SEM from the scatter of n_blocks equal block means of x (the remainder dropped)."""
     size = x.shape[0] // n_blocks
@@ -2414,15 +2361,12 @@ def _block_sem(x, n_blocks):
     return float(np.std(means, ddof=1) / np.sqrt(n_blocks))
 
 def block_standard_error(x, n_blocks=None):
-    """Standard error of the mean of a correlated series ``[T]`` by block averaging [3].
-
-    Correlation makes std / sqrt(T) too small; means of blocks much longer than the correlation
-    time are nearly independent. `n_blocks` (2 .. T): that many equal blocks. None: Flyvbjerg-
-    Petersen blocking (T >= 16), averaging neighbours pairwise (block size B = 2^level) up to the
-    first level with B^3 > 2 T (s_level / s_0)^4 (Lee, Drummond, Needs, PRB 83, 245117 (2011);
-    ``pyblock``): as (s_level / s_0)^2 ~ 2 tau_int, small bias yet many blocks. Only levels with
-    >= 8 blocks count; if none qualifies, the last, with a RuntimeWarning (a lower bound).
-    """
+    """Standard error of the mean of a correlated series ``[T]`` by block averaging [3]: means of
+    blocks much longer than the correlation time are nearly independent (std / sqrt(T) is not).
+    `n_blocks` (2 .. T): that many equal blocks. None: Flyvbjerg-Petersen blocking (T >= 16),
+    averaging neighbours pairwise (block size B = 2^level) up to the first level of >= 8 blocks
+    with B^3 > 2 T (s_level / s_0)^4 (Lee, Drummond, Needs, PRB 83, 245117 (2011), ``pyblock``; as
+    (s_level / s_0)^2 ~ 2 tau_int); if none, the last, with a RuntimeWarning (a lower bound)."""
     x = _as_array(x, "x", ndim=1, expected="[T]")
     n_t = x.shape[0]
     if n_blocks is not None:
@@ -2440,8 +2384,7 @@ def block_standard_error(x, n_blocks=None):
         sem = _block_sem(level_x, level_x.shape[0])
         if block ** 3 > 2 * n_t * (sem / sem0) ** 4:
             return sem
-        half = level_x.shape[0] // 2                  # drop odd last point
-        level_x = 0.5 * (level_x[0:2 * half:2] + level_x[1:2 * half:2])
+        level_x = 0.5 * (level_x[:-1:2] + level_x[1::2])     # neighbours; an odd last one dropped
         block *= 2
     warnings.warn("block_standard_error: no blocking level met the optimal-block criterion: x is "
                   "too short for its correlation time; SEM underestimated", RuntimeWarning, 2)
@@ -2455,13 +2398,6 @@ def replica_mean_se(x):
     if len(per_replica) > 1:
         return float(x.mean()), float(per_replica.std(ddof=1) / math.sqrt(len(per_replica)))
     return float(x.mean()), (block_standard_error(x[:, 0]) if len(x) >= 16 else float("nan"))
-
-def molecule_rg2(positions, masses, offsets) -> list:
-    """R_g^2 [...] of each molecule k (atoms offsets[k]:offsets[k + 1]) of a concatenate_systems()
-    batch's positions [..., n, 3], as a list."""
-    return [radius_of_gyration_sq(positions[..., a:b, :], masses[a:b])
-            for a, b in zip(offsets[:-1], offsets[1:])]
-
 
 # -------------------------------------------------------------------------------------------------
 # 9. Experiments: the papers' claims, each beside its baseline
