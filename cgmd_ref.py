@@ -3242,7 +3242,7 @@ _FIGURES = [
 # -------------------------------------------------------------------------------------------------
 # 11. Benchmark and command line
 # -------------------------------------------------------------------------------------------------
-def _chain_replicas(n_chains: int = 64, n_beads: int = 24):
+def chain_replicas(n_chains: int = 64, n_beads: int = 24):
     """Benchmark workload (a): n_chains independent copies of a one-type bead-spring chain."""
     i = np.arange(n_beads)
     system = System(types=np.zeros(n_beads, dtype=np.int64), masses=np.ones(n_beads),
@@ -3251,7 +3251,7 @@ def _chain_replicas(n_chains: int = 64, n_beads: int = 24):
     x = np.stack([0.97 * i, 0.25 * (i % 2), 0.0 * i], 1)   # a zig-zag: no straight-line start
     return system, np.repeat(x[None], n_chains, axis=0)
 
-def _openmm_context(system: System, x, kT=1.0, gamma=1.0, dt=0.005):
+def openmm_context(system: System, x, kT=1.0, gamma=1.0, dt=0.005):
     """(openmm.Context, integrator) for the same System and start x [n, 3] or [R, n, 3] on
     OpenMM's CPU platform (LangevinMiddleIntegrator, the torch thread count), or None without
     openmm. Reduced units map exactly (sigma = 1 nm, epsilon = 1 kJ/mol, mass 1 amu, tau = 1 ps).
@@ -3301,7 +3301,7 @@ def _throughput(system, x, n_steps, device, dtype, warmup):
                   velocities=eq.velocities[-1], device=device, dtype=dtype, seed=1)
     rate = x.size // 3 * n_steps / (time.perf_counter() - t0)
     per_build = n_steps / max(tr.info["pair_list_builds"] - 1, 1)
-    made = _openmm_context(system, x) if device.type == "cpu" else None
+    made = openmm_context(system, x) if device.type == "cpu" else None
     if made is None:
         return rate, per_build, None
     context, integrator = made                           # same warm-up and steps, from x itself
@@ -3318,7 +3318,7 @@ def bench(device: str = "cpu", dtype: str = "float32", quick: bool = False) -> l
     dev = resolve_device(device)
     # (a) many small open chains (one static pair list each); (b) a periodic LJ fluid at two
     # sizes (cell-list rebuilds: the cost per atom-step should not grow with N)
-    work = [("(a) 64 chains x 24 beads, open, LJ 2.5", *_chain_replicas(), 2000)]
+    work = [("(a) 64 chains x 24 beads, open, LJ 2.5", *chain_replicas(), 2000)]
     work += [(f"(b) LJ fluid rho=0.8, periodic, N={n}", *lj_fluid(n, 0.8), n_steps)
              for n, n_steps in ((1000, 2000), (8000, 400))]
     print(f"MD throughput on {dev} ({dtype}, {torch.get_num_threads()} threads), dt=0.005, "
