@@ -3393,9 +3393,9 @@ def claims(s: dict) -> list:
     # [A]'s electrolyte baselines: the same Dynamics GNN without the Score GNN, and short MD
     vs = lambda r: dict(no_score=r["learned_no_score"], short_md=r["short_md"])  # noqa: E731
     A, E = "[A] polymers", "[A] electrolyte"
-    rows = [(A, "<Rg2> median rel. error", pe["learned"],  # (experiment, figure, value,
-             dict(short_md=pe["short_md"], supervised_gnn=pe["supervised_gnn"]),  # baselines,
-             pe["learned"] < pe["short_md"]),                                    # holds)
+    rows = [(A, "<Rg2> median rel. error", pe["learned"],
+             dict(short_md=pe["short_md"], supervised_gnn=pe["supervised_gnn"]),
+             pe["learned"] < pe["short_md"]),
             (A, "Rg2 relaxation time median rel. error", pt["learned"],
              dict(short_md=pt["short_md"]), pt["learned"] < pt["short_md"]),
             *[(A, f"Spearman rank corr. {name}", sp[k], dict(short_md=sps[k]), sp[k] >= 0.7)
