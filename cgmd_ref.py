@@ -2969,9 +2969,8 @@ def gap_sweep(data_dir="data", gaps=(5, 10, 20, 40, 80), seed=0, device="cpu", q
 # -------------------------------------------------------------------------------------------------
 # 10. Figures: the papers' plots, redrawn from results/summary.json (only if matplotlib is there)
 # -------------------------------------------------------------------------------------------------
-# matplotlib is not a dependency: write_figures() returns [] and says so when it is missing. Every
-# figure is drawn from the JSON the experiments return, so `write_figures(load_json(...))` redraws
-# them from a finished run without recomputing anything.
+# matplotlib is not a dependency. Each figure is drawn from the JSON the experiments return, so
+# `write_figures(load_json(...), out_dir)` redraws a finished run without recomputing anything.
 _STYLE = dict(truth=("k", "long MD"), ground_truth=("k", "long MD"), short_md=("C2", "short MD"),
               learned=("C0", "learned (Dynamics GNN)"), bilstm=("C0", "Bi-LSTM"),
               learned_no_score=("C3", "learned, no Score GNN"), unilstm=("C1", "uni-LSTM"),
@@ -2981,24 +2980,21 @@ def write_figures(summary: dict, out_dir: str) -> list:
     """Draw every figure whose data `summary` (the demo's summary.json) holds into out_dir as
     PNG files; returns their paths ([] without matplotlib)."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")                      # files only, no display needed
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: no figures (pip install matplotlib to get them)")
         return []
+    plt.switch_backend("Agg")                            # files only, no display needed
     paths = []
-    for name, key, panels, draw, *grid in _FIGURES:      # only the experiments that ran
-        if key in summary:
-            res = summary[key]
-            fig = draw(plt, res) if panels is None else _grid(plt, panels(res), draw, *grid)
-            paths.append(os.path.join(out_dir, name))
-            atomic_write(paths[-1], lambda fh: fig.savefig(fh, format="png", dpi=110))
-            plt.close(fig)
+    for name, key, panels, draw, *grid in (f for f in _FIGURES if f[1] in summary):  # what ran
+        res = summary[key]
+        fig = draw(plt, res) if panels is None else _grid(plt, panels(res), draw, *grid)
+        paths.append(os.path.join(out_dir, name))
+        atomic_write(paths[-1], lambda fh: fig.savefig(fh, format="png", dpi=110))
+        plt.close(fig)
     return paths
 
-def _kw(m: str, refined=False) -> dict:
-    """Colour and legend name of method m (refined: the electrolyte's, with the Score GNN)."""
+def _kw(m: str, refined=False) -> dict:  # colour and legend of method m (refined: + Score GNN)
     color, name = _STYLE[m]
     return dict(color=color, label=name + (" + Score GNN" if refined and m == "learned" else ""))
 
@@ -3010,7 +3006,7 @@ def _grid(plt, panels, draw, xlabel, ylabel, n_cols=4, width=3.2, height=2.6):
     fig, axes = plt.subplots(n_rows, n_cols, squeeze=False,
                              figsize=(width * n_cols, height * n_rows))
     for ax in axes.ravel()[len(panels):]:
-        ax.set_visible(False)
+        ax.set_visible(False)                            # the last row's empty cells
     for i, (ax, (title, data)) in enumerate(zip(axes.ravel(), panels)):
         draw(ax, data)
         ax.set_title(title, fontsize=9)
@@ -3112,7 +3108,7 @@ _FIGURES = [
 # -------------------------------------------------------------------------------------------------
 # 11. Benchmark and command line
 # -------------------------------------------------------------------------------------------------
-def _chain_replicas(n_chains: int = 64, n_beads: int = 24):
+def chain_replicas(n_chains: int = 64, n_beads: int = 24):
     """Benchmark workload (a): n_chains independent copies of a one-type bead-spring chain."""
     i = np.arange(n_beads)
     system = System(types=np.zeros(n_beads, dtype=np.int64), masses=np.ones(n_beads),
@@ -3121,19 +3117,17 @@ def _chain_replicas(n_chains: int = 64, n_beads: int = 24):
     x = np.stack([0.97 * i, 0.25 * (i % 2), 0.0 * i], 1)   # a zig-zag: no straight-line start
     return system, np.repeat(x[None], n_chains, axis=0)
 
-def _openmm_context(system: System, x, kT=1.0, gamma=1.0, dt=0.005):
-    """(openmm.Context, integrator) for the same System and start x [n, 3] or [R, n, 3] on
-    OpenMM's CPU platform (LangevinMiddleIntegrator, the torch thread count), or None without
-    openmm. Reduced units map exactly (sigma = 1 nm, epsilon = 1 kJ/mol, mass 1 amu, tau = 1 ps).
-    Open-boundary replicas sit 100 sigma apart, out of each other's cut-off. LJ parameters are
+def openmm_context(system: System, x, kT=1.0, gamma=1.0, dt=0.005):
+    """(openmm.Context, integrator) for the same System at x [n, 3] or [R, n, 3] (R replicas) on
+    OpenMM's CPU platform (LangevinMiddleIntegrator, torch's thread count); None without openmm.
+    Reduced units map exactly (sigma = 1 nm, epsilon = 1 kJ/mol, mass 1 amu, tau = 1 ps). LJ takes
     the per-type diagonal (Lorentz-Berthelot: exact for one type); bonded pairs skip LJ, as here."""
     try:
         import openmm
     except ImportError:
         return None
     x = x if x.ndim == 3 else x[None]                # [R, n, 3]: R replicas
-    R, n = x.shape[:2]
-    periodic = system.box is not None
+    (R, n), periodic = x.shape[:2], system.box is not None
     if periodic and R != 1:
         raise ValueError("the OpenMM comparison takes one replica of a periodic system")
     mm, nb, bonds = openmm.System(), openmm.NonbondedForce(), openmm.HarmonicBondForce()
@@ -3145,50 +3139,31 @@ def _openmm_context(system: System, x, kT=1.0, gamma=1.0, dt=0.005):
     t = system.types
     for r in range(R):
         for a in range(n):
-            mm.addParticle(float(system.masses[a]))
+            mm.addParticle(float(system.masses[a]))      # atom a of replica r: r * n + a
             nb.addParticle(0.0, float(system.sigma[t[a], t[a]]), float(system.epsilon[t[a], t[a]]))
         for (i, j), k, r0 in zip(system.bonds + r * n, system.bond_k, system.bond_r0):
             bonds.addBond(int(i), int(j), float(r0), float(k))
             nb.addException(int(i), int(j), 0.0, 1.0, 0.0)   # 1-2 only, as here
-    mm.addForce(nb)
-    mm.addForce(bonds)
+    for force in (nb, bonds):
+        mm.addForce(force)
     temperature = kT / 0.00831446261815324          # kJ/mol per K: kT = 1 kJ/mol
-    integrator = openmm.LangevinMiddleIntegrator(temperature, gamma, dt)
+    integrator = openmm.LangevinMiddleIntegrator(temperature, gamma, dt)   # 1/ps, ps
     context = openmm.Context(mm, integrator, openmm.Platform.getPlatformByName("CPU"),
                              {"Threads": str(torch.get_num_threads())})
-    g = int(np.ceil(R ** (1 / 3)))                    # replicas on a cubic grid
-    offsets = 100.0 * np.stack(np.unravel_index(np.arange(R), (g, g, g)), 1)
+    g = int(np.ceil(R ** (1 / 3)))        # open replicas on a cubic grid, out of each other's
+    offsets = 100.0 * np.stack(np.unravel_index(np.arange(R), (g, g, g)), 1)   # cut-off
     context.setPositions((x + (0.0 if periodic else offsets[:, None])).reshape(-1, 3))
-    context.setVelocitiesToTemperature(temperature, 1)
+    context.setVelocitiesToTemperature(temperature, 1)   # Maxwell-Boltzmann, seed 1
     return context, integrator
 
-def _throughput(system, x, n_steps, device, dtype, warmup):
-    """(atom-steps/s, steps per pair-list build) of simulate() after `warmup` steps, and OpenMM's
-    atom-steps/s on the same workload (None without openmm or off the CPU)."""
-    eq = simulate(system, x, warmup, save_every=warmup, device=device, dtype=dtype)  # thermalise
-    t0 = time.perf_counter()
-    tr = simulate(system, eq.positions[-1], n_steps, save_every=n_steps,
-                  velocities=eq.velocities[-1], device=device, dtype=dtype, seed=1)
-    rate = x.size // 3 * n_steps / (time.perf_counter() - t0)
-    per_build = n_steps / max(tr.info["pair_list_builds"] - 1, 1)
-    made = _openmm_context(system, x) if device.type == "cpu" else None
-    if made is None:
-        return rate, per_build, None
-    context, integrator = made                           # same warm-up and steps, from x itself
-    for steps in (warmup, n_steps):
-        t0 = time.perf_counter()
-        integrator.step(steps)
-        context.getState(getPositions=True)              # waits for the last step
-    return rate, per_build, x.size // 3 * n_steps / (time.perf_counter() - t0)
-
 def bench(device: str = "cpu", dtype: str = "float32", quick: bool = False) -> list:
-    """MD throughput on the issue's workloads (and OpenMM's, when it is importable and the
-    device is the CPU: same workloads, same run), then the partitioner on a branched 10^4-atom
-    graph into 10^3 parts; prints a table and returns its rows."""
+    """MD throughput of simulate() (after a warm-up) on the issue's workloads, beside OpenMM's on
+    the same run when openmm is importable and the device is the CPU; then the partitioner on a
+    branched 10^4-atom graph into 10^3 parts. Prints a table and returns its rows."""
     dev = resolve_device(device)
     # (a) many small open chains (one static pair list each); (b) a periodic LJ fluid at two
     # sizes (cell-list rebuilds: the cost per atom-step should not grow with N)
-    work = [("(a) 64 chains x 24 beads, open, LJ 2.5", *_chain_replicas(), 2000)]
+    work = [("(a) 64 chains x 24 beads, open, LJ 2.5", *chain_replicas(), 2000)]
     work += [(f"(b) LJ fluid rho=0.8, periodic, N={n}", *lj_fluid(n, 0.8), n_steps)
              for n, n_steps in ((1000, 2000), (8000, 400))]
     print(f"MD throughput on {dev} ({dtype}, {torch.get_num_threads()} threads), dt=0.005, "
@@ -3196,16 +3171,27 @@ def bench(device: str = "cpu", dtype: str = "float32", quick: bool = False) -> l
     rows = []
     for label, system, x, n_steps in work:
         n_steps, warmup = (n_steps // 10, 20) if quick else (n_steps, 200)
-        rate, per_build, omm = _throughput(system, x, n_steps, dev, dtype, warmup)
+        eq = simulate(system, x, warmup, save_every=warmup, device=dev, dtype=dtype)  # thermalise
+        t0 = time.perf_counter()
+        tr = simulate(system, eq.positions[-1], n_steps, save_every=n_steps,
+                      velocities=eq.velocities[-1], device=dev, dtype=dtype, seed=1)
+        rate = x.size // 3 * n_steps / (time.perf_counter() - t0)          # atom-steps per s
+        per_build = n_steps / max(tr.info["pair_list_builds"] - 1, 1)   # the first is no rebuild
+        omm = openmm_context(system, x) if dev.type == "cpu" else None
+        for steps in (warmup, n_steps) if omm else ():    # OpenMM: same warm-up and steps, from x
+            t0 = time.perf_counter()
+            omm[1].step(steps)
+            omm[0].getState(getPositions=True)           # waits for the last step
+        omm = omm and x.size // 3 * n_steps / (time.perf_counter() - t0)   # its atom-steps per s
         rows.append(dict(workload=label, atoms=int(x.size // 3), atom_steps_per_s=rate,
                          ns_per_atom_step=1e9 / rate, steps_per_list_build=per_build,
                          openmm_atom_steps_per_s=omm))
         static = system.box is None and system.n_atoms <= _STATIC_GROUP_SIZE  # as PairList
         rebuilt = "static pair list" if static else f"pair list rebuilt every {per_build:.1f} steps"
         vs = "" if omm is None else f"  OpenMM CPU {omm:.3e} -> ratio {rate / omm:.2f}"
-        print_table([(label, rate, "atom-steps/s ", 1e9 / rate, "ns/atom-step ",
-                      f"({rebuilt}){vs}")], ("42s", "10.3e", "s", "7.1f", "s", "s"))
-    if all(r["openmm_atom_steps_per_s"] is None for r in rows):
+        print(f"  {label:42s} {rate:10.3e} atom-steps/s  {1e9 / rate:7.1f} ns/atom-step  "
+              f"({rebuilt}){vs}", flush=True)
+    if omm is None:
         print("  (openmm is not installed: no OpenMM comparison; pip install openmm to add it)")
     ratio = rows[2]["ns_per_atom_step"] / rows[1]["ns_per_atom_step"]  # ~1: linear in N
     print(f"  cost per atom-step, N=8000 / N=1000: {ratio:.2f}")
@@ -3231,7 +3217,7 @@ def demo(args) -> int:
         gen = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_gen.py")
         subprocess.run([sys.executable, gen, *(["--quick"] if args.quick else []), "--out",
                         data_dir, "--seed", str(args.seed), "--device", args.device], check=True)
-    kw = dict(seed=args.seed, device=args.device, quick=args.quick)
+    kw = dict(seed=args.seed, device=args.device, quick=args.quick)   # the same for every run
     summary = dict(md_ground_truth=md_ground_truth_summary(data_dir))   # what the data say
     _print_ground_truth(summary["md_ground_truth"],
                         load_json(os.path.join(data_dir, "metadata.json")))
@@ -3246,15 +3232,23 @@ def demo(args) -> int:
           flush=True)
     summary["interpolation"] = interpolation_experiment(data_dir, gap=20, **kw)
     _print_interpolation_table(summary["interpolation"])
-    summary["claims"] = claims(summary)
-    summary["run"] = dict(seconds=time.perf_counter() - t_start, seed=args.seed,
-                          quick=args.quick, device=str(resolve_device(args.device)),
-                          threads=torch.get_num_threads(), torch=torch.__version__)
-    _print_claims(summary["claims"], summary["run"])
-    out = os.path.join(args.out, "summary.json")
-    save_json(out, summary)
+    summary["claims"] = claims(summary)                  # each claim beside its baseline
+    summary["run"] = run = dict(seconds=time.perf_counter() - t_start, seed=args.seed,
+                                quick=args.quick, device=str(resolve_device(args.device)),
+                                threads=torch.get_num_threads(), torch=torch.__version__)
+    # the closing table: every claim of this run beside its baselines (a speedup's: MD = 1)
+    quick = " (quick: tiny data, not results)" if run["quick"] else ""
+    print(f"\nSummary, seed {run['seed']}{quick}: each claim beside its baseline (learned / "
+          "Bi-LSTM first)")
+    print_table([(r["experiment"], r["figure"], r["value"], " " + (", ".join(
+        f"{k} {v:.3g}" for k, v in r["baselines"].items() if k != "md") or "MD = 1"),
+        "holds" if r["holds"] else "NO") for r in summary["claims"]],
+        ("15s", "37s", "8.3g", "51s", "s"))
+    print(f"  whole run {run['seconds']:.0f}s on {run['device']} ({run['threads']} threads)")
+    save_json(os.path.join(args.out, "summary.json"), summary)   # what the figures redraw
     figures = write_figures(summary, args.out)
-    print(f"\nwrote {out}" + (f" and {len(figures)} figures in {args.out}" if figures else ""))
+    print(f"\nwrote {os.path.join(args.out, 'summary.json')}"
+          + (f" and {len(figures)} figures in {args.out}" if figures else ""))
     return 0
 
 def claims(s: dict) -> list:
@@ -3274,10 +3268,8 @@ def claims(s: dict) -> list:
              pe["learned"] < pe["short_md"]),
             (A, "Rg2 relaxation time median rel. error", pt["learned"],
              dict(short_md=pt["short_md"]), pt["learned"] < pt["short_md"]),
-            (A, "Spearman rank corr. <Rg2>", sp["rg2"], dict(short_md=sps["rg2"]),
-             sp["rg2"] >= 0.7),
-            (A, "Spearman rank corr. relaxation time", sp["relaxation_time"],
-             dict(short_md=sps["relaxation_time"]), sp["relaxation_time"] >= 0.7),
+            *[(A, f"Spearman rank corr. {name}", sp[k], dict(short_md=sps[k]), sp[k] >= 0.7)
+              for k, name in (("rg2", "<Rg2>"), ("relaxation_time", "relaxation time"))],
             (A, "one-step 95% interval coverage", cov, dict(nominal=0.95), 0.90 <= cov <= 0.99),
             (A, "speedup over MD (x)", p["speedup"], dict(md=1.0), p["speedup"] >= 100),
             (E, "collision rate", c["learned"],
@@ -3299,29 +3291,18 @@ def claims(s: dict) -> list:
                  baselines={k: float(b) for k, b in base.items()}, holds=bool(h))
             for x, f, v, base, h in rows]
 
+# The tables the demo prints: each experiment's table ends with its verdict lines (the measured
+# number, its baselines, the target its issue set), and the closing claims table repeats them.
 def print_table(rows, specs, header=None, note="") -> None:
-    """Print rows of cells, each cell formatted with its column's spec (e.g. '>9.3f'); a str cell
-    (and a header title) is placed with the spec's alignment and width alone."""
-    place = [spec.split(".")[0] for spec in specs]
+    """Print rows of cells, each cell formatted with its column's spec (e.g. '>9.3f'; '%' formats
+    100 x as 'f', then adds '%'); a str cell (and a header title) takes the spec's alignment and
+    width alone."""
+    place = [spec.split(".")[0] for spec in specs]       # e.g. '>9.3f' -> '>9'
     if header:
         print("  " + " ".join(f"{h:{w}}" for h, w in zip(header, place)) + note)
     for row in rows:
         print("  " + " ".join(f"{v:{w}}" if isinstance(v, str) else f"{v:{spec}}"
                               for v, spec, w in zip(row, specs, place)), flush=True)
-
-# The tables the demo prints. Each experiment's table ends with its verdict lines (the measured
-# number, its baselines, the target its issue set); the closing claims table repeats them. The
-# '%' format multiplies by 100, then formats as 'f': the digits of f"{100 * x:.1f}%".
-def _print_claims(rows: list, run: dict) -> None:
-    """The closing table: every claim of this run beside its baselines."""
-    quick = " (quick: tiny data, not results)" if run["quick"] else ""
-    print(f"\nSummary, seed {run['seed']}{quick}: each claim beside its baseline (learned / "
-          "Bi-LSTM first)")
-    print_table([(r["experiment"], r["figure"], r["value"], " " + (", ".join(
-        f"{k} {v:.3g}" for k, v in r["baselines"].items() if k != "md") or "MD = 1"),
-        "holds" if r["holds"] else "NO") for r in rows], ("15s", "37s", "8.3g", "51s", "s"))
-    # (a speedup's baseline is MD itself: "MD = 1")
-    print(f"  whole run {run['seconds']:.0f}s on {run['device']} ({run['threads']} threads)")
 
 def _print_ground_truth(s: dict, meta: dict) -> None:
     """The long-MD targets beside the short-MD baseline, and the electrolytes' diffusivities."""
@@ -3351,8 +3332,9 @@ def _print_polymer_table(res: dict) -> None:
                  "tau truth", "learned", "short MD"))
     # [A]'s headline: trained on short runs only, the learned simulator's long rollouts estimate
     # <Rg2> and its relaxation time better than a short MD run of the training runs' length
-    e, t, st = res["rg2_rel_error"], res["relaxation_time_rel_error"], res["stability"]
-    sp, ss, cal = res["spearman"], res["spearman_short_md"], res["calibration"]
+    e, t, st, sp, ss, cal, v = (res[k] for k in (
+        "rg2_rel_error", "relaxation_time_rel_error", "stability", "spearman", "spearman_short_md",
+        "calibration", "validation"))
     print(f"  median |error| of <Rg2>: learned {e['learned']:.1%}, short MD {e['short_md']:.1%}, "
           f"supervised GNN {e['supervised_gnn']:.1%}   (target: learned <= 5% and below short MD)")
     print(f"  median |error| of the Rg2 relaxation time: learned {t['learned']:.1%}, "
@@ -3374,7 +3356,6 @@ def _print_polymer_table(res: dict) -> None:
         print(f"  stability: {st['steps']} learned steps, finite {st['finite']}, longest CG bond "
               f"{st['max_bond']:.2f} (MD {st['max_bond_truth']:.2f}); mean bond "
               f"{st['mean_bond']:.2f} (MD {st['mean_bond_truth']:.2f})")
-    v = res["validation"]
     if v["selected_iteration"]:                          # None: no validation rollouts ran
         print(f"  weights from iteration {v['selected_iteration']} of "
               f"{res['config']['train']['n_iterations']}: the best validation rollout on "
@@ -3386,7 +3367,7 @@ def _print_electrolyte_table(res: dict) -> None:
     """Per test electrolyte: D of each species, RDF L1 and collision rate, with and without the
     Score GNN, beside long and short MD."""
     print_table([(r["system"], m, *(r["D"][m][s] for s in ELECTROLYTE_SPECIES),
-                  "" if m == "ground_truth" else f"{r[f'rdf_l1_{m}']:.3f}",
+                  "" if m == "ground_truth" else f"{r[f'rdf_l1_{m}']:.3f}",  # vs the truth
                   f"{r['collision_rate'][m]:.5f}" if m in r["collision_rate"] else "")
                  for r in res["per_system"]
                  for m in ("ground_truth", "learned", "learned_no_score", "short_md")],
@@ -3422,7 +3403,7 @@ def _print_interpolation_table(res: dict) -> None:
                  for label, row in res["mae"].items()],
                 (">10", ">10.5f", ">9.5f", ">9.5f", ">9.5f"), ("kT", *methods),
                 "   (position MAE, sigma)")
-    print(f"  {'F(C-H)':>10} " + "   ".join(
+    print(f"  {'F(C-H)':>10} " + "   ".join(            # one row: each temperature's L1s
         f"{lab}: " + " ".join(f"{res['free_energy'][lab]['l1'][m]:.3f}" for m in methods)
         for lab in res["mae"]) + "   (mean |F - F_true|, epsilon; methods in the order above)")
     print(f"  Bi-LSTM endpoint error {res['endpoint_error']:.1e}; C-H period "

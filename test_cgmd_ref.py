@@ -1,7 +1,7 @@
 """Tests for cgmd_ref in the order of its sections (§0 helpers ... §11 bench and command line):
 physics invariants and exact results, two-path cross-checks, estimators with known answers, smoke
 runs of the experiments and scripts, and per section one table of bad input (one case per check).
-Only the public API is called (plus the benchmark's own OpenMM harness in §11).
+Only the public API is called.
 
 Statistical tests use fixed seeds and tolerances derived from the expected error of the
 quantity tested (the derivation sits beside each assert). Physics runs in float64.
@@ -1891,11 +1891,11 @@ def test_demo_stores_each_paper_a_experiment(quick_run):
 def test_openmm_comparison_simulates_the_same_forces():
     # the benchmark's OpenMM side must be the same physics: forces agree with ours
     pytest.importorskip("openmm")
-    chains, x = C._chain_replicas(n_chains=3)
+    chains, x = C.chain_replicas(n_chains=3)
     fluid, y = C.lj_fluid(300, 0.8)
     y = C.simulate(fluid, y, 50, save_every=50, dtype="float64").positions[-1]
     for system, pos in ((chains, x), (fluid, y)):
-        context, _ = C._openmm_context(system, pos)
+        context, _ = C.openmm_context(system, pos)
         theirs = context.getState(getForces=True).getForces(asNumpy=True)._value
         ours = C.forces(system, pos).reshape(-1, 3)
         assert np.abs(theirs - ours).max() < 1e-3 * np.abs(ours).max()
