@@ -1181,8 +1181,7 @@ def pair_graph(positions, pairs, bonds, radius: float, *, box: Optional[float] =
     if box is not None and 2 * radius > box:
         raise ValueError(f"box = {box} is smaller than 2 radius = {2 * radius}; expected a box "
                          "at least twice the radius (minimum image)")
-    B, n, _ = positions.shape
-    s, t = pairs[:, 0], pairs[:, 1]
+    (B, n, _), s, t = positions.shape, pairs[:, 0], pairs[:, 1]
     bond_keys = torch.cat([bonds[:, 0] * n + bonds[:, 1], bonds[:, 1] * n + bonds[:, 0]])
     bonded = torch.isin(s * n + t, bond_keys)                            # [P]
     d = positions[:, s] - positions[:, t]                                # [B, P, 3]
@@ -1305,11 +1304,8 @@ class CGSystem:
         return len(self.bead_mass)
     def candidate_pairs(self) -> np.ndarray:
         """[P, 2] ordered bead pairs i != j that may carry an edge (one molecule if box is None)."""
-        i, j = np.nonzero(~np.eye(self.n_beads, dtype=bool))
-        if self.box is None:
-            same = self.molecule[i] == self.molecule[j]
-            i, j = i[same], j[same]
-        return np.stack([i, j], axis=1)
+        same = (self.molecule[:, None] == self.molecule) | (self.box is not None)
+        return np.argwhere(~np.eye(self.n_beads, dtype=bool) & same)
 
 def cg_system(system: System, atoms_per_bead: float = 4.0, *, seed: int = 0) -> CGSystem:
     """Coarse-grain a System with cg_mapping into the fixed inputs of the learned simulator."""
@@ -1360,14 +1356,12 @@ class StepDistribution:
         """[B, n]: the marginal std of each bead coordinate, sqrt(Sigma_ii)."""
         var = self.scale ** 2 + self.std_min ** 2
         if self.edge_scale is not None:
-            g = self.graph
-            var = var + torch.zeros(g.n_nodes, dtype=var.dtype, device=var.device).index_add_(
-                0, g.receivers, self.edge_scale ** 2).reshape(var.shape)
+            var = var + torch.zeros_like(var).view(-1).index_add_(
+                0, self.graph.receivers, self.edge_scale ** 2).reshape(var.shape)
         return var.sqrt()
     def covariance(self) -> torch.Tensor:
         """Sigma [B, n, n] of each coordinate, from S built dense."""
-        B, n = self.scale.shape
-        S = torch.diag_embed(self.scale)
+        n, S = self.scale.shape[1], torch.diag_embed(self.scale)
         if self.edge_scale is not None:
             r, s = self.graph.receivers, self.graph.senders
             S = S.index_put((r // n, r % n, s % n), self.edge_scale, accumulate=True)
@@ -1449,8 +1443,7 @@ class DynamicsGNN(torch.nn.Module):
     (velocity and acceleration rms, mean bead mass) are buffers set by train_dynamics."""
     def __init__(self, cfg: DynamicsConfig = DynamicsConfig()):
         super().__init__()
-        self.cfg = cfg
-        K = cfg.n_history
+        self.cfg, K = cfg, cfg.n_history
         self.embedding = EmbeddingGNN(cfg.embedding)
         self.net = GeometricGNN(cfg.embedding.latent + 2 * K, 2 + 2 * K, n_node_vectors=K,
                                 n_node_scalars=1, n_edge_scalars=int(cfg.correlated),
@@ -1487,8 +1480,7 @@ def _graph_and_beads(model, frame, cg: CGSystem, embedding=None, pairs=None):
     """The CG graph of frames [B, n, 3] and node features [B n, latent + 1] (embedding, mass)."""
     dev, dt = frame.device, frame.dtype
     emb = model.bead_embedding(cg) if embedding is None else embedding
-    if pairs is None:
-        pairs = torch.as_tensor(cg.candidate_pairs(), device=dev)
+    pairs = torch.as_tensor(cg.candidate_pairs(), device=dev) if pairs is None else pairs
     bonds = torch.as_tensor(cg.cg_bonds, device=dev).reshape(-1, 2)
     g = pair_graph(frame, pairs, bonds, model.cfg.radius, box=cg.box)
     mass = torch.as_tensor(cg.bead_mass, device=dev, dtype=dt) / model.mass_scale.to(dt)
@@ -1712,20 +1704,16 @@ def one_step_coverage(model: DynamicsGNN, cg: CGSystem, frames, stride: int, *,
                       n_samples: int = 256, levels=(0.5, 0.95), seed: int = 0) -> dict:
     """Calibration on held-out frames [F, R, n, 3] (n_samples windows, no history noise): the
     fraction of targets a_t inside the central `levels` intervals of N(mean_i, Sigma_ii), as
-    dict(coverage={level: fraction}, n_coordinates, mean_z2); > 1: over-confident. Beyond the
-    per-coordinate figures, rg2_mean_z2: the mean of (R_g^2 - E)^2 / Var of each molecule's next
-    R_g^2 under the step's Gaussian (expected_rg2, rg2_variance): is the collective coordinate
-    calibrated too? (< 1: the Gaussian spreads R_g^2 too wide; None: no molecule of 2+ beads.)"""
+    dict(coverage={level: fraction}, n_coordinates, mean_z2 (> 1: over-confident), rg2_mean_z2):
+    the last is the mean (R_g^2 - E)^2 / Var of each molecule's next R_g^2 under the Gaussian
+    (expected_rg2, rg2_variance; < 1: spread too wide; None: no molecule of 2+ beads)."""
     K, s = model.cfg.n_history, _positive_int(stride, "stride")
-    x = _frames(frames, "frames", cg, (K + 1) * s)
-    rng = np.random.default_rng(seed)
-    t = rng.integers(K * s, x.shape[0] - s, n_samples)
-    r = rng.integers(0, x.shape[1], n_samples)
+    x, rng = _frames(frames, "frames", cg, (K + 1) * s), np.random.default_rng(seed)
+    t, r = rng.integers(K * s, x.shape[0] - s, n_samples), rng.integers(0, x.shape[1], n_samples)
     window = x[t[:, None] + np.arange(-K, 2) * s, r[:, None]]             # [B, K + 2, n, 3]
     dev, dt = model.vel_scale.device, next(model.parameters()).dtype
-    h = torch.as_tensor(window[:, :-1], dtype=dt, device=dev)
+    h, x_next = (torch.as_tensor(a, dtype=dt, device=dev) for a in (window[:, :-1], window[:, -1]))
     dist = model(h, cg)
-    x_next = torch.as_tensor(window[:, -1], dtype=dt, device=dev)
     target = time_integrated_acceleration(h[:, -2], h[:, -1], x_next)
     z = ((target - dist.mean) / dist.std()[..., None]).abs().double().cpu().numpy()
     P = _mass_fractions(cg, x_next)
@@ -1870,8 +1858,7 @@ def train_score(cg_positions, cg, cfg: ScoreConfig = ScoreConfig(),
 @dataclass
 class RefineConfig:
     """Annealed Langevin refinement after each learned step ([A]; NCSN's schedule). Defaults: 4
-    Score GNN calls per step (NCSN on images: 10 levels x 100 steps; [A] gives no budget), chosen
-    on a training composition (collisions, RDFs of a 300 tau rollout against MD), not a test one."""
+    Score GNN calls per step ([A] gives no budget), chosen on a training composition."""
     sigmas: tuple = (0.4, 0.1)    # levels: geometric grid from sigmas[0] down to sigmas[1]
     n_levels: int = 3             # (defaults: 3 levels of one step each, then a denoising step)
     n_steps_each: int = 1         # Langevin steps per level
