@@ -1276,7 +1276,6 @@ class EmbeddingGNN(torch.nn.Module):
         count = torch.bincount(labels, minlength=n_beads).clamp(min=1).to(h.dtype)
         return pooled / count[:, None]
 
-
 # -------------------------------------------------------------------------------------------------
 # 5. Paper A: the learned CG simulator (Dynamics GNN)
 # -------------------------------------------------------------------------------------------------
@@ -1569,7 +1568,7 @@ def train_dynamics(cg_positions, cg, cfg: DynamicsConfig = DynamicsConfig(),
     fit = _Fit(model, train, label, "NLL", validate, validate_every, validate_from)
     with reproducible_training():
         for it, c, pairs, hist, x_next in _noisy_windows(data, cfg.n_history, train, dtype, gen):
-            target = time_integrated_acceleration(hist[:, -2], hist[:, -1], x_next)
+            target = time_integrated_acceleration(hist[:, -2], hist[:, -1], x_next)  # steer back
             step = model(hist, c, pairs=pairs)
             loss = step.nll(target)
             if train.rg2_weight:
