@@ -849,13 +849,11 @@ def trajectory_from_arrays(positions, masses, bonds=(), *, types=None, molecule=
 #   2. greedy tree packing (Kundu & Misra [5]) where step 1 breaks the size cap: a branched
 #      molecule has few balanced cuts; packing a spanning tree gives the fewest parts under it.
 #   3. greedy boundary moves (Fiduccia-Mattheyses style) that cut fewer bonds or even out sizes.
-# All three decide the datasets' beads (packing decides most class I polymers, a bridge ~7% of
-# the bisections). Unlike METIS, every part is connected: a bead of unbonded atoms means nothing.
+# Unlike METIS, every part is connected: a bead of unbonded atoms means nothing.
 def _bond_graph(n_atoms: int, bonds):
-    """(A, n_components, component per atom): A the symmetric 0/1 adjacency (scipy CSR) of the
-    bond graph, self-loops and repeats ignored."""
+    """(A, n_components, component per atom): A the symmetric 0/1 CSR adjacency of the bonds."""
     b = np.asarray(bonds, dtype=np.int64).reshape(-1, 2)
-    b = b[b[:, 0] != b[:, 1]]
+    b = b[b[:, 0] != b[:, 1]]                                          # no self-loops
     A = coo_matrix((np.ones(2 * len(b)), (np.r_[b[:, 0], b[:, 1]], np.r_[b[:, 1], b[:, 0]])),
                    shape=(n_atoms, n_atoms)).tocsr()
     A.data[:] = 1.0                                   # repeated bonds were summed: reset to 1
@@ -865,13 +863,11 @@ def edge_cut(bonds, labels) -> int:
     """Number of distinct bonds whose two atoms lie in different parts."""
     labels = _as_array(labels, "labels", ndim=1, dtype=np.int64)
     b = np.unique(np.sort(np.asarray(bonds, dtype=np.int64).reshape(-1, 2), axis=1), axis=0)
-    b = b[b[:, 0] != b[:, 1]]
     return int(np.sum(labels[b[:, 0]] != labels[b[:, 1]]))
 
 def _fiedler_vector(A, rng) -> np.ndarray:
-    """Fiedler vector of a connected graph: dense up to 1000 atoms (torch's LAPACK beats a
-    threaded OpenBLAS on many small solves), else shift-invert Lanczos at sigma = -1e-3 (L + 1e-3 I
-    is positive definite; a cut needs the order, not 12 digits)."""
+    """Fiedler vector of a connected graph: dense up to 1000 atoms, else shift-invert Lanczos at
+    sigma = -1e-3 (L + 1e-3 I is positive definite; a cut needs the order, not 12 digits)."""
     n, degree = A.shape[0], np.asarray(A.sum(1)).ravel()
     if n > 1000:
         return eigsh((diags(degree) - A).tocsc(), k=2, sigma=-1e-3, which="LM",
@@ -929,8 +925,7 @@ def _bisect(A, w, k, rng, mean, slack):
         d = np.maximum(np.abs(wa / kk - mean), np.abs((W - wa) / (k - kk) - mean)) / mean
         k1, dev = np.where(d < dev, kk, k1), np.minimum(d, dev)   # the first of the nearest
     cuts = np.r_[A[first][:, ~first].sum(), np.ones(len(child))]
-    ok = dev <= slack + 1e-9
-    even = np.abs(k1 - k / 2) <= 0.2 * k + 0.5
+    ok, even = dev <= slack + 1e-9, np.abs(k1 - k / 2) <= 0.2 * k + 0.5
     pick = int(np.lexsort((dev, np.abs(k1 - k / 2), np.where(ok, cuts, np.inf), ~even, ~ok))[0])
     if pick > 0:
         first = np.isin(np.arange(n), order[pre[child[pick - 1]]:][:sub_n[pick - 1]])
@@ -954,19 +949,18 @@ def _pack(A, w, cap) -> np.ndarray:
     a DFS spanning tree; bottom-up, a subtree over the cap sheds its heaviest child branches."""
     order, parent = depth_first_order(A, 0, directed=False, return_predecessors=True)
     kids = [[] for _ in range(A.shape[0])]           # (weight still attached, child)
-    shed = np.zeros(A.shape[0], dtype=bool)
+    shed = np.zeros(A.shape[0], dtype=bool)          # a shed branch starts a part
     for v in order[::-1].tolist():                   # children before parents
         load = sorted(kids[v])
         total = w[v] + sum(x[0] for x in load)
         while total > cap + 1e-9 and load:           # shed the heaviest branch
             weight, c = load.pop()
-            total -= weight
-            shed[c] = True
+            total, shed[c] = total - weight, True
         if parent[v] >= 0:
             kids[parent[v]].append((total, v))
     labels = np.zeros(A.shape[0], dtype=np.int64)
-    labels[order] = np.cumsum(shed[order])           # a shed branch starts a part ...
-    for v in order[1:].tolist():                     # ... the rest join their parent's, top-down
+    labels[order] = np.cumsum(shed[order])
+    for v in order[1:].tolist():                     # the rest join their parent's, top-down
         if not shed[v]:
             labels[v] = labels[parent[v]]
     return labels
@@ -993,8 +987,7 @@ def _partition_component(A, w, k, rng, cap) -> np.ndarray:
 def _refine(A, w, labels, cap, max_passes=8):
     """Greedy boundary moves, one atom at a time: to a neighbouring part if that cuts fewer bonds,
     or evens sizes at equal cut, keeping the receiver within the cap and the giver connected."""
-    weight = np.bincount(labels, weights=w)
-    rows = np.repeat(np.arange(len(labels)), np.diff(A.indptr))
+    weight, rows = np.bincount(labels, weights=w), np.repeat(np.arange(len(w)), np.diff(A.indptr))
     for _ in range(max_passes):
         moved = 0
         for v in np.unique(rows[labels[A.indices] != labels[rows]]).tolist():   # boundary atoms
@@ -1144,8 +1137,7 @@ def pair_graph(positions, pairs, bonds, radius: float, *, box: Optional[float] =
     if box is not None and 2 * radius > box:
         raise ValueError(f"box = {box} is smaller than 2 radius = {2 * radius}; expected a box "
                          "at least twice the radius (minimum image)")
-    B, n, _ = positions.shape
-    s, t = pairs[:, 0], pairs[:, 1]
+    (B, n, _), s, t = positions.shape, pairs[:, 0], pairs[:, 1]
     bond_keys = torch.cat([bonds[:, 0] * n + bonds[:, 1], bonds[:, 1] * n + bonds[:, 0]])
     bonded = torch.isin(s * n + t, bond_keys)                            # [P]
     d = positions[:, s] - positions[:, t]                                # [B, P, 3]
@@ -1240,7 +1232,6 @@ class EmbeddingGNN(torch.nn.Module):
         count = torch.bincount(labels, minlength=n_beads).clamp(min=1).to(h.dtype)
         return pooled / count[:, None]
 
-
 # -------------------------------------------------------------------------------------------------
 # 5. Paper A: the learned CG simulator (Dynamics GNN)
 # -------------------------------------------------------------------------------------------------
@@ -1268,11 +1259,8 @@ class CGSystem:
         return len(self.bead_mass)
     def candidate_pairs(self) -> np.ndarray:
         """[P, 2] ordered bead pairs i != j that may carry an edge (one molecule if box is None)."""
-        i, j = np.nonzero(~np.eye(self.n_beads, dtype=bool))
-        if self.box is None:
-            same = self.molecule[i] == self.molecule[j]
-            i, j = i[same], j[same]
-        return np.stack([i, j], axis=1)
+        same = (self.molecule[:, None] == self.molecule) | (self.box is not None)
+        return np.argwhere(~np.eye(self.n_beads, dtype=bool) & same)
 
 def cg_system(system: System, atoms_per_bead: float = 4.0, *, seed: int = 0) -> CGSystem:
     """Coarse-grain a System with cg_mapping into the fixed inputs of the learned simulator."""
@@ -1323,14 +1311,12 @@ class StepDistribution:
         """[B, n]: the marginal std of each bead coordinate, sqrt(Sigma_ii)."""
         var = self.scale ** 2 + self.std_min ** 2
         if self.edge_scale is not None:
-            g = self.graph
-            var = var + torch.zeros(g.n_nodes, dtype=var.dtype, device=var.device).index_add_(
-                0, g.receivers, self.edge_scale ** 2).reshape(var.shape)
+            var = var + torch.zeros_like(var).view(-1).index_add_(
+                0, self.graph.receivers, self.edge_scale ** 2).reshape(var.shape)
         return var.sqrt()
     def covariance(self) -> torch.Tensor:
         """Sigma [B, n, n] of each coordinate, from S built dense."""
-        B, n = self.scale.shape
-        S = torch.diag_embed(self.scale)
+        n, S = self.scale.shape[1], torch.diag_embed(self.scale)
         if self.edge_scale is not None:
             r, s = self.graph.receivers, self.graph.senders
             S = S.index_put((r // n, r % n, s % n), self.edge_scale, accumulate=True)
@@ -1412,8 +1398,7 @@ class DynamicsGNN(torch.nn.Module):
     (velocity and acceleration rms, mean bead mass) are buffers set by train_dynamics."""
     def __init__(self, cfg: DynamicsConfig = DynamicsConfig()):
         super().__init__()
-        self.cfg = cfg
-        K = cfg.n_history
+        self.cfg, K = cfg, cfg.n_history
         self.embedding = EmbeddingGNN(cfg.embedding)
         self.net = GeometricGNN(cfg.embedding.latent + 2 * K, 2 + 2 * K, n_node_vectors=K,
                                 n_node_scalars=1, n_edge_scalars=int(cfg.correlated),
@@ -1450,8 +1435,7 @@ def _graph_and_beads(model, frame, cg: CGSystem, embedding=None, pairs=None):
     """The CG graph of frames [B, n, 3] and node features [B n, latent + 1] (embedding, mass)."""
     dev, dt = frame.device, frame.dtype
     emb = model.bead_embedding(cg) if embedding is None else embedding
-    if pairs is None:
-        pairs = torch.as_tensor(cg.candidate_pairs(), device=dev)
+    pairs = torch.as_tensor(cg.candidate_pairs(), device=dev) if pairs is None else pairs
     bonds = torch.as_tensor(cg.cg_bonds, device=dev).reshape(-1, 2)
     g = pair_graph(frame, pairs, bonds, model.cfg.radius, box=cg.box)
     mass = torch.as_tensor(cg.bead_mass, device=dev, dtype=dt) / model.mass_scale.to(dt)
@@ -1529,39 +1513,62 @@ def train_dynamics(cg_positions, cg, cfg: DynamicsConfig = DynamicsConfig(),
     list of CGSystems (taken in turn). validate(model) -> score (lower is better) runs every
     validate_every iterations from validate_from on and at the end; the best weights are kept
     (as GNS [2] selects checkpoints), see model.validation, model.selected_iteration."""
-    K, m = cfg.n_history, _positive_int(train.stride, "stride")
     validate_every = _positive_int(validate_every, "validate_every")
     if not train.rg2_weight >= 0:
         raise ValueError(f"rg2_weight = {train.rg2_weight}; expected a number >= 0")
     if not 0 <= validate_from <= train.n_iterations:
         raise ValueError(f"validate_from = {validate_from}; expected 0 <= validate_from <= "
                          f"n_iterations = {train.n_iterations}")
-    sets = _training_sets(cg_positions, cg, (K + 1) * m)
-    torch.manual_seed(train.seed)                       # the weights' initialisation
-    model = DynamicsGNN(cfg)
-    model.acc_scale.fill_(_rms([x[2 * m:] - 2 * x[m:-m] + x[:-2 * m] for x, _ in sets]))
-    model, data = _to_device(model, sets, m, device, dtype)
+    model, data = _model_and_data(DynamicsGNN, cfg, cg_positions, cg, train, device, dtype)
     gen = torch.Generator().manual_seed(train.seed)     # windows and noise
-    offsets = torch.arange(-K, 2) * m                   # history x_{t-Ks} .. x_t, then x_{t+s}
-    noise_levels = _geometric_grid(train.noise, train.n_noise_levels, dtype)
     fit = _Fit(model, train, label, "NLL", validate, validate_every, validate_from)
     with reproducible_training():
-        for it in range(1, train.n_iterations + 1):
-            x, c, pairs = data[it % len(data)]                           # the systems in turn
-            t = torch.randint(K * m, len(x) - m, (train.batch_size,), generator=gen)
-            r = torch.randint(0, x.shape[1], (train.batch_size,), generator=gen)
-            frames = x[(t[:, None] + offsets).to(x.device), r[:, None].to(x.device)]
-            std = noise_levels[torch.randint(0, len(noise_levels), (len(t),), generator=gen)]
-            noise = torch.randn(frames[:, :-1].shape, generator=gen, dtype=dtype)
-            hist = frames[:, :-1] + (std[:, None, None, None] * noise).to(x.device)  # noisy
-            x_next = frames[:, -1]                                       # clean
-            target = time_integrated_acceleration(hist[:, -2], hist[:, -1], x_next)
+        for it, c, pairs, hist, x_next in _noisy_windows(data, cfg.n_history, train, dtype, gen):
+            target = time_integrated_acceleration(hist[:, -2], hist[:, -1], x_next)  # steer back
             step = model(hist, c, pairs=pairs)
             loss = step.nll(target)
             if train.rg2_weight:
                 loss = loss + train.rg2_weight * rg2_moment_loss(step, hist, x_next, c)
             fit.step(it, loss)
     return fit.done()
+
+def _model_and_data(model_class, cfg, cg_positions, cg, train: TrainConfig, device, dtype):
+    """A model_class(cfg) seeded by train.seed, its scales (velocity and acceleration rms over
+    one learned step, mean bead mass) from the data, and [(frames, CGSystem, candidate pairs)],
+    all on device. cg_positions and cg: one (array, CGSystem) or two equal lists."""
+    m, many = _positive_int(train.stride, "stride"), isinstance(cg, (list, tuple))
+    xs, cgs = (list(cg_positions), list(cg)) if many else ([cg_positions], [cg])
+    if len(xs) != len(cgs) or not cgs:
+        raise ValueError(f"cg_positions holds {len(xs)} arrays for {len(cgs)} CG systems; "
+                         "expected one array per system")
+    sets = [(_frames(x, "cg_positions", c, (cfg.n_history + 1) * m), c) for x, c in zip(xs, cgs)]
+    torch.manual_seed(train.seed)                       # the weights' initialisation
+    model = model_class(cfg)
+    if hasattr(model, "acc_scale"):                     # DynamicsGNN
+        model.acc_scale.fill_(_rms([x[2 * m:] - 2 * x[m:-m] + x[:-2 * m] for x, _ in sets]))
+    model.vel_scale.fill_(_rms([x[m:] - x[:-m] for x, _ in sets]))
+    model.mass_scale.fill_(float(np.mean(np.concatenate([c.bead_mass for _, c in sets]))))
+    dev = resolve_device(device)
+    return model.to(device=dev, dtype=dtype), [
+        (torch.as_tensor(x, dtype=dtype, device=dev), c,
+         torch.as_tensor(c.candidate_pairs(), device=dev)) for x, c in sets]
+
+def _noisy_windows(data, K: int, train: TrainConfig, dtype, gen):
+    """Per iteration `it`: (it, CGSystem, its pairs, noisy history [B, K + 1, n, 3], clean next
+    frame [B, n, 3]); windows x_{t-Ks} .. x_{t+s} (s = stride frames) from the systems in turn,
+    each history with noise of one std drawn from train.noise's geometric grid."""
+    m = int(train.stride)
+    offsets = torch.arange(-K, 2) * m                   # history x_{t-Ks} .. x_t, then x_{t+s}
+    noise_levels = _geometric_grid(train.noise, train.n_noise_levels, dtype)
+    for it in range(1, train.n_iterations + 1):
+        x, c, pairs = data[it % len(data)]
+        t = torch.randint(K * m, len(x) - m, (train.batch_size,), generator=gen)
+        r = torch.randint(0, x.shape[1], (train.batch_size,), generator=gen)
+        frames = x[(t[:, None] + offsets).to(x.device), r[:, None].to(x.device)]
+        std = noise_levels[torch.randint(0, len(noise_levels), (len(t),), generator=gen)]
+        noise = torch.randn(frames[:, :-1].shape, generator=gen, dtype=dtype)
+        hist = frames[:, :-1] + (std[:, None, None, None] * noise).to(x.device)
+        yield it, c, pairs, hist, frames[:, -1]
 
 def _frames(x, name: str, cg: CGSystem, min_frames: int) -> np.ndarray:
     """x as float64 [F, R, n_beads, 3] with F > min_frames, or a ValueError naming `name`."""
@@ -1570,24 +1577,6 @@ def _frames(x, name: str, cg: CGSystem, min_frames: int) -> np.ndarray:
         raise ValueError(f"{name} has shape {x.shape}; expected more than (n_history + 1) * "
                          f"stride = {min_frames} frames of {cg.n_beads} beads")
     return x
-
-def _training_sets(cg_positions, cg, min_frames: int) -> list:
-    """[(frames [F, R, n, 3], CGSystem)] from one (array, CGSystem) or two equal lists."""
-    many = isinstance(cg, (list, tuple))
-    xs, cgs = (list(cg_positions), list(cg)) if many else ([cg_positions], [cg])
-    if len(xs) != len(cgs) or not cgs:
-        raise ValueError(f"cg_positions holds {len(xs)} arrays for {len(cgs)} CG systems; "
-                         "expected one array per system")
-    return [(_frames(x, "cg_positions", c, min_frames), c) for x, c in zip(xs, cgs)]
-
-def _to_device(model, sets, m: int, device, dtype):
-    """Set the model's velocity and mass scales from the data; model and data on device."""
-    dev = resolve_device(device)
-    model.vel_scale.fill_(_rms([x[m:] - x[:-m] for x, _ in sets]))
-    model.mass_scale.fill_(float(np.mean(np.concatenate([c.bead_mass for _, c in sets]))))
-    return model.to(device=dev, dtype=dtype), [
-        (torch.as_tensor(x, dtype=dtype, device=dev), c,
-         torch.as_tensor(c.candidate_pairs(), device=dev)) for x, c in sets]
 
 def _rms(arrays) -> float:
     return float(np.sqrt(sum(np.sum(a ** 2) for a in arrays) / sum(a.size for a in arrays)))
@@ -1670,20 +1659,16 @@ def one_step_coverage(model: DynamicsGNN, cg: CGSystem, frames, stride: int, *,
                       n_samples: int = 256, levels=(0.5, 0.95), seed: int = 0) -> dict:
     """Calibration on held-out frames [F, R, n, 3] (n_samples windows, no history noise): the
     fraction of targets a_t inside the central `levels` intervals of N(mean_i, Sigma_ii), as
-    dict(coverage={level: fraction}, n_coordinates, mean_z2); > 1: over-confident. Beyond the
-    per-coordinate figures, rg2_mean_z2: the mean of (R_g^2 - E)^2 / Var of each molecule's next
-    R_g^2 under the step's Gaussian (expected_rg2, rg2_variance): is the collective coordinate
-    calibrated too? (< 1: the Gaussian spreads R_g^2 too wide; None: no molecule of 2+ beads.)"""
+    dict(coverage={level: fraction}, n_coordinates, mean_z2 (> 1: over-confident), rg2_mean_z2):
+    the last is the mean (R_g^2 - E)^2 / Var of each molecule's next R_g^2 under the Gaussian
+    (expected_rg2, rg2_variance; < 1: spread too wide; None: no molecule of 2+ beads)."""
     K, s = model.cfg.n_history, _positive_int(stride, "stride")
-    x = _frames(frames, "frames", cg, (K + 1) * s)
-    rng = np.random.default_rng(seed)
-    t = rng.integers(K * s, x.shape[0] - s, n_samples)
-    r = rng.integers(0, x.shape[1], n_samples)
+    x, rng = _frames(frames, "frames", cg, (K + 1) * s), np.random.default_rng(seed)
+    t, r = rng.integers(K * s, x.shape[0] - s, n_samples), rng.integers(0, x.shape[1], n_samples)
     window = x[t[:, None] + np.arange(-K, 2) * s, r[:, None]]             # [B, K + 2, n, 3]
     dev, dt = model.vel_scale.device, next(model.parameters()).dtype
-    h = torch.as_tensor(window[:, :-1], dtype=dt, device=dev)
+    h, x_next = (torch.as_tensor(a, dtype=dt, device=dev) for a in (window[:, :-1], window[:, -1]))
     dist = model(h, cg)
-    x_next = torch.as_tensor(window[:, -1], dtype=dt, device=dev)
     target = time_integrated_acceleration(h[:, -2], h[:, -1], x_next)
     z = ((target - dist.mean) / dist.std()[..., None]).abs().double().cpu().numpy()
     P = _mass_fractions(cg, x_next)
@@ -1811,27 +1796,15 @@ def train_score(cg_positions, cg, cfg: ScoreConfig = ScoreConfig(),
     and history noise as in train_dynamics, then x~ = x_{t+s} + sigma z (sigma from cfg's grid,
     one per sample) and the loss sigma^2 |s(x~ | noisy history, sigma) + z / sigma|^2."""
     train = train or TrainConfig()
-    K, m = cfg.n_history, _positive_int(train.stride, "stride")
-    sets = _training_sets(cg_positions, cg, (K + 1) * m)
-    torch.manual_seed(train.seed)                       # the weights' initialisation
-    model, data = _to_device(ScoreGNN(cfg), sets, m, device, dtype)
+    model, data = _model_and_data(ScoreGNN, cfg, cg_positions, cg, train, device, dtype)
     gen = torch.Generator().manual_seed(train.seed)     # windows and noise
-    offsets = torch.arange(-K, 2) * m                   # history x_{t-Ks} .. x_t, then x_{t+s}
-    noise_levels = _geometric_grid(train.noise, train.n_noise_levels, dtype)
     levels = _geometric_grid(cfg.sigmas, cfg.n_levels, dtype)
     fit = _Fit(model, train, label, "DSM loss")
     with reproducible_training():
-        for it in range(1, train.n_iterations + 1):
-            x, c, pairs = data[it % len(data)]                           # the systems in turn
-            t = torch.randint(K * m, len(x) - m, (train.batch_size,), generator=gen)
-            r = torch.randint(0, x.shape[1], (train.batch_size,), generator=gen)
-            frames = x[(t[:, None] + offsets).to(x.device), r[:, None].to(x.device)]
-            std = noise_levels[torch.randint(0, len(noise_levels), (len(t),), generator=gen)]
-            noise = torch.randn(frames[:, :-1].shape, generator=gen, dtype=dtype)
-            hist = frames[:, :-1] + (std[:, None, None, None] * noise).to(x.device)  # noisy
-            x_next = frames[:, -1]                                       # clean
-            sigma = levels[torch.randint(0, len(levels), (len(t),), generator=gen)].to(x.device)
-            z = torch.randn(x_next.shape, generator=gen, dtype=dtype).to(x.device)
+        for it, c, pairs, hist, x_next in _noisy_windows(data, cfg.n_history, train, dtype, gen):
+            dev = x_next.device
+            sigma = levels[torch.randint(0, len(levels), (len(hist),), generator=gen)].to(dev)
+            z = torch.randn(x_next.shape, generator=gen, dtype=dtype).to(dev)
             score = model(x_next + sigma[:, None, None] * z, hist, sigma, c, pairs=pairs)
             loss = ((sigma[:, None, None] * score + z) ** 2).sum(-1).mean()
             fit.step(it, loss)
@@ -1840,8 +1813,7 @@ def train_score(cg_positions, cg, cfg: ScoreConfig = ScoreConfig(),
 @dataclass
 class RefineConfig:
     """Annealed Langevin refinement after each learned step ([A]; NCSN's schedule). Defaults: 4
-    Score GNN calls per step (NCSN on images: 10 levels x 100 steps; [A] gives no budget), chosen
-    on a training composition (collisions, RDFs of a 300 tau rollout against MD), not a test one."""
+    Score GNN calls per step ([A] gives no budget), chosen on a training composition."""
     sigmas: tuple = (0.4, 0.1)    # levels: geometric grid from sigmas[0] down to sigmas[1]
     n_levels: int = 3             # (defaults: 3 levels of one step each, then a denoising step)
     n_steps_each: int = 1         # Langevin steps per level
