@@ -531,8 +531,10 @@ def _check_run(system, positions, velocities, n_steps, dt, kT, gamma, save_every
     if velocities is not None and _as_array(velocities, "velocities").shape != x.shape:
         raise ValueError(f"velocities has shape {np.shape(velocities)}; expected {x.shape} "
                          "like positions")
-    _positive_int(n_steps, "n_steps", minimum=0), _positive_int(save_every, "save_every")
-    _positive(dt, "dt"), _positive(kT, "kT")
+    _positive_int(n_steps, "n_steps", minimum=0)
+    _positive_int(save_every, "save_every")
+    _positive(dt, "dt")
+    _positive(kT, "kT")
     if not (math.isfinite(float(gamma)) and gamma >= 0):
         raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
     tdt = dtype if dtype in _DTYPES.values() else _DTYPES.get(dtype)
