@@ -2402,7 +2402,6 @@ INTERPOLATION_PRESETS = dict(full=dict(train={}, max_hidden=None),
                              quick=dict(train=dict(teacher_epochs=1, epochs=2), max_hidden=32))
 
 # ---- shared by the experiments: data files, coarse-graining, timing -----------------------------
-
 def _data_files(data_dir, names, part, quick) -> list:
     """data_dir/<name>.npz of each name, or an error naming the data_gen.py command to run."""
     paths = [os.path.join(data_dir, f"{n}.npz") for n in names]
@@ -2415,12 +2414,10 @@ def _data_files(data_dir, names, part, quick) -> list:
 def _load_cg(traj, atoms_per_bead, seed, start: int = 0, stop=None):
     """(CG positions [F, R, n, 3], CGSystem, Trajectory) of atoms start..stop-1 of traj/path."""
     traj = load_trajectory(traj)[0] if isinstance(traj, str) else traj
-    stop = traj.system.n_atoms if stop is None else stop
-    whole = (start, stop) == (0, traj.system.n_atoms)
-    cg = cg_system(traj.system if whole else subsystem(traj.system, start, stop),
+    s, stop = traj.system, traj.system.n_atoms if stop is None else stop
+    cg = cg_system(s if (start, stop) == (0, s.n_atoms) else subsystem(s, start, stop),
                    atoms_per_bead, seed=seed)
-    x = coarse_grain(traj.positions[..., start:stop, :], cg.labels,
-                     traj.system.masses[start:stop])
+    x = coarse_grain(traj.positions[..., start:stop, :], cg.labels, s.masses[start:stop])
     return (x if x.ndim == 4 else x[:, None]), cg, traj
 
 def _best_time(run, repeats: int):
@@ -2460,7 +2457,6 @@ def _relaxation(series, dt) -> float:
     return float(np.mean([relaxation_time(series[:, r], dt) for r in range(series.shape[1])]))
 
 # ---- the MD ground truth, and the short-MD baseline every learned simulator must beat -----------
-
 def md_ground_truth_summary(data_dir: str) -> dict:
     """Per test polymer, <R_g^2> of the long runs (with its standard error) beside that of one
     short run as long as a training trajectory: the estimate a learned simulator must beat."""
@@ -2486,7 +2482,6 @@ def cg_rg2(positions, cg: CGSystem) -> list:
     return molecule_rg2(positions, cg.bead_mass, offsets)
 
 # ---- paper A: the polymer experiment (unseen class II chains) -----------------------------------
-
 def polymer_experiment(data_dir="data", seed=0, device="cpu", quick=False,
                        cfg: Optional[DynamicsConfig] = None, train: Optional[TrainConfig] = None,
                        atoms_per_bead=4.0, burn_in_tau=20.0, stability_steps=10_000,
@@ -2517,9 +2512,8 @@ def polymer_experiment(data_dir="data", seed=0, device="cpu", quick=False,
         starts[n_train:n_train + 1] or [tr.system.n_atoms])
     groups = [_load_cg(tr, atoms_per_bead, seed, a, b) for a, b in zip(cuts[:-1], cuts[1:])]
     print(f"training the Dynamics GNN on {tr.positions.shape[1]} x {tr.time[-1]:g} tau of "
-          f"{int(tr.system.molecule.max()) + 1 - n_validation} class I polymers "
-          f"({sum(g[1].n_beads for g in groups)} beads); {n_validation} more held out to select "
-          "the weights by a validation rollout", flush=True)
+          f"{n_train} class I polymers ({sum(g[1].n_beads for g in groups)} beads); {n_validation} "
+          "more held out to select the weights by a validation rollout", flush=True)
     validate = None if not n_validation else rg2_validation(*_load_cg(
         tr, atoms_per_bead, seed, starts[n_train], tr.system.n_atoms)[:2], train.stride,
         cfg.n_history, seed=seed)
@@ -2529,13 +2523,13 @@ def polymer_experiment(data_dir="data", seed=0, device="cpu", quick=False,
     train_seconds = time.perf_counter() - t_train
     if checkpoint:
         save_checkpoint(checkpoint, model)
-    return dict(**_polymer_judge(model, data, train.stride, burn_in_tau, stability_steps, seed,
-                                 device, quick),
-                validation=dict(n_polymers=n_validation, scores=getattr(model, "validation", []),
-                                selected_iteration=getattr(model, "selected_iteration", None)),
-                train_seconds=train_seconds, seconds=time.perf_counter() - t_start,
-                config=dict(model=asdict(cfg), train=asdict(train),
-                            atoms_per_bead=atoms_per_bead, quick=quick, seed=seed))
+    return dict(
+        **_polymer_judge(model, data, train.stride, burn_in_tau, stability_steps, seed, device,
+                         quick), train_seconds=train_seconds, seconds=time.perf_counter() - t_start,
+        validation=dict(n_polymers=n_validation, scores=getattr(model, "validation", []),
+                        selected_iteration=getattr(model, "selected_iteration", None)),
+        config=dict(model=asdict(cfg), train=asdict(train), atoms_per_bead=atoms_per_bead,
+                    quick=quick, seed=seed))
 
 def rg2_validation(x_val, cg_val: CGSystem, stride: int, n_history: int, *, n_replicas=8,
                    n_steps=24, n_burn=4, seed=0):
@@ -2544,7 +2538,6 @@ def rg2_validation(x_val, cg_val: CGSystem, stride: int, n_history: int, *, n_re
     x_val [F, R, n, 3] for n_burn + n_steps learned steps; 1e9 if the rollout blows up."""
     truth = np.array([r.mean() for r in cg_rg2(x_val, cg_val)])
     history = np.repeat(x_val[0:(n_history + 1) * stride:stride, 0][None], n_replicas, axis=0)
-
     def validate(model) -> float:
         try:
             frames = rollout(model, cg_val, history, n_burn + n_steps, seed=seed)
@@ -2592,10 +2585,8 @@ def _polymer_judge(model, data, m, burn_in_tau, stability_steps, seed, device, q
         spearman_short_md=dict(rg2=rank("rg2_truth", "rg2_short_md"), relaxation_time=rank(
             "relaxation_time_truth", "relaxation_time_short_md")),
         spearman_supervised_gnn=dict(rg2=rank("rg2_truth", "rg2_supervised_gnn")),
-        calibration=dict(coverage_95=cover["coverage"]["0.95"],
-                         coverage_50=cover["coverage"]["0.5"], mean_z2=cover["mean_z2"],
-                         rg2_mean_z2=cover["rg2_mean_z2"],
-                         n_coordinates=cover["n_coordinates"]),
+        calibration=dict(coverage_95=cover["coverage"]["0.95"], **{k: cover[k] for k in (
+            "mean_z2", "rg2_mean_z2", "n_coordinates")}, coverage_50=cover["coverage"]["0.5"]),
         seconds_per_tau=per_tau, speedup=per_tau["md"] / per_tau["learned"], n_test=len(rows),
         per_polymer=rows, free_energy_surface_polymer0=_fes_difference(
             x_long[::m, :, sel0].reshape(-1, len(sel0), 3),
@@ -2671,7 +2662,6 @@ def _stability_check(model, cg, history, n_steps, seed, x_truth) -> dict:
                 seconds=time.perf_counter() - t0)
 
 # ---- paper A: the electrolyte experiment (Score GNN refinement, unseen compositions) ------------
-
 ELECTROLYTE_SPECIES = ("cation", "anion", "polymer")
 ELECTROLYTE_RDF_PAIRS = (("cation", "cation"), ("cation", "anion"), ("cation", "polymer"))
 
@@ -2727,24 +2717,21 @@ def electrolyte_experiment(data_dir="data", seed=0, device="cpu", quick=False,
            for key in ("md", "learned", "learned_no_score")}
     return dict(
         **_electrolyte_means(rows), seconds_per_tau=sec, speedup=sec["md"] / sec["learned"],
-        speedup_no_score=sec["md"] / sec["learned_no_score"], n_test=len(rows),
-        per_system=rows, learned_step_tau=step_tau,
-        md_steps_per_learned_step=int(round(step_tau / md_dt)), n_replicas=n_replicas,
-        rollout_steps=n_steps, score_evaluations_per_step=refine.n_levels * refine.n_steps_each
-        + int(refine.denoise), collision_threshold=collision_threshold,
-        train_seconds=train_seconds, seconds=time.perf_counter() - t_start,
-        config=dict(model=asdict(cfg), score=asdict(score_cfg), train=asdict(train),
-                    refine=asdict(refine), atoms_per_bead=atoms_per_bead, quick=quick,
-                    seed=seed))
+        speedup_no_score=sec["md"] / sec["learned_no_score"], n_test=len(rows), per_system=rows,
+        learned_step_tau=step_tau, md_steps_per_learned_step=int(round(step_tau / md_dt)),
+        n_replicas=n_replicas, rollout_steps=n_steps, collision_threshold=collision_threshold,
+        score_evaluations_per_step=refine.n_levels * refine.n_steps_each + int(refine.denoise),
+        train_seconds=train_seconds, seconds=time.perf_counter() - t_start, config=dict(
+            model=asdict(cfg), score=asdict(score_cfg), train=asdict(train), refine=asdict(refine),
+            atoms_per_bead=atoms_per_bead, quick=quick, seed=seed))
 
 def _electrolyte_test(data_dir, k, model, score, refine, m, atoms_per_bead, n_replicas,
                       collision_threshold, seed, device, quick):
     """(row, seconds per tau, learned steps, MD dt) of test electrolyte k: rollouts with and
     without the Score GNN from the short run's first frames, beside the long and short MD."""
-    x_long, cg, long = _load_cg(os.path.join(data_dir, f"electrolyte_test_{k}_long.npz"),
-                                atoms_per_bead, seed)
-    x_short = _load_cg(os.path.join(data_dir, f"electrolyte_test_{k}_short.npz"),
-                       atoms_per_bead, seed)[0]
+    (x_long, cg, long), (x_short, _, _) = (
+        _load_cg(os.path.join(data_dir, f"electrolyte_test_{k}_{t}.npz"), atoms_per_bead, seed)
+        for t in ("long", "short"))
     species, K = bead_species(cg), model.cfg.n_history
     frame_dt = float(long.time[1] - long.time[0])
     step_tau, fit = m * frame_dt, ELECTROLYTE_PRESETS["quick" if quick else "full"]["fit"]
@@ -2813,7 +2800,6 @@ def _electrolyte_means(rows) -> dict:
         spearman_short_md=d_rank("short_md"))
 
 # ---- paper B: the stiff molecule at three temperatures, gaps of K MD steps ----------------------
-
 def split_segments(traj, gap, train_fraction=0.8, train_stride=None):
     """Time split of every replica: training segments early, held-out segments late.
 
@@ -2940,7 +2926,6 @@ def gap_sweep(data_dir="data", gaps=(5, 10, 20, 40, 80), seed=0, device="cpu", q
     return dict(mae={k: r["mae"] for k, r in runs.items()},
                 endpoint_error=max([0.0] + [r["endpoint_error"] for r in runs.values()]),
                 seconds=time.perf_counter() - t0)
-
 
 # -------------------------------------------------------------------------------------------------
 # 10. Figures: the papers' plots, redrawn from results/summary.json (only if matplotlib is there)
