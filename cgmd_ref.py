@@ -2448,12 +2448,10 @@ def _md_seconds_per_tau(traj, tau, device, n_replicas=None, repeats=3) -> float:
                                              save_every=n, device=device), repeats)
     return seconds / (n * dt)
 
-def _rank_correlation(a, b) -> float:
-    """Spearman's rank correlation of two sequences (nan when there are fewer than two)."""
+def _rank_correlation(a, b) -> float:  # Spearman's, of two sequences (nan for fewer than two)
     return float(spearmanr(a, b).statistic) if len(a) > 1 else float("nan")
 
-def _relaxation(series, dt) -> float:
-    """Mean over replicas of the R_g^2 relaxation time of series [T, R]."""
+def _relaxation(series, dt) -> float:  # mean over replicas of the relaxation time of [T, R]
     return float(np.mean([relaxation_time(series[:, r], dt) for r in range(series.shape[1])]))
 
 # ---- the MD ground truth, and the short-MD baseline every learned simulator must beat -----------
@@ -2769,14 +2767,13 @@ def _electrolyte_test(data_dir, k, model, score, refine, m, atoms_per_bead, n_re
 def _transport_and_structure(frames, dt, cg, species, fit, threshold, every=1, n_bins=30) -> dict:
     """D and MSD per species (mean over replicas) of unwrapped frames [T, R, n, 3] `dt` apart;
     the RDFs and the collision rate (pairs closer than `threshold`) of every `every`-th frame."""
-    T, R = frames[::every].shape[:2]
-    flat = frames[::every].reshape(T * R, cg.n_beads, 3)
+    flat, R = frames[::every].reshape(-1, cg.n_beads, 3), frames.shape[1]      # [T R, n, 3]
     rdf = {}
     for a, b in ELECTROLYTE_RDF_PAIRS:
         r, g = radial_distribution(flat[:, species == a], cg.box, cg.box / 2, n_bins,
                                    None if a == b else flat[:, species == b])
         rdf[f"{a}-{b}"] = g
-    coll = collision_rate(flat, threshold, box=cg.box, exclude=cg.cg_bonds).reshape(T, R)
+    coll = collision_rate(flat, threshold, box=cg.box, exclude=cg.cg_bonds).reshape(-1, R)
     D, msd = {}, dict(lag_tau=(dt * np.arange(len(frames))).tolist())
     for s in ELECTROLYTE_SPECIES:
         sel = frames[:, :, species == s]                                    # [T, R, n_s, 3]
@@ -2785,8 +2782,7 @@ def _transport_and_structure(frames, dt, cg, species, fit, threshold, every=1, n
         msd[s] = np.mean(curves, axis=0).tolist()
     return dict(D=D, msd=msd, rdf=rdf, r=r, collisions=coll.mean(1))
 
-def _electrolyte_means(rows) -> dict:
-    """Means over the test systems, and the rank correlation of D over (system, species)."""
+def _electrolyte_means(rows) -> dict:  # means over the test systems; D ranked by (system, species)
     mean = lambda get, ms: {m: float(np.mean([get(r, m) for r in rows])) for m in ms}  # noqa
     d_rank = lambda m: {"diffusivity": _rank_correlation(*zip(*[  # noqa: E731
         (r["D"]["ground_truth"][s], r["D"][m][s]) for r in rows for s in ELECTROLYTE_SPECIES]))}
@@ -2810,8 +2806,7 @@ def split_segments(traj, gap, train_fraction=0.8, train_stride=None):
     pos, vel = traj.positions, traj.velocities
     if pos.ndim == 3:                                    # no replica axis: one replica
         pos, vel = pos[:, None], vel[:, None]
-    n_frames = pos.shape[0]
-    n_train = int(train_fraction * n_frames)
+    n_frames, n_train = len(pos), int(train_fraction * len(pos))
     def cut(first, stop, stride):     # segment s of replica r at s * R + r: frames s .. s + K
         idx = np.arange(first, stop - gap, stride)[:, None] + np.arange(gap + 1)  # [S, K + 1]
         return tuple(np.moveaxis(a[idx], 2, 1).reshape(-1, gap + 1, *a.shape[2:])
@@ -2823,8 +2818,7 @@ def split_segments(traj, gap, train_fraction=0.8, train_stride=None):
                          "frames; use a smaller gap or longer trajectories")
     return train, test
 
-def _ch_bond_lengths(positions):
-    """C-H bond lengths of the stiff molecule, [..., 12, 3] -> [..., 6] (H i+6 on C i)."""
+def _ch_bond_lengths(positions):  # of the stiff molecule: [..., 12, 3] -> [..., 6] (H i+6 on C i)
     return np.linalg.norm(positions[..., 6:, :] - positions[..., :6, :], axis=-1)
 
 def free_energy_difference(true_values, values, kT, n_bins=30):
@@ -3133,10 +3127,9 @@ def bench(device: str = "cpu", dtype: str = "float32", quick: bool = False) -> l
     for label, system, x, n_steps in work:
         n_steps, warmup = (n_steps // 10, 20) if quick else (n_steps, 200)
         eq = simulate(system, x, warmup, save_every=warmup, device=dev, dtype=dtype)  # thermalise
-        t0 = time.perf_counter()
-        tr = simulate(system, eq.positions[-1], n_steps, save_every=n_steps,
-                      velocities=eq.velocities[-1], device=dev, dtype=dtype, seed=1)
-        rate = x.size // 3 * n_steps / (time.perf_counter() - t0)          # atom-steps per s
+        seconds, tr = _best_time(lambda: simulate(system, eq.positions[-1], n_steps, seed=1,
+            save_every=n_steps, velocities=eq.velocities[-1], device=dev, dtype=dtype), 1)
+        rate = x.size // 3 * n_steps / seconds                            # atom-steps per s
         per_build = n_steps / max(tr.info["pair_list_builds"] - 1, 1)   # the first is no rebuild
         made, omm = (openmm_context(system, x) if dev.type == "cpu" else None), None
         if made is not None:                             # OpenMM: same warm-up and steps, from x
@@ -3159,9 +3152,8 @@ def bench(device: str = "cpu", dtype: str = "float32", quick: bool = False) -> l
     ratio = rows[2]["ns_per_atom_step"] / rows[1]["ns_per_atom_step"]  # ~1: linear in N
     print(f"  cost per atom-step, N=8000 / N=1000: {ratio:.2f}")
     n_atoms, bonds = branched_graph(1000 if quick else 10_000, np.random.default_rng(0))
-    n_parts, t0 = n_atoms // 10, time.perf_counter()      # the issue's 10^4 atoms -> 10^3 parts
-    labels = spectral_partition(n_atoms, bonds, n_parts)
-    seconds = time.perf_counter() - t0
+    n_parts = n_atoms // 10                               # the issue's 10^4 atoms -> 10^3 parts
+    seconds, labels = _best_time(lambda: spectral_partition(n_atoms, bonds, n_parts), 1)
     print(f"spectral_partition: branched graph, {n_atoms} atoms -> {n_parts} parts in "
           f"{seconds:.2f}s (largest part {np.bincount(labels).max()}, mean "
           f"{n_atoms / n_parts:.0f}; {edge_cut(bonds, labels)} bonds cut)")
@@ -3267,8 +3259,7 @@ def print_table(rows, specs, header=None, note="") -> None:
         print("  " + " ".join(f"{v:{w}}" if isinstance(v, str) else f"{v:{spec}}"
                               for v, spec, w in zip(row, specs, place)), flush=True)
 
-def _print_ground_truth(s: dict, meta: dict) -> None:
-    """The long-MD targets beside the short-MD baseline, and the electrolytes' diffusivities."""
+def _print_ground_truth(s: dict, meta: dict) -> None:  # long-MD targets, short MD, electrolytes' D
     print("\nMD ground truth for the unseen (class II) test polymers: long MD "
           f"({s['long_md_replicas']} replicas x {s['long_md_tau']:g} tau) and one "
           f"short run as long as a training trajectory ({s['short_md_tau']:g} tau)")
@@ -3359,8 +3350,7 @@ def _print_electrolyte_table(res: dict) -> None:
           f"speedup {res['speedup']:.0f}x (target >= 100x)")
     print(f"  training {res['train_seconds']:.0f}s, whole experiment {res['seconds']:.0f}s")
 
-def _print_interpolation_table(res: dict) -> None:
-    """Position MAE per method and temperature, and the free-energy L1 of the C-H bond."""
+def _print_interpolation_table(res: dict) -> None:  # MAE per method and kT; F(C-H) L1
     methods = ("bilstm", "unilstm", "hermite", "linear")  # [B]: both ends of a gap beat one
     print_table([(f"{label} {STIFF_TEMPERATURES[label]}", *(row[m] for m in methods))
                  for label, row in res["mae"].items()],
