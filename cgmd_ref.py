@@ -2420,8 +2420,7 @@ def _load_cg(traj, atoms_per_bead, seed, start: int = 0, stop=None):
     x = coarse_grain(traj.positions[..., start:stop, :], cg.labels, s.masses[start:stop])
     return (x if x.ndim == 4 else x[:, None]), cg, traj
 
-def _best_time(run, repeats: int):
-    """(least wall time of `repeats` calls of run(), its result): the least disturbed (timeit)."""
+def _best_time(run, repeats: int):  # (least wall time of `repeats` runs of run(), result): timeit
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -2460,8 +2459,7 @@ def md_ground_truth_summary(data_dir: str) -> dict:
     short run as long as a training trajectory: the estimate a learned simulator must beat."""
     long, extra = load_trajectory(os.path.join(data_dir, "polymer_test_long.npz"))
     short, _ = load_trajectory(os.path.join(data_dir, "polymer_test_short.npz"))
-    offsets, m = extra["atom_offsets"], long.system.masses
-    rows = []
+    offsets, m, rows = extra["atom_offsets"], long.system.masses, []
     for k, (truth, est) in enumerate(zip(molecule_rg2(long.positions, m, offsets),      # [T, R]
                                          molecule_rg2(short.positions, m, offsets))):   # R = 1
         mean, se = replica_mean_se(truth)
@@ -2513,8 +2511,7 @@ def polymer_experiment(data_dir="data", seed=0, device="cpu", quick=False,
           f"{n_train} class I polymers ({sum(g[1].n_beads for g in groups)} beads); {n_validation} "
           "more held out to select the weights by a validation rollout", flush=True)
     validate = None if not n_validation else rg2_validation(*_load_cg(
-        tr, atoms_per_bead, seed, starts[n_train], tr.system.n_atoms)[:2], train.stride,
-        cfg.n_history, seed=seed)
+        tr, atoms_per_bead, seed, starts[n_train])[:2], train.stride, cfg.n_history, seed=seed)
     model = train_dynamics([g[0] for g in groups], [g[1] for g in groups], cfg, train,
                            device=device, validate=validate,
                            validate_from=train.n_iterations // 2)
@@ -2841,11 +2838,10 @@ def _run_temperature(path, label, gap, device, train_cfg, hidden, inner, t_start
     traj, _ = load_trajectory(path)
     kT, dt = STIFF_TEMPERATURES[label], float(traj.time[1] - traj.time[0])
     (tr_p, tr_v), (te_p, te_v) = split_segments(traj, gap)
-    _, reference = stiff_molecule()
     # Each segment in its own frame (fixed from its two ends): see segment_frames.
-    com, rot = segment_frames(tr_p[:, 0], tr_p[:, -1], traj.system.masses, reference)
-    tr_p, tr_v = to_frame(tr_p, tr_v, com, rot)
-    com, rot = segment_frames(te_p[:, 0], te_p[:, -1], traj.system.masses, reference)
+    ref = (traj.system.masses, stiff_molecule()[1])
+    tr_p, tr_v = to_frame(tr_p, tr_v, *segment_frames(tr_p[:, 0], tr_p[:, -1], *ref))
+    com, rot = segment_frames(te_p[:, 0], te_p[:, -1], *ref)
     fr_p, fr_v = to_frame(te_p, te_v, com, rot)
     print(f"{label} (kT = {kT}): {len(tr_p)} training / {len(te_p)} held-out segments of "
           f"K = {gap} steps", flush=True)
@@ -2890,8 +2886,7 @@ def interpolation_experiment(data_dir="data", gap=20, seed=0, device="cpu", quic
     LSTM train on the first 80% of every replica's frames; figures come from held-out segments
     tiling the last 20%: mae[label][method] (position MAE over the gap's interior),
     endpoint_error (the Bi-LSTM's, at t0 and t1), free_energy[label] (of the C-H bond), trace."""
-    t_start = time.perf_counter()
-    gap = _check_gap(gap)
+    t_start, gap = time.perf_counter(), _check_gap(gap)
     labels = list(STIFF_TEMPERATURES) if labels is None else list(labels)
     if not labels or not set(labels) <= set(STIFF_TEMPERATURES):
         raise ValueError(f"labels = {labels!r}; expected a non-empty subset of "
@@ -3232,8 +3227,7 @@ def claims(s: dict) -> list:
              c["learned"] < c["learned_no_score"]),
             (E, "RDF L1", g["learned"], vs(g), g["learned"] < g["learned_no_score"]),
             (E, "mean |log10 D error|", d["learned"], vs(d), d["learned"] < min(vs(d).values())),
-            (E, "Spearman rank corr. D", sd[0], dict(no_score=sd[1], short_md=sd[2]),
-             sd[0] >= 0.7),
+            (E, "Spearman rank corr. D", sd[0], dict(no_score=sd[1], short_md=sd[2]), sd[0] >= 0.7),
             (E, "speedup over MD (x)", e["speedup"], dict(md=1.0), e["speedup"] >= 100)]
     # [B]: the Bi-LSTM beside every other interpolator, per temperature
     for figure, per_label in (("position MAE over the gap", i["mae"]), ("F(C-H bond) L1", {
