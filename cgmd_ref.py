@@ -3317,8 +3317,7 @@ def _print_electrolyte_table(res: dict) -> None:
     print_table([(r["system"], m, *(r["D"][m][s] for s in ELECTROLYTE_SPECIES),
                   "" if m == "ground_truth" else f"{r[f'rdf_l1_{m}']:.3f}",  # vs the truth
                   f"{r['collision_rate'][m]:.5f}" if m in r["collision_rate"] else "")
-                 for r in res["per_system"]
-                 for m in ("ground_truth", "learned", "learned_no_score", "short_md")],
+                 for r in res["per_system"] for m in r["D"]],  # every method, long MD first
                 (">6", ">17", ">9.4f", ">8.4f", ">9.4f", ">7", ">10"),
                 ("system", "method", "D cation", "D anion", "D polymer", "RDF L1", "collisions"))
     # [A]'s Score GNN: refining each learned step removes the collisions (beads too close) the
