@@ -189,11 +189,10 @@ class System:
                 raise ValueError(f"{name} must be finite and {sign}, and symmetric")
         self.epsilon, self.sigma = eps, sig
         self.r_cut = _positive(self.r_cut, "r_cut")
-        if self.box is not None:   # (the minimum image convention needs box >= 2 r_cut)
-            self.box = _positive(self.box, "box")
-            if self.box < 2 * self.r_cut or self.isolated_molecules:
-                raise ValueError(f"box={self.box}; a periodic box needs box >= 2*r_cut="
-                                 f"{2 * self.r_cut} and isolated_molecules=False")
+        self.box = None if self.box is None else _positive(self.box, "box")
+        if self.box is not None and (self.box < 2 * self.r_cut or self.isolated_molecules):
+            raise ValueError(f"box={self.box}; a periodic box needs box >= 2*r_cut="
+                             f"{2 * self.r_cut} and isolated_molecules=False")  # (minimum image)
         self.molecule = _as_array(np.zeros(n, dtype=np.int64) if self.molecule is None
                                   else self.molecule, "molecule", ndim=1, dtype=np.int64)
         if self.molecule.shape != (n,):
@@ -239,11 +238,10 @@ def subsystem(system: System, start: int, stop: int) -> System:
                          f"{system.n_atoms}")
     inside = np.all((system.bonds >= start) & (system.bonds < stop), axis=1)
     mol = system.molecule[start:stop]
-    return System(types=system.types[start:stop], masses=system.masses[start:stop],
-                  bonds=system.bonds[inside] - start, bond_k=system.bond_k[inside],
-                  bond_r0=system.bond_r0[inside], epsilon=system.epsilon, sigma=system.sigma,
-                  r_cut=system.r_cut, box=system.box, molecule=mol - mol.min(),
-                  isolated_molecules=system.isolated_molecules)
+    return System(**{**vars(system), **dict(   # the other fields as they are
+        types=system.types[start:stop], masses=system.masses[start:stop], molecule=mol - mol.min(),
+        bonds=system.bonds[inside] - start, bond_k=system.bond_k[inside],
+        bond_r0=system.bond_r0[inside])})
 
 # ---- pair lists ---------------------------------------------------------------------------------
 # Building the list of pairs (i, j) costs far more than using it, so it keeps every pair within
@@ -294,10 +292,9 @@ class PairList:
             i, j = i[keep], j[keep]
         # No sorting: the scatter-adds run fastest when consecutive pairs hit *different* atoms
         # (repeated adds to one address wait on each other), and the tree's order is mixed.
-        t = dict(device=self.device, dtype=self.dtype)
         tt = self._types[i] * len(s.sigma) + self._types[j]   # type-pair index
-        self.sig2, self.eps24, self.e_shift = (torch.as_tensor(tab.ravel()[tt], **t)
-                                               for tab in self._tables)
+        self.sig2, self.eps24, self.e_shift = (torch.as_tensor(
+            tab.ravel()[tt], device=self.device, dtype=self.dtype) for tab in self._tables)
         self.i, self.j = (torch.as_tensor(a, device=self.device) for a in (i, j))
         self.shift = None
         if s.box is not None:
@@ -305,8 +302,7 @@ class PairList:
             # minimum image is found once here, not with round() every step.
             d = x.detach().index_select(1, self.i) - x.detach().index_select(1, self.j)
             self.shift = _minimum_image(d, s.box) - d
-        self.x_ref = x.detach().clone()
-        self.n_builds += 1
+        self.x_ref, self.n_builds = x.detach().clone(), self.n_builds + 1
     def _all_group_pairs(self):
         order = np.argsort(self.groups, kind="stable")   # atoms sorted by group
         g = self.groups[order]
@@ -362,10 +358,8 @@ def _periodic_pairs(pos, box: float, r: float) -> np.ndarray:
         pairs = cKDTree(w[rep, idx], boxsize=box).query_pairs(r, output_type="ndarray")
         return idx[pairs[pairs[:, 0] < len(idx) - guest.sum()]] + rep * n   # (i < j)
     tasks = [(rep, k) for rep in range(R) for k in range(n_slabs)]
-    if n_slabs == 1:                                 # small boxes: threads cost more than they save
-        return np.concatenate([search(task) for task in tasks])
-    with ThreadPoolExecutor(n_slabs) as pool:                     # results in task order
-        return np.concatenate(list(pool.map(search, tasks)))
+    with ThreadPoolExecutor(n_slabs) as pool:   # results in task order; one slab: no threads
+        return np.concatenate(list((pool.map if n_slabs > 1 else map)(search, tasks)))
 
 # ---- force kernel -------------------------------------------------------------------------------
 # A pair with d = x_i - x_j, s6 = (sig/r)^6: F_i = -dU/dr d/r = 24 eps s6 (2 s6 - 1) / r^2 d = -F_j.
@@ -421,37 +415,34 @@ class ForceField:
             E.index_add_(0, self.replica_of_atom[self.bi], 0.5 * self.bk * (r - self.br0) ** 2)
         return E
 
-def _minimum_image(d: torch.Tensor, box: float) -> torch.Tensor:
-    """Displacements folded to their nearest periodic image in a cubic box of edge `box`."""
-    return d - box * torch.round(d / box)
+def _minimum_image(d: torch.Tensor, box: float) -> torch.Tensor:   # d folded to its nearest image
+    return d - box * torch.round(d / box)                          # in a cubic box of edge `box`
 
 def _to_engine(positions: np.ndarray, device, dtype) -> torch.Tensor:
     """[R, n, 3] numpy -> [3, R*n] torch (the engine's structure-of-arrays layout)."""
     return torch.as_tensor(positions.reshape(-1, 3).T.copy(), device=device, dtype=dtype)
 
-def _from_engine(x: torch.Tensor, n_replicas: int) -> np.ndarray:
-    """[3, R*n] torch -> [R, n, 3] numpy."""
+def _from_engine(x: torch.Tensor, n_replicas: int) -> np.ndarray:   # -> [R, n, 3] numpy
     return x.detach().T.cpu().numpy().reshape(n_replicas, -1, 3)
 
-def _force_field_at(system: System, positions):
-    """(float64 ForceField with its pair list built, engine coordinates, positions batched?)."""
+def _evaluate(system: System, positions, quantity):
+    """quantity(ff, x): ff a float64 ForceField with its pair list built at `positions`, x in
+    engine layout; the replica axis is dropped again for one frame [n, 3]."""
     x = system.check_positions(positions)
     xr = x if x.ndim == 3 else x[None]
     ff, xe = ForceField(system, len(xr)), _to_engine(xr, "cpu", torch.float64)
     ff.pairs.build(xe)
-    return ff, xe, x.ndim == 3
+    out = quantity(ff, xe)
+    return out if x.ndim == 3 else out[0]
 
 def forces(system: System, positions) -> np.ndarray:
     """Forces [n, 3] (or [R, n, 3]) at `positions` [n, 3] (or [R, n, 3]), float64 numpy."""
-    ff, xe, batched = _force_field_at(system, positions)
-    F = _from_engine(ff.forces(xe), ff.n_replicas)
-    return F if batched else F[0]
+    return _evaluate(system, positions, lambda ff, x: _from_engine(ff.forces(x), ff.n_replicas))
 
 def potential_energy(system: System, positions):
     """Potential energy: a float for positions [n, 3], or [R] for [R, n, 3]."""
-    ff, xe, batched = _force_field_at(system, positions)
-    E = ff.energy(xe).numpy()
-    return E if batched else float(E[0])
+    E = _evaluate(system, positions, lambda ff, x: ff.energy(x).numpy())
+    return float(E) if np.ndim(E) == 0 else E
 
 # ---- integrator ---------------------------------------------------------------------------------
 # BAOAB splitting of Langevin dynamics (Leimkuhler & Matthews [1]): B kicks v += dt/2 F/m, A
