@@ -251,7 +251,6 @@ def subsystem(system: System, start: int, stop: int) -> System:
 # solvent (<= _STATIC_GROUP_SIZE atoms that can interact) keep every pair and never rebuild: a
 # 24-bead chain has only 276 pairs.
 _STATIC_GROUP_SIZE = 128
-
 class PairList:
     """The non-bonded pairs of `n_replicas` copies of `system`, with per-pair LJ parameters.
 
@@ -290,8 +289,7 @@ class PairList:
         if len(self._excluded):
             keep = ~np.isin((i % n) * n + (j % n), self._excluded)
             i, j = i[keep], j[keep]
-        # No sorting: the scatter-adds run fastest when consecutive pairs hit *different* atoms
-        # (repeated adds to one address wait on each other), and the tree's order is mixed.
+        # No sorting: scatter-adds run fastest when consecutive pairs hit *different* atoms.
         tt = self._types[i] * len(s.sigma) + self._types[j]   # type-pair index
         self.sig2, self.eps24, self.e_shift = (torch.as_tensor(
             tab.ravel()[tt], device=self.device, dtype=self.dtype) for tab in self._tables)
@@ -336,9 +334,7 @@ class PairList:
     def displacements(self, x: torch.Tensor) -> torch.Tensor:
         """Minimum-image pair vectors d_ij = x_i - x_j, [3, P]."""
         d = x.index_select(1, self.i).sub_(x.index_select(1, self.j))
-        if self.shift is not None:
-            d.add_(self.shift)
-        return d
+        return d if self.shift is None else d.add_(self.shift)
 
 def _periodic_pairs(pos, box: float, r: float) -> np.ndarray:
     """Pairs [P, 2] (global indices) closer than r in each replica's periodic box, pos [R, n, 3].
@@ -351,8 +347,6 @@ def _periodic_pairs(pos, box: float, r: float) -> np.ndarray:
     slab = np.minimum((w[..., 0] * (n_slabs / box)).astype(np.int64), n_slabs - 1)
     def search(task):
         rep, k = task
-        if n_slabs == 1:                 # every dataset's box: skip the slab bookkeeping (A/B)
-            return cKDTree(w[rep], boxsize=box).query_pairs(r, output_type="ndarray") + rep * n
         guest = (slab[rep] != k) & ((w[rep, :, 0] - (k + 1) * box / n_slabs) % box < r)
         idx = np.r_[np.flatnonzero(slab[rep] == k), np.flatnonzero(guest)]   # own atoms first
         pairs = cKDTree(w[rep, idx], boxsize=box).query_pairs(r, output_type="ndarray")
@@ -378,10 +372,8 @@ class ForceField:
         self.pairs = PairList(system, n_replicas, self.device, dtype)
         self.replica_of_atom = torch.arange(n_replicas * n, device=self.device) // n
     def _bond_vectors(self, x):
-        d = x.index_select(1, self.bi).sub_(x.index_select(1, self.bj))
-        if self.system.box is not None:   # a bond never spans half a box, but be safe
-            d = _minimum_image(d, self.system.box)
-        return d
+        d = x.index_select(1, self.bi).sub_(x.index_select(1, self.bj))   # (a bond never spans
+        return d if self.system.box is None else _minimum_image(d, self.system.box)  # half a box)
     def forces(self, x: torch.Tensor) -> torch.Tensor:
         """Total force [3, N] on engine coordinates x [3, N] (N = n_replicas * n_atoms)."""
         F, pl = torch.zeros_like(x), self.pairs
@@ -417,11 +409,9 @@ class ForceField:
 
 def _minimum_image(d: torch.Tensor, box: float) -> torch.Tensor:   # d folded to its nearest image
     return d - box * torch.round(d / box)                          # in a cubic box of edge `box`
-
 def _to_engine(positions: np.ndarray, device, dtype) -> torch.Tensor:
     """[R, n, 3] numpy -> [3, R*n] torch (the engine's structure-of-arrays layout)."""
     return torch.as_tensor(positions.reshape(-1, 3).T.copy(), device=device, dtype=dtype)
-
 def _from_engine(x: torch.Tensor, n_replicas: int) -> np.ndarray:   # -> [R, n, 3] numpy
     return x.detach().T.cpu().numpy().reshape(n_replicas, -1, 3)
 
@@ -450,7 +440,6 @@ def potential_energy(system: System, positions):
 # c1 = exp(-gamma dt), c2 = sqrt(1 - c1^2). gamma = 0 (no O) is exactly velocity Verlet.
 class SimulationBlowUp(RuntimeError):
     """Raised when a simulation produces non-finite or runaway coordinates."""
-
 @dataclass
 class Trajectory:
     """Saved frames of a simulation (numpy, unwrapped positions).
@@ -477,8 +466,7 @@ def simulate(system: System, positions, n_steps: int, *, dt: float = 0.005, kT: 
     (naming the step) on non-finite coordinates or an atom moving > sigma/2 in one step."""
     x0, dev, tdt = _check_run(system, positions, velocities, n_steps, dt, kT, gamma,
                               save_every, device, dtype)
-    n_rep = x0.shape[0]
-    gen = torch.Generator(device=dev).manual_seed(int(seed))
+    n_rep, gen = x0.shape[0], torch.Generator(device=dev).manual_seed(int(seed))
     ff = ForceField(system, n_rep, dev, tdt)
     inv_m = torch.as_tensor(np.tile(1.0 / system.masses, n_rep), device=dev, dtype=tdt)
     x = _to_engine(x0, dev, tdt)
@@ -597,9 +585,8 @@ def lj_fluid(n_atoms: int, density: float, *, r_cut: float = 2.5, seed: int = 0)
     n_atoms = _positive_int(n_atoms, "n_atoms", minimum=2)
     box = (n_atoms / _positive(density, "density")) ** (1 / 3)
     x = _lattice(n_atoms, box) + np.random.default_rng(seed).normal(0.0, 0.02, (n_atoms, 3))
-    return System(types=np.zeros(n_atoms, dtype=np.int64), masses=np.ones(n_atoms),
-                  bonds=np.zeros((0, 2), dtype=np.int64), bond_k=0.0, bond_r0=0.0,
-                  epsilon=[[1.0]], sigma=[[1.0]], r_cut=r_cut, box=box), x
+    return System(types=[0] * n_atoms, masses=np.ones(n_atoms), bonds=[], bond_k=0.0,
+                  bond_r0=0.0, epsilon=[[1.0]], sigma=[[1.0]], r_cut=r_cut, box=box), x
 
 # ---- world 1: single-chain polymers in implicit solvent ([A]'s chain dataset, in miniature).
 # Bead types after Webb et al. (Sci. Adv. 2020), as in [A]: backbone B1, B2, side groups S1, S2.
@@ -615,7 +602,6 @@ class PolymerModel:
     angle_k: float = 10.0                   # 1-3 backbone springs
     angle_r0: float = 1.7                   # ~116 degree bond angle at rest
     r_cut: float = 2.5                      # attractive LJ
-
 def polymer(backbone, side_chains, model: PolymerModel = PolymerModel()):
     """One open-boundary polymer: (System, positions [n_atoms, 3]) in a clash-free zig-zag.
 
@@ -682,7 +668,6 @@ class ElectrolyteModel:
     angle_r0: float = 1.7
     r_cut: float = 2.5
     density: float = 0.7             # atoms per sigma^3
-
 def electrolyte(n_chains: int, chain_length: int, n_salt: int, *,
                 model: ElectrolyteModel = ElectrolyteModel(), seed: int = 0):
     """A periodic box of `n_chains` chains of `chain_length` beads plus `n_salt` cation-anion pairs.
@@ -716,7 +701,6 @@ def electrolyte(n_chains: int, chain_length: int, n_salt: int, *,
 # beads, each with a light "H" pointing out, held by stiff springs (ring, C-H, 1-3 angle springs).
 # The C-H stretch (period ~17 steps of dt = 0.005) is faster than [B]'s 20-step gaps.
 STIFF_TEMPERATURES = {"low": 0.1, "mid": 0.3, "high": 0.5}   # kT; in the ratio 100:300:500 K
-
 @dataclass
 class StiffMoleculeModel:
     """Parameters of the toy stiff molecule (types: 0 = C, 1 = H)."""
@@ -732,7 +716,6 @@ class StiffMoleculeModel:
         """Period (tau) of an isolated C-H stretch: 2 pi sqrt(mu / k), mu the reduced mass."""
         mc, mh = self.masses
         return 2 * math.pi * math.sqrt(mc * mh / (mc + mh) / self.k_ch)
-
 def stiff_molecule(model: StiffMoleculeModel = StiffMoleculeModel()):
     """The toy stiff molecule at its rest geometry. Returns (System, positions [12, 3])."""
     ang = np.arange(6) * np.pi / 3
@@ -770,7 +753,6 @@ def atomic_write(path, write) -> None:
 def save_json(path, obj) -> None:
     """Write `obj` as indented JSON, atomically."""
     atomic_write(path, lambda fh: fh.write(json.dumps(obj, indent=2, sort_keys=True).encode()))
-
 def load_json(path):
     """Read a JSON file (the counterpart of save_json)."""
     with open(path) as fh:
@@ -778,13 +760,11 @@ def load_json(path):
 
 _SYSTEM_FIELDS = ("types", "masses", "bonds", "bond_k", "bond_r0", "epsilon", "sigma", "molecule")
 _TRAJ_FIELDS = ("positions", "velocities", "time", "potential_energy", "kinetic_energy")
-
 def save_trajectory(path, traj: Trajectory, **extra_arrays) -> None:
     """Write a Trajectory (and any extra named arrays) to an .npz file, atomically; positions
     and velocities as float32 (plenty for analysis, half the disk)."""
     s, arrays = traj.system, {k: getattr(traj, k) for k in _TRAJ_FIELDS}
-    arrays.update(positions=traj.positions.astype(np.float32),
-                  velocities=traj.velocities.astype(np.float32),
+    arrays.update({k: arrays[k].astype(np.float32) for k in ("positions", "velocities")},
                   r_cut=np.float64(s.r_cut), box=np.float64(np.nan if s.box is None else s.box),
                   isolated_molecules=np.bool_(s.isolated_molecules),
                   info_json=np.frombuffer(json.dumps(traj.info).encode(), dtype=np.uint8))
@@ -818,10 +798,9 @@ def trajectory_from_arrays(positions, masses, bonds=(), *, types=None, molecule=
         raise ValueError(f"positions has shape {pos.shape}; expected {shape}")
     n = pos.shape[-2]
     types = np.zeros(n, dtype=np.int64) if types is None else types
-    n_types = int(np.max(types)) + 1 if np.size(types) else 1
+    ones = np.ones((int(np.max(types)) + 1 if np.size(types) else 1,) * 2)   # [n_types, n_types]
     system = System(types=types, masses=masses, bonds=bonds, bond_k=1.0, bond_r0=1.0,
-                    epsilon=np.ones((n_types, n_types)), sigma=np.ones((n_types, n_types)),
-                    box=box, molecule=molecule)
+                    epsilon=ones, sigma=ones.copy(), box=box, molecule=molecule)
     if system.masses.shape != (n,):
         raise ValueError(f"masses has {len(system.masses)} entries; positions has {n} atoms")
     frame_dt = _positive(frame_dt, "frame_dt")
