@@ -347,6 +347,8 @@ def _periodic_pairs(pos, box: float, r: float) -> np.ndarray:
     slab = np.minimum((w[..., 0] * (n_slabs / box)).astype(np.int64), n_slabs - 1)
     def search(task):
         rep, k = task
+        if n_slabs == 1:                 # every dataset's box: skip the slab bookkeeping (A/B)
+            return cKDTree(w[rep], boxsize=box).query_pairs(r, output_type="ndarray") + rep * n
         guest = (slab[rep] != k) & ((w[rep, :, 0] - (k + 1) * box / n_slabs) % box < r)
         idx = np.r_[np.flatnonzero(slab[rep] == k), np.flatnonzero(guest)]   # own atoms first
         pairs = cKDTree(w[rep, idx], boxsize=box).query_pairs(r, output_type="ndarray")
@@ -424,11 +426,9 @@ def _evaluate(system: System, positions, quantity):
     ff.pairs.build(xe)
     out = quantity(ff, xe)
     return out if x.ndim == 3 else out[0]
-
 def forces(system: System, positions) -> np.ndarray:
     """Forces [n, 3] (or [R, n, 3]) at `positions` [n, 3] (or [R, n, 3]), float64 numpy."""
     return _evaluate(system, positions, lambda ff, x: _from_engine(ff.forces(x), ff.n_replicas))
-
 def potential_energy(system: System, positions):
     """Potential energy: a float for positions [n, 3], or [R] for [R, n, 3]."""
     E = _evaluate(system, positions, lambda ff, x: ff.energy(x).numpy())
@@ -504,7 +504,6 @@ def simulate(system: System, positions, n_steps: int, *, dt: float = 0.005, kT: 
                 pair_list_builds=ff.pairs.n_builds, seconds=time.perf_counter() - meter.t0)
     t = np.arange(len(frames), dtype=float) * save_every * dt
     return Trajectory(pos, vel, t, pe, ke, system, info)
-
 def _check_run(system, positions, velocities, n_steps, dt, kT, gamma, save_every, device, dtype):
     if not isinstance(system, System):
         raise ValueError(f"system must be a System, got {type(system).__name__}")
@@ -522,7 +521,6 @@ def _check_run(system, positions, velocities, n_steps, dt, kT, gamma, save_every
     if tdt is None:
         raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
     return x if x.ndim == 3 else x[None], resolve_device(device), tdt
-
 def _frame(x, v, ff: ForceField, inv_m, step: int):
     """A frame as float64 numpy: positions, velocities [R, n, 3] (C order, as numpy's sums follow
     the strides), potential, kinetic [R]."""
@@ -531,7 +529,6 @@ def _frame(x, v, ff: ForceField, inv_m, step: int):
     ke = (0.5 * v.square().sum(0) / inv_m).view(ff.n_replicas, -1).sum(1)
     xv = (_from_engine(a, ff.n_replicas).astype(np.float64, order="C") for a in (x, v))
     return (*xv, ff.energy(x).cpu().numpy().astype(np.float64), ke.cpu().numpy().astype(np.float64))
-
 def _check_and_rebuild(x, ff: ForceField, step: int, steps_since: int) -> bool:
     """Blow-up check (an atom may move 0.5 sigma a step, plus the skin since a pair-list build);
     rebuilds the list when the skin is used up, then returns True. A static list has no builds:
@@ -548,7 +545,6 @@ def _check_and_rebuild(x, ff: ForceField, step: int, steps_since: int) -> bool:
         pl.build(x)
         return True
     return False
-
 class _Progress:
     """Progress lines on stderr ("label: 40% 1.2e6 atom-steps/s ETA 12s"), at most every 2 s."""
     def __init__(self, label, total, atoms):
@@ -578,7 +574,6 @@ def _lattice(n_atoms: int, box: float) -> np.ndarray:
     iz = np.where((ix * m + k) % 2 == 0, kz, m - 1 - kz)
     sites = np.stack([ix, iy, iz], -1).reshape(-1, 3)[:n_atoms]
     return (sites.astype(float) + 0.5) * (box / m)
-
 def lj_fluid(n_atoms: int, density: float, *, r_cut: float = 2.5, seed: int = 0):
     """A one-type LJ fluid (eps = sigma = m = 1) on a jittered cubic lattice in a periodic box
     (r_cut = 2**(1/6): WCA). Returns (System, positions [n_atoms, 3])."""
@@ -749,7 +744,6 @@ def atomic_write(path, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-
 def save_json(path, obj) -> None:
     """Write `obj` as indented JSON, atomically."""
     atomic_write(path, lambda fh: fh.write(json.dumps(obj, indent=2, sort_keys=True).encode()))
@@ -757,7 +751,6 @@ def load_json(path):
     """Read a JSON file (the counterpart of save_json)."""
     with open(path) as fh:
         return json.load(fh)
-
 _SYSTEM_FIELDS = ("types", "masses", "bonds", "bond_k", "bond_r0", "epsilon", "sigma", "molecule")
 _TRAJ_FIELDS = ("positions", "velocities", "time", "potential_energy", "kinetic_energy")
 def save_trajectory(path, traj: Trajectory, **extra_arrays) -> None:
@@ -770,7 +763,6 @@ def save_trajectory(path, traj: Trajectory, **extra_arrays) -> None:
                   info_json=np.frombuffer(json.dumps(traj.info).encode(), dtype=np.uint8))
     arrays.update({f"system_{k}": getattr(s, k) for k in _SYSTEM_FIELDS}, **extra_arrays)
     atomic_write(path, lambda fh: np.savez_compressed(fh, **arrays))
-
 def load_trajectory(path):
     """Read a file written by save_trajectory. Returns (Trajectory, dict of extra arrays)."""
     with np.load(path, allow_pickle=False) as z:
@@ -779,10 +771,9 @@ def load_trajectory(path):
     system = System(**{k: data.pop(f"system_{k}") for k in _SYSTEM_FIELDS},
                     r_cut=float(data.pop("r_cut")), box=None if np.isnan(box) else box,
                     isolated_molecules=bool(data.pop("isolated_molecules")))
-    traj = Trajectory(*(data.pop(k).astype(np.float64) if k in ("positions", "velocities")
-                        else data.pop(k) for k in _TRAJ_FIELDS),
-                      system=system, info=json.loads(data.pop("info_json").tobytes().decode()))
-    return traj, data
+    return Trajectory(*(data.pop(k).astype(np.float64) if k in ("positions", "velocities")
+                        else data.pop(k) for k in _TRAJ_FIELDS), system=system,
+                      info=json.loads(data.pop("info_json").tobytes().decode())), data   # + extras
 
 def trajectory_from_arrays(positions, masses, bonds=(), *, types=None, molecule=None, box=None,
                            frame_dt: float = 1.0, velocities=None) -> Trajectory:
