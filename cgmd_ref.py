@@ -189,11 +189,10 @@ class System:
                 raise ValueError(f"{name} must be finite and {sign}, and symmetric")
         self.epsilon, self.sigma = eps, sig
         self.r_cut = _positive(self.r_cut, "r_cut")
-        if self.box is not None:   # (the minimum image convention needs box >= 2 r_cut)
-            self.box = _positive(self.box, "box")
-            if self.box < 2 * self.r_cut or self.isolated_molecules:
-                raise ValueError(f"box={self.box}; a periodic box needs box >= 2*r_cut="
-                                 f"{2 * self.r_cut} and isolated_molecules=False")
+        self.box = None if self.box is None else _positive(self.box, "box")
+        if self.box is not None and (self.box < 2 * self.r_cut or self.isolated_molecules):
+            raise ValueError(f"box={self.box}; a periodic box needs box >= 2*r_cut="
+                             f"{2 * self.r_cut} and isolated_molecules=False")  # (minimum image)
         self.molecule = _as_array(np.zeros(n, dtype=np.int64) if self.molecule is None
                                   else self.molecule, "molecule", ndim=1, dtype=np.int64)
         if self.molecule.shape != (n,):
@@ -239,11 +238,10 @@ def subsystem(system: System, start: int, stop: int) -> System:
                          f"{system.n_atoms}")
     inside = np.all((system.bonds >= start) & (system.bonds < stop), axis=1)
     mol = system.molecule[start:stop]
-    return System(types=system.types[start:stop], masses=system.masses[start:stop],
-                  bonds=system.bonds[inside] - start, bond_k=system.bond_k[inside],
-                  bond_r0=system.bond_r0[inside], epsilon=system.epsilon, sigma=system.sigma,
-                  r_cut=system.r_cut, box=system.box, molecule=mol - mol.min(),
-                  isolated_molecules=system.isolated_molecules)
+    return System(**{**vars(system), **dict(   # the other fields as they are
+        types=system.types[start:stop], masses=system.masses[start:stop], molecule=mol - mol.min(),
+        bonds=system.bonds[inside] - start, bond_k=system.bond_k[inside],
+        bond_r0=system.bond_r0[inside])})
 
 # ---- pair lists ---------------------------------------------------------------------------------
 # Building the list of pairs (i, j) costs far more than using it, so it keeps every pair within
@@ -253,7 +251,6 @@ def subsystem(system: System, start: int, stop: int) -> System:
 # solvent (<= _STATIC_GROUP_SIZE atoms that can interact) keep every pair and never rebuild: a
 # 24-bead chain has only 276 pairs.
 _STATIC_GROUP_SIZE = 128
-
 class PairList:
     """The non-bonded pairs of `n_replicas` copies of `system`, with per-pair LJ parameters.
 
@@ -292,12 +289,10 @@ class PairList:
         if len(self._excluded):
             keep = ~np.isin((i % n) * n + (j % n), self._excluded)
             i, j = i[keep], j[keep]
-        # No sorting: the scatter-adds run fastest when consecutive pairs hit *different* atoms
-        # (repeated adds to one address wait on each other), and the tree's order is mixed.
-        t = dict(device=self.device, dtype=self.dtype)
+        # No sorting: scatter-adds run fastest when consecutive pairs hit *different* atoms.
         tt = self._types[i] * len(s.sigma) + self._types[j]   # type-pair index
-        self.sig2, self.eps24, self.e_shift = (torch.as_tensor(tab.ravel()[tt], **t)
-                                               for tab in self._tables)
+        self.sig2, self.eps24, self.e_shift = (torch.as_tensor(
+            tab.ravel()[tt], device=self.device, dtype=self.dtype) for tab in self._tables)
         self.i, self.j = (torch.as_tensor(a, device=self.device) for a in (i, j))
         self.shift = None
         if s.box is not None:
@@ -305,8 +300,7 @@ class PairList:
             # minimum image is found once here, not with round() every step.
             d = x.detach().index_select(1, self.i) - x.detach().index_select(1, self.j)
             self.shift = _minimum_image(d, s.box) - d
-        self.x_ref = x.detach().clone()
-        self.n_builds += 1
+        self.x_ref, self.n_builds = x.detach().clone(), self.n_builds + 1
     def _all_group_pairs(self):
         order = np.argsort(self.groups, kind="stable")   # atoms sorted by group
         g = self.groups[order]
@@ -340,9 +334,7 @@ class PairList:
     def displacements(self, x: torch.Tensor) -> torch.Tensor:
         """Minimum-image pair vectors d_ij = x_i - x_j, [3, P]."""
         d = x.index_select(1, self.i).sub_(x.index_select(1, self.j))
-        if self.shift is not None:
-            d.add_(self.shift)
-        return d
+        return d if self.shift is None else d.add_(self.shift)
 
 def _periodic_pairs(pos, box: float, r: float) -> np.ndarray:
     """Pairs [P, 2] (global indices) closer than r in each replica's periodic box, pos [R, n, 3].
@@ -362,10 +354,8 @@ def _periodic_pairs(pos, box: float, r: float) -> np.ndarray:
         pairs = cKDTree(w[rep, idx], boxsize=box).query_pairs(r, output_type="ndarray")
         return idx[pairs[pairs[:, 0] < len(idx) - guest.sum()]] + rep * n   # (i < j)
     tasks = [(rep, k) for rep in range(R) for k in range(n_slabs)]
-    if n_slabs == 1:                                 # small boxes: threads cost more than they save
-        return np.concatenate([search(task) for task in tasks])
-    with ThreadPoolExecutor(n_slabs) as pool:                     # results in task order
-        return np.concatenate(list(pool.map(search, tasks)))
+    with ThreadPoolExecutor(n_slabs) as pool:   # results in task order; one slab: no threads
+        return np.concatenate(list((pool.map if n_slabs > 1 else map)(search, tasks)))
 
 # ---- force kernel -------------------------------------------------------------------------------
 # A pair with d = x_i - x_j, s6 = (sig/r)^6: F_i = -dU/dr d/r = 24 eps s6 (2 s6 - 1) / r^2 d = -F_j.
@@ -384,10 +374,8 @@ class ForceField:
         self.pairs = PairList(system, n_replicas, self.device, dtype)
         self.replica_of_atom = torch.arange(n_replicas * n, device=self.device) // n
     def _bond_vectors(self, x):
-        d = x.index_select(1, self.bi).sub_(x.index_select(1, self.bj))
-        if self.system.box is not None:   # a bond never spans half a box, but be safe
-            d = _minimum_image(d, self.system.box)
-        return d
+        d = x.index_select(1, self.bi).sub_(x.index_select(1, self.bj))   # (a bond never spans
+        return d if self.system.box is None else _minimum_image(d, self.system.box)  # half a box)
     def forces(self, x: torch.Tensor) -> torch.Tensor:
         """Total force [3, N] on engine coordinates x [3, N] (N = n_replicas * n_atoms)."""
         F, pl = torch.zeros_like(x), self.pairs
@@ -421,37 +409,30 @@ class ForceField:
             E.index_add_(0, self.replica_of_atom[self.bi], 0.5 * self.bk * (r - self.br0) ** 2)
         return E
 
-def _minimum_image(d: torch.Tensor, box: float) -> torch.Tensor:
-    """Displacements folded to their nearest periodic image in a cubic box of edge `box`."""
-    return d - box * torch.round(d / box)
-
+def _minimum_image(d: torch.Tensor, box: float) -> torch.Tensor:   # d folded to its nearest image
+    return d - box * torch.round(d / box)                          # in a cubic box of edge `box`
 def _to_engine(positions: np.ndarray, device, dtype) -> torch.Tensor:
     """[R, n, 3] numpy -> [3, R*n] torch (the engine's structure-of-arrays layout)."""
     return torch.as_tensor(positions.reshape(-1, 3).T.copy(), device=device, dtype=dtype)
-
-def _from_engine(x: torch.Tensor, n_replicas: int) -> np.ndarray:
-    """[3, R*n] torch -> [R, n, 3] numpy."""
+def _from_engine(x: torch.Tensor, n_replicas: int) -> np.ndarray:   # -> [R, n, 3] numpy
     return x.detach().T.cpu().numpy().reshape(n_replicas, -1, 3)
 
-def _force_field_at(system: System, positions):
-    """(float64 ForceField with its pair list built, engine coordinates, positions batched?)."""
+def _evaluate(system: System, positions, quantity):
+    """quantity(ff, x): ff a float64 ForceField with its pair list built at `positions`, x in
+    engine layout; the replica axis is dropped again for one frame [n, 3]."""
     x = system.check_positions(positions)
     xr = x if x.ndim == 3 else x[None]
     ff, xe = ForceField(system, len(xr)), _to_engine(xr, "cpu", torch.float64)
     ff.pairs.build(xe)
-    return ff, xe, x.ndim == 3
-
+    out = quantity(ff, xe)
+    return out if x.ndim == 3 else out[0]
 def forces(system: System, positions) -> np.ndarray:
     """Forces [n, 3] (or [R, n, 3]) at `positions` [n, 3] (or [R, n, 3]), float64 numpy."""
-    ff, xe, batched = _force_field_at(system, positions)
-    F = _from_engine(ff.forces(xe), ff.n_replicas)
-    return F if batched else F[0]
-
+    return _evaluate(system, positions, lambda ff, x: _from_engine(ff.forces(x), ff.n_replicas))
 def potential_energy(system: System, positions):
     """Potential energy: a float for positions [n, 3], or [R] for [R, n, 3]."""
-    ff, xe, batched = _force_field_at(system, positions)
-    E = ff.energy(xe).numpy()
-    return E if batched else float(E[0])
+    E = _evaluate(system, positions, lambda ff, x: ff.energy(x).numpy())
+    return float(E) if np.ndim(E) == 0 else E
 
 # ---- integrator ---------------------------------------------------------------------------------
 # BAOAB splitting of Langevin dynamics (Leimkuhler & Matthews [1]): B kicks v += dt/2 F/m, A
@@ -459,7 +440,6 @@ def potential_energy(system: System, positions):
 # c1 = exp(-gamma dt), c2 = sqrt(1 - c1^2). gamma = 0 (no O) is exactly velocity Verlet.
 class SimulationBlowUp(RuntimeError):
     """Raised when a simulation produces non-finite or runaway coordinates."""
-
 @dataclass
 class Trajectory:
     """Saved frames of a simulation (numpy, unwrapped positions).
@@ -486,8 +466,7 @@ def simulate(system: System, positions, n_steps: int, *, dt: float = 0.005, kT: 
     (naming the step) on non-finite coordinates or an atom moving > sigma/2 in one step."""
     x0, dev, tdt = _check_run(system, positions, velocities, n_steps, dt, kT, gamma,
                               save_every, device, dtype)
-    n_rep = x0.shape[0]
-    gen = torch.Generator(device=dev).manual_seed(int(seed))
+    n_rep, gen = x0.shape[0], torch.Generator(device=dev).manual_seed(int(seed))
     ff = ForceField(system, n_rep, dev, tdt)
     inv_m = torch.as_tensor(np.tile(1.0 / system.masses, n_rep), device=dev, dtype=tdt)
     x = _to_engine(x0, dev, tdt)
@@ -525,7 +504,6 @@ def simulate(system: System, positions, n_steps: int, *, dt: float = 0.005, kT: 
                 pair_list_builds=ff.pairs.n_builds, seconds=time.perf_counter() - meter.t0)
     t = np.arange(len(frames), dtype=float) * save_every * dt
     return Trajectory(pos, vel, t, pe, ke, system, info)
-
 def _check_run(system, positions, velocities, n_steps, dt, kT, gamma, save_every, device, dtype):
     if not isinstance(system, System):
         raise ValueError(f"system must be a System, got {type(system).__name__}")
@@ -543,7 +521,6 @@ def _check_run(system, positions, velocities, n_steps, dt, kT, gamma, save_every
     if tdt is None:
         raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
     return x if x.ndim == 3 else x[None], resolve_device(device), tdt
-
 def _frame(x, v, ff: ForceField, inv_m, step: int):
     """A frame as float64 numpy: positions, velocities [R, n, 3] (C order, as numpy's sums follow
     the strides), potential, kinetic [R]."""
@@ -552,7 +529,6 @@ def _frame(x, v, ff: ForceField, inv_m, step: int):
     ke = (0.5 * v.square().sum(0) / inv_m).view(ff.n_replicas, -1).sum(1)
     xv = (_from_engine(a, ff.n_replicas).astype(np.float64, order="C") for a in (x, v))
     return (*xv, ff.energy(x).cpu().numpy().astype(np.float64), ke.cpu().numpy().astype(np.float64))
-
 def _check_and_rebuild(x, ff: ForceField, step: int, steps_since: int) -> bool:
     """Blow-up check (an atom may move 0.5 sigma a step, plus the skin since a pair-list build);
     rebuilds the list when the skin is used up, then returns True. A static list has no builds:
@@ -569,7 +545,6 @@ def _check_and_rebuild(x, ff: ForceField, step: int, steps_since: int) -> bool:
         pl.build(x)
         return True
     return False
-
 class _Progress:
     """Progress lines on stderr ("label: 40% 1.2e6 atom-steps/s ETA 12s"), at most every 2 s."""
     def __init__(self, label, total, atoms):
@@ -599,16 +574,14 @@ def _lattice(n_atoms: int, box: float) -> np.ndarray:
     iz = np.where((ix * m + k) % 2 == 0, kz, m - 1 - kz)
     sites = np.stack([ix, iy, iz], -1).reshape(-1, 3)[:n_atoms]
     return (sites.astype(float) + 0.5) * (box / m)
-
 def lj_fluid(n_atoms: int, density: float, *, r_cut: float = 2.5, seed: int = 0):
     """A one-type LJ fluid (eps = sigma = m = 1) on a jittered cubic lattice in a periodic box
     (r_cut = 2**(1/6): WCA). Returns (System, positions [n_atoms, 3])."""
     n_atoms = _positive_int(n_atoms, "n_atoms", minimum=2)
     box = (n_atoms / _positive(density, "density")) ** (1 / 3)
     x = _lattice(n_atoms, box) + np.random.default_rng(seed).normal(0.0, 0.02, (n_atoms, 3))
-    return System(types=np.zeros(n_atoms, dtype=np.int64), masses=np.ones(n_atoms),
-                  bonds=np.zeros((0, 2), dtype=np.int64), bond_k=0.0, bond_r0=0.0,
-                  epsilon=[[1.0]], sigma=[[1.0]], r_cut=r_cut, box=box), x
+    return System(types=[0] * n_atoms, masses=np.ones(n_atoms), bonds=[], bond_k=0.0,
+                  bond_r0=0.0, epsilon=[[1.0]], sigma=[[1.0]], r_cut=r_cut, box=box), x
 
 # ---- world 1: single-chain polymers in implicit solvent ([A]'s chain dataset, in miniature).
 # Bead types after Webb et al. (Sci. Adv. 2020), as in [A]: backbone B1, B2, side groups S1, S2.
@@ -624,7 +597,6 @@ class PolymerModel:
     angle_k: float = 10.0                   # 1-3 backbone springs
     angle_r0: float = 1.7                   # ~116 degree bond angle at rest
     r_cut: float = 2.5                      # attractive LJ
-
 def polymer(backbone, side_chains, model: PolymerModel = PolymerModel()):
     """One open-boundary polymer: (System, positions [n_atoms, 3]) in a clash-free zig-zag.
 
@@ -691,7 +663,6 @@ class ElectrolyteModel:
     angle_r0: float = 1.7
     r_cut: float = 2.5
     density: float = 0.7             # atoms per sigma^3
-
 def electrolyte(n_chains: int, chain_length: int, n_salt: int, *,
                 model: ElectrolyteModel = ElectrolyteModel(), seed: int = 0):
     """A periodic box of `n_chains` chains of `chain_length` beads plus `n_salt` cation-anion pairs.
@@ -725,7 +696,6 @@ def electrolyte(n_chains: int, chain_length: int, n_salt: int, *,
 # beads, each with a light "H" pointing out, held by stiff springs (ring, C-H, 1-3 angle springs).
 # The C-H stretch (period ~17 steps of dt = 0.005) is faster than [B]'s 20-step gaps.
 STIFF_TEMPERATURES = {"low": 0.1, "mid": 0.3, "high": 0.5}   # kT; in the ratio 100:300:500 K
-
 @dataclass
 class StiffMoleculeModel:
     """Parameters of the toy stiff molecule (types: 0 = C, 1 = H)."""
@@ -741,7 +711,6 @@ class StiffMoleculeModel:
         """Period (tau) of an isolated C-H stretch: 2 pi sqrt(mu / k), mu the reduced mass."""
         mc, mh = self.masses
         return 2 * math.pi * math.sqrt(mc * mh / (mc + mh) / self.k_ch)
-
 def stiff_molecule(model: StiffMoleculeModel = StiffMoleculeModel()):
     """The toy stiff molecule at its rest geometry. Returns (System, positions [12, 3])."""
     ang = np.arange(6) * np.pi / 3
@@ -775,31 +744,25 @@ def atomic_write(path, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-
 def save_json(path, obj) -> None:
     """Write `obj` as indented JSON, atomically."""
     atomic_write(path, lambda fh: fh.write(json.dumps(obj, indent=2, sort_keys=True).encode()))
-
 def load_json(path):
     """Read a JSON file (the counterpart of save_json)."""
     with open(path) as fh:
         return json.load(fh)
-
 _SYSTEM_FIELDS = ("types", "masses", "bonds", "bond_k", "bond_r0", "epsilon", "sigma", "molecule")
 _TRAJ_FIELDS = ("positions", "velocities", "time", "potential_energy", "kinetic_energy")
-
 def save_trajectory(path, traj: Trajectory, **extra_arrays) -> None:
     """Write a Trajectory (and any extra named arrays) to an .npz file, atomically; positions
     and velocities as float32 (plenty for analysis, half the disk)."""
     s, arrays = traj.system, {k: getattr(traj, k) for k in _TRAJ_FIELDS}
-    arrays.update(positions=traj.positions.astype(np.float32),
-                  velocities=traj.velocities.astype(np.float32),
+    arrays.update({k: arrays[k].astype(np.float32) for k in ("positions", "velocities")},
                   r_cut=np.float64(s.r_cut), box=np.float64(np.nan if s.box is None else s.box),
                   isolated_molecules=np.bool_(s.isolated_molecules),
                   info_json=np.frombuffer(json.dumps(traj.info).encode(), dtype=np.uint8))
     arrays.update({f"system_{k}": getattr(s, k) for k in _SYSTEM_FIELDS}, **extra_arrays)
     atomic_write(path, lambda fh: np.savez_compressed(fh, **arrays))
-
 def load_trajectory(path):
     """Read a file written by save_trajectory. Returns (Trajectory, dict of extra arrays)."""
     with np.load(path, allow_pickle=False) as z:
@@ -808,10 +771,9 @@ def load_trajectory(path):
     system = System(**{k: data.pop(f"system_{k}") for k in _SYSTEM_FIELDS},
                     r_cut=float(data.pop("r_cut")), box=None if np.isnan(box) else box,
                     isolated_molecules=bool(data.pop("isolated_molecules")))
-    traj = Trajectory(*(data.pop(k).astype(np.float64) if k in ("positions", "velocities")
-                        else data.pop(k) for k in _TRAJ_FIELDS),
-                      system=system, info=json.loads(data.pop("info_json").tobytes().decode()))
-    return traj, data
+    return Trajectory(*(data.pop(k).astype(np.float64) if k in ("positions", "velocities")
+                        else data.pop(k) for k in _TRAJ_FIELDS), system=system,
+                      info=json.loads(data.pop("info_json").tobytes().decode())), data   # + extras
 
 def trajectory_from_arrays(positions, masses, bonds=(), *, types=None, molecule=None, box=None,
                            frame_dt: float = 1.0, velocities=None) -> Trajectory:
@@ -827,10 +789,9 @@ def trajectory_from_arrays(positions, masses, bonds=(), *, types=None, molecule=
         raise ValueError(f"positions has shape {pos.shape}; expected {shape}")
     n = pos.shape[-2]
     types = np.zeros(n, dtype=np.int64) if types is None else types
-    n_types = int(np.max(types)) + 1 if np.size(types) else 1
+    ones = np.ones((int(np.max(types)) + 1 if np.size(types) else 1,) * 2)   # [n_types, n_types]
     system = System(types=types, masses=masses, bonds=bonds, bond_k=1.0, bond_r0=1.0,
-                    epsilon=np.ones((n_types, n_types)), sigma=np.ones((n_types, n_types)),
-                    box=box, molecule=molecule)
+                    epsilon=ones, sigma=ones.copy(), box=box, molecule=molecule)
     if system.masses.shape != (n,):
         raise ValueError(f"masses has {len(system.masses)} entries; positions has {n} atoms")
     frame_dt = _positive(frame_dt, "frame_dt")
