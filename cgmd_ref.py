@@ -251,6 +251,7 @@ def subsystem(system: System, start: int, stop: int) -> System:
 # solvent (<= _STATIC_GROUP_SIZE atoms that can interact) keep every pair and never rebuild: a
 # 24-bead chain has only 276 pairs.
 _STATIC_GROUP_SIZE = 128
+
 class PairList:
     """The non-bonded pairs of `n_replicas` copies of `system`, with per-pair LJ parameters.
 
@@ -411,9 +412,11 @@ class ForceField:
 
 def _minimum_image(d: torch.Tensor, box: float) -> torch.Tensor:   # d folded to its nearest image
     return d - box * torch.round(d / box)                          # in a cubic box of edge `box`
+
 def _to_engine(positions: np.ndarray, device, dtype) -> torch.Tensor:
     """[R, n, 3] numpy -> [3, R*n] torch (the engine's structure-of-arrays layout)."""
     return torch.as_tensor(positions.reshape(-1, 3).T.copy(), device=device, dtype=dtype)
+
 def _from_engine(x: torch.Tensor, n_replicas: int) -> np.ndarray:   # -> [R, n, 3] numpy
     return x.detach().T.cpu().numpy().reshape(n_replicas, -1, 3)
 
@@ -426,9 +429,11 @@ def _evaluate(system: System, positions, quantity):
     ff.pairs.build(xe)
     out = quantity(ff, xe)
     return out if x.ndim == 3 else out[0]
+
 def forces(system: System, positions) -> np.ndarray:
     """Forces [n, 3] (or [R, n, 3]) at `positions` [n, 3] (or [R, n, 3]), float64 numpy."""
     return _evaluate(system, positions, lambda ff, x: _from_engine(ff.forces(x), ff.n_replicas))
+
 def potential_energy(system: System, positions):
     """Potential energy: a float for positions [n, 3], or [R] for [R, n, 3]."""
     E = _evaluate(system, positions, lambda ff, x: ff.energy(x).numpy())
@@ -440,6 +445,7 @@ def potential_energy(system: System, positions):
 # c1 = exp(-gamma dt), c2 = sqrt(1 - c1^2). gamma = 0 (no O) is exactly velocity Verlet.
 class SimulationBlowUp(RuntimeError):
     """Raised when a simulation produces non-finite or runaway coordinates."""
+
 @dataclass
 class Trajectory:
     """Saved frames of a simulation (numpy, unwrapped positions).
@@ -504,6 +510,7 @@ def simulate(system: System, positions, n_steps: int, *, dt: float = 0.005, kT: 
                 pair_list_builds=ff.pairs.n_builds, seconds=time.perf_counter() - meter.t0)
     t = np.arange(len(frames), dtype=float) * save_every * dt
     return Trajectory(pos, vel, t, pe, ke, system, info)
+
 def _check_run(system, positions, velocities, n_steps, dt, kT, gamma, save_every, device, dtype):
     if not isinstance(system, System):
         raise ValueError(f"system must be a System, got {type(system).__name__}")
@@ -521,6 +528,7 @@ def _check_run(system, positions, velocities, n_steps, dt, kT, gamma, save_every
     if tdt is None:
         raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
     return x if x.ndim == 3 else x[None], resolve_device(device), tdt
+
 def _frame(x, v, ff: ForceField, inv_m, step: int):
     """A frame as float64 numpy: positions, velocities [R, n, 3] (C order, as numpy's sums follow
     the strides), potential, kinetic [R]."""
@@ -529,6 +537,7 @@ def _frame(x, v, ff: ForceField, inv_m, step: int):
     ke = (0.5 * v.square().sum(0) / inv_m).view(ff.n_replicas, -1).sum(1)
     xv = (_from_engine(a, ff.n_replicas).astype(np.float64, order="C") for a in (x, v))
     return (*xv, ff.energy(x).cpu().numpy().astype(np.float64), ke.cpu().numpy().astype(np.float64))
+
 def _check_and_rebuild(x, ff: ForceField, step: int, steps_since: int) -> bool:
     """Blow-up check (an atom may move 0.5 sigma a step, plus the skin since a pair-list build);
     rebuilds the list when the skin is used up, then returns True. A static list has no builds:
@@ -545,6 +554,7 @@ def _check_and_rebuild(x, ff: ForceField, step: int, steps_since: int) -> bool:
         pl.build(x)
         return True
     return False
+
 class _Progress:
     """Progress lines on stderr ("label: 40% 1.2e6 atom-steps/s ETA 12s"), at most every 2 s."""
     def __init__(self, label, total, atoms):
@@ -574,6 +584,7 @@ def _lattice(n_atoms: int, box: float) -> np.ndarray:
     iz = np.where((ix * m + k) % 2 == 0, kz, m - 1 - kz)
     sites = np.stack([ix, iy, iz], -1).reshape(-1, 3)[:n_atoms]
     return (sites.astype(float) + 0.5) * (box / m)
+
 def lj_fluid(n_atoms: int, density: float, *, r_cut: float = 2.5, seed: int = 0):
     """A one-type LJ fluid (eps = sigma = m = 1) on a jittered cubic lattice in a periodic box
     (r_cut = 2**(1/6): WCA). Returns (System, positions [n_atoms, 3])."""
@@ -597,6 +608,7 @@ class PolymerModel:
     angle_k: float = 10.0                   # 1-3 backbone springs
     angle_r0: float = 1.7                   # ~116 degree bond angle at rest
     r_cut: float = 2.5                      # attractive LJ
+
 def polymer(backbone, side_chains, model: PolymerModel = PolymerModel()):
     """One open-boundary polymer: (System, positions [n_atoms, 3]) in a clash-free zig-zag.
 
@@ -663,6 +675,7 @@ class ElectrolyteModel:
     angle_r0: float = 1.7
     r_cut: float = 2.5
     density: float = 0.7             # atoms per sigma^3
+
 def electrolyte(n_chains: int, chain_length: int, n_salt: int, *,
                 model: ElectrolyteModel = ElectrolyteModel(), seed: int = 0):
     """A periodic box of `n_chains` chains of `chain_length` beads plus `n_salt` cation-anion pairs.
@@ -696,6 +709,7 @@ def electrolyte(n_chains: int, chain_length: int, n_salt: int, *,
 # beads, each with a light "H" pointing out, held by stiff springs (ring, C-H, 1-3 angle springs).
 # The C-H stretch (period ~17 steps of dt = 0.005) is faster than [B]'s 20-step gaps.
 STIFF_TEMPERATURES = {"low": 0.1, "mid": 0.3, "high": 0.5}   # kT; in the ratio 100:300:500 K
+
 @dataclass
 class StiffMoleculeModel:
     """Parameters of the toy stiff molecule (types: 0 = C, 1 = H)."""
@@ -711,6 +725,7 @@ class StiffMoleculeModel:
         """Period (tau) of an isolated C-H stretch: 2 pi sqrt(mu / k), mu the reduced mass."""
         mc, mh = self.masses
         return 2 * math.pi * math.sqrt(mc * mh / (mc + mh) / self.k_ch)
+
 def stiff_molecule(model: StiffMoleculeModel = StiffMoleculeModel()):
     """The toy stiff molecule at its rest geometry. Returns (System, positions [12, 3])."""
     ang = np.arange(6) * np.pi / 3
@@ -744,15 +759,18 @@ def atomic_write(path, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
 def save_json(path, obj) -> None:
     """Write `obj` as indented JSON, atomically."""
     atomic_write(path, lambda fh: fh.write(json.dumps(obj, indent=2, sort_keys=True).encode()))
+
 def load_json(path):
     """Read a JSON file (the counterpart of save_json)."""
     with open(path) as fh:
         return json.load(fh)
 _SYSTEM_FIELDS = ("types", "masses", "bonds", "bond_k", "bond_r0", "epsilon", "sigma", "molecule")
 _TRAJ_FIELDS = ("positions", "velocities", "time", "potential_energy", "kinetic_energy")
+
 def save_trajectory(path, traj: Trajectory, **extra_arrays) -> None:
     """Write a Trajectory (and any extra named arrays) to an .npz file, atomically; positions
     and velocities as float32 (plenty for analysis, half the disk)."""
@@ -763,6 +781,7 @@ def save_trajectory(path, traj: Trajectory, **extra_arrays) -> None:
                   info_json=np.frombuffer(json.dumps(traj.info).encode(), dtype=np.uint8))
     arrays.update({f"system_{k}": getattr(s, k) for k in _SYSTEM_FIELDS}, **extra_arrays)
     atomic_write(path, lambda fh: np.savez_compressed(fh, **arrays))
+
 def load_trajectory(path):
     """Read a file written by save_trajectory. Returns (Trajectory, dict of extra arrays)."""
     with np.load(path, allow_pickle=False) as z:
