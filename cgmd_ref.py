@@ -374,9 +374,9 @@ class ForceField:
                                              dtype=dtype) for p in (system.bond_k, system.bond_r0))
         self.pairs = PairList(system, n_replicas, self.device, dtype)
         self.replica_of_atom = torch.arange(n_replicas * n, device=self.device) // n
-    def _bond_vectors(self, x):
-        d = x.index_select(1, self.bi).sub_(x.index_select(1, self.bj))   # (a bond never spans
-        return d if self.system.box is None else _minimum_image(d, self.system.box)  # half a box)
+    def _bond_vectors(self, x):   # minimum image too, though a bond never spans half a box
+        d = x.index_select(1, self.bi).sub_(x.index_select(1, self.bj))
+        return d if self.system.box is None else _minimum_image(d, self.system.box)
     def forces(self, x: torch.Tensor) -> torch.Tensor:
         """Total force [3, N] on engine coordinates x [3, N] (N = n_replicas * n_atoms)."""
         F, pl = torch.zeros_like(x), self.pairs
@@ -410,8 +410,8 @@ class ForceField:
             E.index_add_(0, self.replica_of_atom[self.bi], 0.5 * self.bk * (r - self.br0) ** 2)
         return E
 
-def _minimum_image(d: torch.Tensor, box: float) -> torch.Tensor:   # d folded to its nearest image
-    return d - box * torch.round(d / box)                          # in a cubic box of edge `box`
+def _minimum_image(d: torch.Tensor, box: float) -> torch.Tensor:   # nearest image, cubic box
+    return d - box * torch.round(d / box)
 
 def _to_engine(positions: np.ndarray, device, dtype) -> torch.Tensor:
     """[R, n, 3] numpy -> [3, R*n] torch (the engine's structure-of-arrays layout)."""
@@ -3297,7 +3297,8 @@ def _print_electrolyte_table(res: dict) -> None:
     print_table([(r["system"], m, *(r["D"][m][s] for s in ELECTROLYTE_SPECIES),
                   "" if m == "ground_truth" else f"{r[f'rdf_l1_{m}']:.3f}",  # vs the truth
                   f"{r['collision_rate'][m]:.5f}" if m in r["collision_rate"] else "")
-                 for r in res["per_system"] for m in r["D"]],  # every method, long MD first
+                 for r in res["per_system"]
+                 for m in ("ground_truth", "learned", "learned_no_score", "short_md")],
                 (">6", ">17", ">9.4f", ">8.4f", ">9.4f", ">7", ">10"),
                 ("system", "method", "D cation", "D anion", "D polymer", "RDF L1", "collisions"))
     # [A]'s Score GNN: refining each learned step removes the collisions (beads too close) the
