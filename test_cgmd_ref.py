@@ -1847,7 +1847,7 @@ def test_demo_closing_table_repeats_the_experiments_numbers(quick_run):
     rg2 = claims[("[A] polymers", "<Rg2> median rel. error")]
     err = summary["polymer"]["rg2_rel_error"]
     assert rg2["value"] == err["learned"] and rg2["baselines"]["short_md"] == err["short_md"]
-    assert rg2["target"] == "<= 0.05, < short MD"
+    assert rg2["target"] == "<= 0.05, < short_md"
     assert rg2["holds"] == (err["learned"] <= 0.05 and err["learned"] < err["short_md"])
     coll = claims[("[A] electrolyte", "collision rate")]
     c = summary["electrolyte"]["collision_rate"]
