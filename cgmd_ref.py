@@ -573,7 +573,7 @@ class _Progress:
             print(f"  {self.label}: {text}", file=sys.stderr, flush=True)
 
 # -------------------------------------------------------------------------------------------------
-# 2. The three toy worlds (plus a plain LJ fluid for tests and the benchmark)
+# 2. The three toy worlds (plus an LJ fluid and bead-spring chains for tests and the benchmark)
 # -------------------------------------------------------------------------------------------------
 def _lattice(n_atoms: int, box: float) -> np.ndarray:
     """n_atoms simple cubic sites filling a box in serpentine order: consecutive sites are
@@ -593,6 +593,15 @@ def lj_fluid(n_atoms: int, density: float, *, r_cut: float = 2.5, seed: int = 0)
     x = _lattice(n_atoms, box) + np.random.default_rng(seed).normal(0.0, 0.02, (n_atoms, 3))
     return System(types=[0] * n_atoms, masses=np.ones(n_atoms), bonds=[], bond_k=0.0,
                   bond_r0=0.0, epsilon=[[1.0]], sigma=[[1.0]], r_cut=r_cut, box=box), x
+
+def chain_replicas(n_chains: int = 64, n_beads: int = 24):
+    """Benchmark workload (a): n_chains independent copies of a one-type bead-spring chain."""
+    i = np.arange(n_beads)
+    system = System(types=np.zeros(n_beads, dtype=np.int64), masses=np.ones(n_beads),
+                    bonds=np.stack([i[:-1], i[1:]], 1), bond_k=100.0, bond_r0=1.0,
+                    epsilon=[[1.0]], sigma=[[1.0]], r_cut=2.5)
+    x = np.stack([0.97 * i, 0.25 * (i % 2), 0.0 * i], 1)   # a zig-zag: no straight-line start
+    return system, np.repeat(x[None], n_chains, axis=0)
 
 # ---- world 1: single-chain polymers in implicit solvent ([A]'s chain dataset, in miniature).
 # Bead types after Webb et al. (Sci. Adv. 2020), as in [A]: backbone B1, B2, side groups S1, S2.
@@ -1904,6 +1913,28 @@ def _same_shape(named: dict, expected="[n_atoms, 3]", **checks):
             raise ValueError(f"{name} has shape {a.shape}; expected {arrays[0].shape} like {first}")
     return arrays
 
+def split_segments(traj, gap, train_fraction=0.8, train_stride=None):
+    """Time split of every replica: training segments early, held-out segments late.
+
+    Training segments start every `train_stride` frames (default K / 4: overlapping) in the first
+    `train_fraction` of the frames; held-out ones tile the rest every K frames (as in [B]: every
+    K-th frame is known) after a buffer of K frames. Returns ((train positions, velocities),
+    (test positions, velocities)), each [n_segments, gap + 1, n_atoms, 3]."""
+    pos, vel = traj.positions, traj.velocities
+    if pos.ndim == 3:                                    # no replica axis: one replica
+        pos, vel = pos[:, None], vel[:, None]
+    n_frames, n_train = len(pos), int(train_fraction * len(pos))
+    def cut(first, stop, stride):     # segment s of replica r at s * R + r: frames s .. s + K
+        idx = np.arange(first, stop - gap, stride)[:, None] + np.arange(gap + 1)  # [S, K + 1]
+        return tuple(np.moveaxis(a[idx], 2, 1).reshape(-1, gap + 1, *a.shape[2:])
+                     for a in (pos, vel))
+    train = cut(0, n_train, train_stride or max(1, gap // 4))
+    test = cut(n_train + gap, n_frames, gap)
+    if len(train[0]) == 0 or len(test[0]) == 0:
+        raise ValueError(f"gap = {gap} leaves no training or held-out segment in {n_frames} "
+                         "frames; use a smaller gap or longer trajectories")
+    return train, test
+
 def linear_interpolation(start, end, n_frames):
     """Straight lines from `start` to `end`, both ends exact: ``[n_frames, *start.shape]``."""
     a, b = _same_shape({"start": start, "end": end})
@@ -2309,6 +2340,21 @@ def free_energy_surface(features, kT=1.0, n_bins=30, *, pca=None,
     F -= F[p > 0].min()
     return dict(F=F, x_edges=xe, y_edges=ye, mean=mean, components=comps,
                 explained_variance_ratio=ratio, projection=proj)
+
+def free_energy_difference(true_values, values, kT, n_bins=30):
+    """F = -kT ln p of a 1-D coordinate, interpolated frames vs true ones (any shapes).
+
+    Bins span the central 99% of the true values; p is the count per bin over *all* samples; an
+    empty bin gets one count (a method that never visits it pays a large, finite penalty); F is
+    shifted by the true minimum. Returns dict: l1 (mean |F - F_true|), max, centres, F_true, F."""
+    edges = np.linspace(*np.percentile(true_values, [0.5, 99.5]), n_bins + 1)
+    kT = _positive(kT, "kT")
+    f_true, f = (-kT * np.log(np.maximum(np.histogram(x, edges)[0], 1) / x.size)
+                 for x in (np.ravel(true_values), np.ravel(values)))
+    diff, shift = np.abs(f - f_true), f_true.min()
+    return dict(l1=float(diff.mean()), max=float(diff.max()),
+                centres=(0.5 * (edges[1:] + edges[:-1])).tolist(),
+                F_true=(f_true - shift).tolist(), F=(f - shift).tolist())
 
 def _block_sem(x, n_blocks):
     """SEM from the scatter of n_blocks equal block means of x (the remainder dropped)."""
@@ -2773,45 +2819,8 @@ def _electrolyte_means(rows) -> dict:  # means over the test systems; D ranked b
         spearman_short_md=d_rank("short_md"))
 
 # ---- paper B: the stiff molecule at three temperatures, gaps of K MD steps ----------------------
-def split_segments(traj, gap, train_fraction=0.8, train_stride=None):
-    """Time split of every replica: training segments early, held-out segments late.
-
-    Training segments start every `train_stride` frames (default K / 4: overlapping) in the first
-    `train_fraction` of the frames; held-out ones tile the rest every K frames (as in [B]: every
-    K-th frame is known) after a buffer of K frames. Returns ((train positions, velocities),
-    (test positions, velocities)), each [n_segments, gap + 1, n_atoms, 3]."""
-    pos, vel = traj.positions, traj.velocities
-    if pos.ndim == 3:                                    # no replica axis: one replica
-        pos, vel = pos[:, None], vel[:, None]
-    n_frames, n_train = len(pos), int(train_fraction * len(pos))
-    def cut(first, stop, stride):     # segment s of replica r at s * R + r: frames s .. s + K
-        idx = np.arange(first, stop - gap, stride)[:, None] + np.arange(gap + 1)  # [S, K + 1]
-        return tuple(np.moveaxis(a[idx], 2, 1).reshape(-1, gap + 1, *a.shape[2:])
-                     for a in (pos, vel))
-    train = cut(0, n_train, train_stride or max(1, gap // 4))
-    test = cut(n_train + gap, n_frames, gap)
-    if len(train[0]) == 0 or len(test[0]) == 0:
-        raise ValueError(f"gap = {gap} leaves no training or held-out segment in {n_frames} "
-                         "frames; use a smaller gap or longer trajectories")
-    return train, test
-
 def _ch_bond_lengths(positions):  # of the stiff molecule: [..., 12, 3] -> [..., 6] (H i+6 on C i)
     return np.linalg.norm(positions[..., 6:, :] - positions[..., :6, :], axis=-1)
-
-def free_energy_difference(true_values, values, kT, n_bins=30):
-    """F = -kT ln p of a 1-D coordinate, interpolated frames vs true ones (any shapes).
-
-    Bins span the central 99% of the true values; p is the count per bin over *all* samples; an
-    empty bin gets one count (a method that never visits it pays a large, finite penalty); F is
-    shifted by the true minimum. Returns dict: l1 (mean |F - F_true|), max, centres, F_true, F."""
-    edges = np.linspace(*np.percentile(true_values, [0.5, 99.5]), n_bins + 1)
-    kT = _positive(kT, "kT")
-    f_true, f = (-kT * np.log(np.maximum(np.histogram(x, edges)[0], 1) / x.size)
-                 for x in (np.ravel(true_values), np.ravel(values)))
-    diff, shift = np.abs(f - f_true), f_true.min()
-    return dict(l1=float(diff.mean()), max=float(diff.max()),
-                centres=(0.5 * (edges[1:] + edges[:-1])).tolist(),
-                F_true=(f_true - shift).tolist(), F=(f - shift).tolist())
 
 def _run_temperature(path, label, gap, device, train_cfg, hidden, inner, t_start) -> dict:
     """Linear, Hermite, Bi- and uni-LSTM on one temperature's held-out gaps: MAE, F, trace."""
@@ -3038,15 +3047,6 @@ _FIGURES = [
 # -------------------------------------------------------------------------------------------------
 # 11. Benchmark and command line
 # -------------------------------------------------------------------------------------------------
-def chain_replicas(n_chains: int = 64, n_beads: int = 24):
-    """Benchmark workload (a): n_chains independent copies of a one-type bead-spring chain."""
-    i = np.arange(n_beads)
-    system = System(types=np.zeros(n_beads, dtype=np.int64), masses=np.ones(n_beads),
-                    bonds=np.stack([i[:-1], i[1:]], 1), bond_k=100.0, bond_r0=1.0,
-                    epsilon=[[1.0]], sigma=[[1.0]], r_cut=2.5)
-    x = np.stack([0.97 * i, 0.25 * (i % 2), 0.0 * i], 1)   # a zig-zag: no straight-line start
-    return system, np.repeat(x[None], n_chains, axis=0)
-
 def openmm_context(system: System, x, kT=1.0, gamma=1.0, dt=0.005):
     """(openmm.Context, integrator) for the same System at x [n, 3] or [R, n, 3] (R replicas) on
     OpenMM's CPU platform (LangevinMiddleIntegrator, torch's thread count); None without openmm.

@@ -1653,6 +1653,13 @@ def test_fes_reuses_pca_basis():
     np.testing.assert_array_equal(other["components"], first["components"])
 
 
+def test_free_energy_difference_is_zero_for_identical_samples():
+    x = np.random.default_rng(0).normal(size=5000)
+    same = C.free_energy_difference(x, x, kT=0.3)
+    assert same["l1"] == 0 and same["max"] == 0
+    assert C.free_energy_difference(x, 1.3 * x, kT=0.3)["l1"] > 0.05     # too broad: detected
+
+
 def test_replica_mean_se_and_molecule_rg2():
     rng = np.random.default_rng(0)
     x = rng.normal(2.0, 1.0, (400, 16))                  # 16 independent replicas
@@ -1742,13 +1749,6 @@ def test_experiments_without_data_name_the_command(tmp_path):
                       (C.interpolation_experiment, "stiff")):
         with pytest.raises(FileNotFoundError, match=f"python data_gen.py --only {part} --out"):
             run(str(tmp_path), quick=True)
-
-
-def test_free_energy_difference_is_zero_for_identical_samples():
-    x = np.random.default_rng(0).normal(size=5000)
-    same = C.free_energy_difference(x, x, kT=0.3)
-    assert same["l1"] == 0 and same["max"] == 0
-    assert C.free_energy_difference(x, 1.3 * x, kT=0.3)["l1"] > 0.05     # too broad: detected
 
 
 def test_bead_species_of_an_electrolyte():
