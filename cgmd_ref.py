@@ -3151,20 +3151,17 @@ def demo(args) -> int:
     summary = dict(md_ground_truth=md_ground_truth_summary(data_dir))   # what the data say
     _print_ground_truth(summary["md_ground_truth"],
                         load_json(os.path.join(data_dir, "metadata.json")))
-    for key, title, run_experiment, show in (
-            ("polymer", "Paper A: the learned CG simulator on unseen (class II) polymers",
-             lambda: polymer_experiment(data_dir, checkpoint=os.path.join(
-                 args.out, "dynamics_gnn.pt"), **kw), _print_polymer_table),
-            ("electrolyte", "Paper A: Score GNN refinement on unseen electrolyte compositions",
-             lambda: electrolyte_experiment(data_dir, checkpoint_dir=args.out, **kw),
-             _print_electrolyte_table),
-            ("interpolation", "Paper B: filling gaps of K = 20 MD steps in the stiff "
-             "molecule's trajectories", lambda: interpolation_experiment(data_dir, gap=20, **kw),
-             _print_interpolation_table)):
-        print(f"\n{title}", flush=True)
-        summary[key] = run_experiment()
-        show(summary[key])                               # its table, then its claims
-        _print_claims(claims({key: summary[key]}))
+    print("\nPaper A: the learned CG simulator on unseen (class II) polymers", flush=True)
+    summary["polymer"] = polymer_experiment(
+        data_dir, checkpoint=os.path.join(args.out, "dynamics_gnn.pt"), **kw)
+    _print_polymer_table(summary["polymer"])
+    print("\nPaper A: Score GNN refinement on unseen electrolyte compositions", flush=True)
+    summary["electrolyte"] = electrolyte_experiment(data_dir, checkpoint_dir=args.out, **kw)
+    _print_electrolyte_table(summary["electrolyte"])
+    print("\nPaper B: filling gaps of K = 20 MD steps in the stiff molecule's trajectories",
+          flush=True)
+    summary["interpolation"] = interpolation_experiment(data_dir, gap=20, **kw)
+    _print_interpolation_table(summary["interpolation"])
     summary["claims"] = claims(summary)                  # each claim beside its baseline
     summary["run"] = run = dict(seconds=time.perf_counter() - t_start, seed=args.seed,
                                 quick=args.quick, device=str(resolve_device(args.device)),
@@ -3268,8 +3265,8 @@ def _print_ground_truth(s: dict, meta: dict) -> None:  # long-MD targets, short 
                                             for k, v in entry["diffusivity"].items()))
 
 def _print_polymer_table(res: dict) -> None:
-    """Per test polymer: <R_g^2> and its R_g^2 relaxation time from each method, then the
-    calibration, speed, stability and weight selection (the medians and ranks: claims())."""
+    """Per test polymer: <R_g^2> and its R_g^2 relaxation time from each method; calibration,
+    speed, stability and weight selection; then the experiment's claims (medians, ranks, ...)."""
     keys = ("polymer n_beads rg2_truth rg2_learned rg2_short_md rg2_supervised_gnn relaxation_time"
             "_truth_at_step relaxation_time_learned relaxation_time_short_md").split()
     print_table([[r[k] for k in keys] for r in res["per_polymer"]],
@@ -3296,10 +3293,11 @@ def _print_polymer_table(res: dict) -> None:
               f"{v['n_polymers']} held-out class I polymers (rms log <Rg2> error "
               f"{dict(v['scores'])[v['selected_iteration']]:.3f})")
     print(f"  training {res['train_seconds']:.0f}s, whole experiment {res['seconds']:.0f}s")
+    _print_claims(claims(dict(polymer=res)))
 
 def _print_electrolyte_table(res: dict) -> None:
     """Per test electrolyte: D of each species, RDF L1 and collision rate, with and without the
-    Score GNN, beside long and short MD."""
+    Score GNN, beside long and short MD; speed; then the experiment's claims."""
     print_table([(r["system"], m, *(r["D"][m][s] for s in ELECTROLYTE_SPECIES),
                   "" if m == "ground_truth" else f"{r[f'rdf_l1_{m}']:.3f}",  # vs the truth
                   f"{r['collision_rate'][m]:.5f}" if m in r["collision_rate"] else "")
@@ -3314,8 +3312,9 @@ def _print_electrolyte_table(res: dict) -> None:
           f"{s['md']:.2e}, learned {s['learned']:.2e} (no score {s['learned_no_score']:.2e}) -> "
           f"speedup {res['speedup']:.0f}x")
     print(f"  training {res['train_seconds']:.0f}s, whole experiment {res['seconds']:.0f}s")
+    _print_claims(claims(dict(electrolyte=res)))
 
-def _print_interpolation_table(res: dict) -> None:  # MAE per method and kT; F(C-H) L1
+def _print_interpolation_table(res: dict) -> None:  # MAE per method and kT; F(C-H) L1; claims
     methods = ("bilstm", "unilstm", "hermite", "linear")  # [B]: both ends of a gap beat one
     print_table([(f"{label} {STIFF_TEMPERATURES[label]}", *(row[m] for m in methods))
                  for label, row in res["mae"].items()],
@@ -3326,6 +3325,7 @@ def _print_interpolation_table(res: dict) -> None:  # MAE per method and kT; F(C
         for lab in res["mae"]) + "   (mean |F - F_true|, epsilon; methods in the order above)")
     print(f"  Bi-LSTM endpoint error {res['endpoint_error']:.1e}; C-H period "
           f"{res['vibration_period_steps']:.1f} MD steps; {res['seconds']:.0f}s")
+    _print_claims(claims(dict(interpolation=res)))
 
 def main(argv=None) -> int:
     """The command line: `demo` (default) or `bench`; --help lists the options."""
