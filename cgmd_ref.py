@@ -2410,7 +2410,10 @@ def replica_mean_se(x):
 MD_TIMING = dict(full=(5.0, 3), quick=(1.0, 1))    # (simulated tau timed, best of n runs)
 POLYMER_ITERATIONS = 1250          # half the default: the same median error (commit b5763f1)
 POLYMER_PRESETS = dict(            # rg2_weight 1 (beyond [A]): fixed before any test number
-    full=dict(model={}, train=dict(rg2_weight=1.0, n_iterations=POLYMER_ITERATIONS)),
+    # a 6-step Embedding GNN ([A]: 7) instead of 3: kept by two tests fixed before their runs
+    # (ten data sets: median <R_g^2> error 8.0% against 10.3%, largest 11.8% against 26.9%)
+    full=dict(model=dict(embedding=EmbeddingConfig(latent=32, n_steps=6)),
+              train=dict(rg2_weight=1.0, n_iterations=POLYMER_ITERATIONS)),
     quick=dict(model=dict(latent=16, n_steps=1, embedding=EmbeddingConfig(latent=16, n_steps=1)),
                train=dict(stride=2, n_iterations=20, rg2_weight=1.0), stability_steps=50,
                n_validation=1))
