@@ -1525,6 +1525,22 @@ def train_dynamics(cg_positions, cg, cfg: DynamicsConfig = DynamicsConfig(),
             fit.step(it, loss)
     return fit.done()
 
+def rg2_validation(x_val, cg_val: CGSystem, stride: int, n_history: int, *, n_replicas=8,
+                   n_steps=24, n_burn=4, seed=0):
+    """A score for train_dynamics(validate=...): the rms over held-out polymers of
+    log(<R_g^2>_learned / <R_g^2>_MD), rolling out n_replicas from their first MD frames
+    x_val [F, R, n, 3] for n_burn + n_steps learned steps; 1e9 if the rollout blows up."""
+    truth = np.array([r.mean() for r in cg_rg2(x_val, cg_val)])
+    history = np.repeat(x_val[0:(n_history + 1) * stride:stride, 0][None], n_replicas, axis=0)
+    def validate(model) -> float:
+        try:
+            frames = rollout(model, cg_val, history, n_burn + n_steps, seed=seed)
+        except SimulationBlowUp:
+            return 1e9
+        est = np.array([r.mean() for r in cg_rg2(frames[n_burn:], cg_val)])
+        return float(np.sqrt(np.mean(np.log(est / truth) ** 2)))
+    return validate
+
 def _model_and_data(model_class, cfg, cg_positions, cg, train: TrainConfig, device, dtype):
     """A model_class(cfg) seeded by train.seed, its scales (velocity and acceleration rms over
     one learned step, mean bead mass) from the data, and [(frames, CGSystem, candidate pairs)],
@@ -2161,6 +2177,11 @@ def molecule_rg2(positions, masses, offsets) -> list:
     return [radius_of_gyration_sq(positions[..., a:b, :], masses[a:b])
             for a, b in zip(offsets[:-1], offsets[1:])]
 
+def cg_rg2(positions, cg: CGSystem) -> list:
+    """R_g^2 of each molecule's CG beads: a list of [...] arrays (positions [..., n_beads, 3])."""
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(cg.molecule))])
+    return molecule_rg2(positions, cg.bead_mass, offsets)
+
 def autocorrelation(x):
     """Normalised autocorrelation C(k) = <dx(t) dx(t+k)> / <dx^2> of a series ``[T]``, k < T: all
     lags at once by FFT (Wiener-Khinchin), each lag-k sum divided by its T - k terms ("unbiased"):
@@ -2502,11 +2523,6 @@ def md_ground_truth_summary(data_dir: str) -> dict:
         short_md_tau=float(short.time[-1] - short.time[0]),
         long_md_tau=float(long.time[-1] - long.time[0]), long_md_replicas=long.positions.shape[1])
 
-def cg_rg2(positions, cg: CGSystem) -> list:
-    """R_g^2 of each molecule's CG beads: a list of [...] arrays (positions [..., n_beads, 3])."""
-    offsets = np.concatenate([[0], np.cumsum(np.bincount(cg.molecule))])
-    return molecule_rg2(positions, cg.bead_mass, offsets)
-
 # ---- paper A: the polymer experiment (unseen class II chains) -----------------------------------
 def polymer_experiment(data_dir="data", seed=0, device="cpu", quick=False,
                        cfg: Optional[DynamicsConfig] = None, train: Optional[TrainConfig] = None,
@@ -2555,22 +2571,6 @@ def polymer_experiment(data_dir="data", seed=0, device="cpu", quick=False,
                         selected_iteration=getattr(model, "selected_iteration", None)),
         config=dict(model=asdict(cfg), train=asdict(train), atoms_per_bead=atoms_per_bead,
                     quick=quick, seed=seed))
-
-def rg2_validation(x_val, cg_val: CGSystem, stride: int, n_history: int, *, n_replicas=8,
-                   n_steps=24, n_burn=4, seed=0):
-    """A score for train_dynamics(validate=...): the rms over held-out polymers of
-    log(<R_g^2>_learned / <R_g^2>_MD), rolling out n_replicas from their first MD frames
-    x_val [F, R, n, 3] for n_burn + n_steps learned steps; 1e9 if the rollout blows up."""
-    truth = np.array([r.mean() for r in cg_rg2(x_val, cg_val)])
-    history = np.repeat(x_val[0:(n_history + 1) * stride:stride, 0][None], n_replicas, axis=0)
-    def validate(model) -> float:
-        try:
-            frames = rollout(model, cg_val, history, n_burn + n_steps, seed=seed)
-        except SimulationBlowUp:
-            return 1e9
-        est = np.array([r.mean() for r in cg_rg2(frames[n_burn:], cg_val)])
-        return float(np.sqrt(np.mean(np.log(est / truth) ** 2)))
-    return validate
 
 def _polymer_judge(model, data, m, burn_in_tau, stability_steps, seed, device, quick) -> dict:
     """Roll out on the test polymers (m frames a step), timed beside MD; judge each method by its
