@@ -24,10 +24,11 @@ and the work they build on:
 Sections, in the order data flows (the method first, the driver last):
   0 helpers; 1 MD engine (BAOAB Langevin [1]); 2 toy worlds (LJ fluid, class I / II polymers,
   a polymer electrolyte, a stiff molecule); 3 files; 4 coarse-graining [A] (spectral partitioning
-  [5], CG graphs, message passing [2], Embedding GNN); 5 [A] Dynamics GNN; 6 [A] Score GNN [6];
-  7 [B] Bi-LSTM interpolation; 8 estimators (R_g^2, ACF, MSD [4], g(r), free energy, blocks [3]);
-  then the driver, which the method sections never call: 9 experiments, 10 figures, 11 bench and
-  command line (`python cgmd_ref.py [--quick] [--seed N] [--device auto]`, `... bench`).
+  with tree packing [5], CG graphs, message passing [2], Embedding GNN); 5 [A] Dynamics GNN;
+  6 [A] Score GNN [6]; 7 [B] Bi-LSTM interpolation; 8 estimators (R_g^2, ACF, MSD [4], g(r),
+  free energy, blocks [3]); then the driver, which the method sections never call:
+  9 experiments, 10 figures, 11 bench and command line (`python cgmd_ref.py [--quick]
+  [--seed N] [--device auto]`, `... bench`).
 
 Conventions. Reduced Lennard-Jones units everywhere (sigma = epsilon = m = k_B = 1; time unit tau).
 Arrays handed to users are numpy, shaped [n_frames, (n_replicas,) n_atoms, 3]; positions are
@@ -960,7 +961,7 @@ def _pack(A, w, cap) -> np.ndarray:
 
 def _partition_component(A, w, k, rng, cap) -> np.ndarray:
     """Recursive bisection; where its heaviest part breaks the cap, tree packing at the smallest
-    cap (from `cap` up, one atom at a time) that needs <= k parts, heaviest parts then bisected
+    cap (from `cap` up, by one atom or 2% of it) that needs <= k parts, heaviest parts then bisected
     until there are k."""
     labels = _recursive_bisection(A, w, k, rng, w.sum() / k, cap)
     limit, heaviest = cap, np.bincount(labels, weights=w).max()
@@ -987,7 +988,7 @@ def _refine(A, w, labels, cap, max_passes=8):
             p = labels[v]
             parts, counts = np.unique(labels[A.indices[A.indptr[v]:A.indptr[v + 1]]],
                                       return_counts=True)
-            best, best_key = None, (0, 0.0)    # (bonds saved, size evened): both must not drop
+            best, best_key = None, (0, 0.0)    # (bonds saved, size evened), compared in order
             for q, n_q in zip(parts.tolist(), counts.tolist()):
                 key = (n_q - counts[parts == p].sum(), weight[p] - weight[q] - w[v])
                 if q != p and weight[q] + w[v] <= cap and key > best_key:
@@ -1124,9 +1125,10 @@ class Graph:
     n_nodes: int                    # N
 
 def pair_graph(positions, pairs, bonds, radius: float, *, box: Optional[float] = None) -> Graph:
-    """CG graphs of B frames [B, n, 3] (node b * n + i): CG bonds [m, 2], both ways, U candidate
-    pairs [P, 2] (sender, receiver) closer than `radius`. In a box, radius edges use the minimum
-    image; a bond keeps the unwrapped difference (a stretched bond may exceed half the box)."""
+    """CG graphs of B frames [B, n, 3] (node b * n + i): the candidate pairs [P, 2] (sender,
+    receiver) that are CG bonds (bonds [m, 2], either way round) or closer than `radius`. In a
+    box, radius edges use the minimum image; a bond keeps the unwrapped difference (a stretched
+    bond may exceed half the box)."""
     if box is not None and 2 * radius > box:
         raise ValueError(f"box = {box} is smaller than 2 radius = {2 * radius}; expected a box "
                          "at least twice the radius (minimum image)")
@@ -1191,7 +1193,8 @@ def bond_types(system: System) -> np.ndarray:
 
 @dataclass
 class EmbeddingConfig:
-    """Embedding GNN size ([A] used latent 64 and 7 message-passing steps)."""
+    """Embedding GNN size ([A] used latent 64 and 7 message-passing steps; atom inputs are types
+    only, [A] adds masses: in every toy world here the type fixes the mass)."""
     n_atom_types: int = 4
     n_bond_types: int = 4
     latent: int = 64
@@ -1221,7 +1224,8 @@ class EmbeddingGNN(torch.nn.Module):
         h, e = self.atom_embedding(atom_types), self.bond_embedding(torch.cat([bt, bt]))
         for block in self.blocks:
             h, e = block(h, e, senders, receivers)
-        pooled = torch.zeros(n_beads, h.shape[1], dtype=h.dtype).index_add_(0, labels, h)
+        pooled = torch.zeros(n_beads, h.shape[1], dtype=h.dtype, device=h.device)
+        pooled.index_add_(0, labels, h)
         count = torch.bincount(labels, minlength=n_beads).clamp(min=1).to(h.dtype)
         return pooled / count[:, None]
 
@@ -1292,7 +1296,8 @@ def gaussian_nll(mean, std, target) -> torch.Tensor:
 @dataclass
 class StepDistribution:
     """The Gaussian over one learned step's accelerations a [B, n, 3], alike for x, y and z.
-    [A] (edge_scale None): independent beads, std = sqrt(scale^2 + std_min^2) >= std_min. Beyond
+    [A] (edge_scale None): independent beads, std = sqrt(scale^2 + std_min^2) >= std_min (METHOD:
+    std_min + softplus; the same floor, joined smoothly). Beyond
     [A]: a = mean + S z + std_min z', S [n, n] per frame with `scale` on its diagonal and each
     edge's edge_scale at (receiver, sender): covariance Sigma = S S^T + std_min^2 I."""
     mean: torch.Tensor                     # [B, n, 3]
@@ -1528,7 +1533,7 @@ def train_dynamics(cg_positions, cg, cfg: DynamicsConfig = DynamicsConfig(),
 def rg2_validation(x_val, cg_val: CGSystem, stride: int, n_history: int, *, n_replicas=8,
                    n_steps=24, n_burn=4, seed=0):
     """A score for train_dynamics(validate=...): the rms over held-out polymers of
-    log(<R_g^2>_learned / <R_g^2>_MD), rolling out n_replicas from their first MD frames
+    log(<R_g^2>_learned / <R_g^2>_MD), rolling out n_replicas from replica 0's first frames of
     x_val [F, R, n, 3] for n_burn + n_steps learned steps; 1e9 if the rollout blows up."""
     truth = np.array([r.mean() for r in cg_rg2(x_val, cg_val)])
     history = np.repeat(x_val[0:(n_history + 1) * stride:stride, 0][None], n_replicas, axis=0)
@@ -1731,11 +1736,12 @@ def train_rg2_regressor(system: System, rg2, n_iterations: int = 300, lr: float 
 # Ermon, NeurIPS 2019):
 #   train:  x~ = x_{t+1} + sigma z,  minimise  sigma^2 |s(x~ | history, sigma) + z / sigma|^2
 #           over sigma on a geometric grid (denoising score matching, weight lambda = sigma^2);
-#   refine: for sigma_1 > ... > sigma_L, alpha_i = eps sigma_i^2 / sigma_L^2, T times per level:
+#   refine: for sigma_1 > ... > sigma_L, alpha_i = eps sigma_i^2 / sigma_L^2, n_steps_each times:
 #           x <- x + alpha_i s(x, sigma_i) + sqrt(2 alpha_i) z.
 @dataclass
 class ScoreConfig:
-    """Score GNN size and training noise levels ([A]: 20 levels from 10 down to 0.01)."""
+    """Score GNN size and training noise levels ([A]: 20 levels from 10 down to 0.01; here 1
+    down to 0.02 sigma, in reduced units where a bead is about 1 sigma across)."""
     n_history: int = 1            # velocities of the history it is conditioned on
     latent: int = 16
     n_steps: int = 2
@@ -1969,11 +1975,11 @@ def hermite_interpolation(x0, v0, x1, v1, times):
     return CubicHermiteSpline([t[0], t[-1]], np.stack([x0, x1]), np.stack([v0, v1]), axis=0)(t)
 
 def segment_frames(start, end, masses, reference):
-    """Each segment's own frame (a vibration looks different in every orientation): origin at the
-    centre of mass, axes by a Kabsch fit onto `reference` ``[n_atoms, 3]``, both from the mean of
-    the *known* ends start, end ``[S, n_atoms, 3]`` (a reversed segment has the same frame). Rigid
-    and fixed over the segment, so Newton's equations are unchanged. Returns com [S, 3] and
-    rot [S, 3, 3] (det +1), with ``(x - com) @ rot`` x in the reference's frame."""
+    """Beyond [B], each segment's own frame (a vibration looks different in every orientation):
+    origin at the centre of mass, axes by a Kabsch fit onto `reference` ``[n_atoms, 3]``, both
+    from the mean of the *known* ends start, end ``[S, n_atoms, 3]`` (a reversed segment has the
+    same frame). Rigid and fixed over the segment, so Newton's equations are unchanged. Returns
+    com [S, 3] and rot [S, 3, 3] (det +1), with ``(x - com) @ rot`` x in the reference's frame."""
     mid = 0.5 * (np.asarray(start) + np.asarray(end))                       # [S, n, 3]
     w = np.asarray(masses, float)[:, None] / np.sum(masses)
     com = np.einsum("sna,n->sa", mid, w[:, 0])                              # [S, 3]
@@ -2574,8 +2580,9 @@ def polymer_experiment(data_dir="data", seed=0, device="cpu", quick=False,
 
 def _polymer_judge(model, data, m, burn_in_tau, stability_steps, seed, device, quick) -> dict:
     """Roll out on the test polymers (m frames a step), timed beside MD; judge each method by its
-    median errors and by Spearman ranks (LiFlow's test of transfer: are unseen polymers ordered
-    by size and by relaxation time correctly?), one-step calibration and a long rollout."""
+    median errors and by Spearman ranks (LiFlow's test of transfer, arXiv:2410.01464: are unseen
+    polymers ordered by size and by relaxation time correctly?), one-step calibration and a long
+    rollout."""
     (x_tr, cg_tr, tr), (x_short, cg_te, short), (x_long, _, long) = data
     frame_dt = float(tr.time[1] - tr.time[0])
     step_tau = m * frame_dt

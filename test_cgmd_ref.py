@@ -1207,6 +1207,17 @@ def test_rollout_with_langevin_refinement_stays_finite():
     assert frames.shape == (2, 2, cg.n_beads, 3) and np.isfinite(frames).all()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_dynamics_and_score_gnns_train_and_roll_out_on_cuda(tiny_data):
+    cg, x = tiny_data
+    small = dict(latent=8, n_steps=1, embedding=C.EmbeddingConfig(latent=8, n_steps=1))
+    train = C.TrainConfig(stride=2, n_iterations=3)
+    dyn = C.train_dynamics(x, cg, C.DynamicsConfig(**small), train, device="cuda", label=None)
+    score = C.train_score(x, cg, C.ScoreConfig(n_history=1, **small), train, device="cuda",
+                          label=None)
+    frames = C.rollout(dyn, cg, x[None, 0:8:2, 0], 2, refine=C.langevin_refiner(score, cg))
+    assert frames.shape == (3, 1, cg.n_beads, 3) and np.isfinite(frames).all()
+
 def test_checkpoint_round_trip_and_refusals(tmp_path, tiny_trained):
     trained, cfg, nll = tiny_trained["trained"], tiny_trained["cfg"], tiny_trained["nll"]
     path = tmp_path / "dyn.pt"
