@@ -148,11 +148,11 @@ def reproducible_training():
 class System:
     """Everything the force field needs about a set of particles (reduced LJ units).
 
-    types [n] index the symmetric [n_types, n_types] tables `epsilon` / `sigma`; bonds [n_bonds,
-    2] with `bond_k` / `bond_r0` scalars or [n_bonds]. r_cut: 2**(1/6) sigma is repulsive WCA,
-    2.5 sigma attractive. box: cubic periodic box edge, or None (implicit solvent). molecule: [n]
-    ids; isolated_molecules (box=None): different molecules do not interact, so many small
-    polymers run side by side in one vectorised call."""
+    types [n] index the symmetric [n_types, n_types] tables `epsilon` / `sigma`; bonds [n_bonds, 2]
+    with `bond_k` / `bond_r0` scalars or [n_bonds]. r_cut (one for all type pairs): 2**(1/6) is
+    repulsive WCA where sigma_ab = 1, 2.5 attractive. box: cubic periodic box edge, or None
+    (implicit solvent). molecule: [n] ids; isolated_molecules (box=None): different molecules do
+    not interact, so many small polymers run side by side in one vectorised call."""
     types: np.ndarray
     masses: np.ndarray
     bonds: np.ndarray
@@ -247,7 +247,9 @@ def subsystem(system: System, start: int, stop: int) -> System:
 # ---- pair lists ---------------------------------------------------------------------------------
 # Building the list of pairs (i, j) costs far more than using it, so it keeps every pair within
 # r_cut + skin (a "Verlet skin"; the kernel masks r > r_cut) and stays valid while the two largest
-# displacements since the build sum to < skin. Neighbours come from scipy's cKDTree (periodic
+# displacements since the build sum to < skin. simulate checks that after each step, so on the
+# step the skin runs out one half-kick can miss a pair that came inside r_cut during that step
+# (where the LJ force is small: 0.04 eps/sigma at 2.5 sigma). Neighbours come from cKDTree (periodic
 # `boxsize`; a large box in slabs, one thread each: _periodic_pairs). Small molecules in implicit
 # solvent (<= _STATIC_GROUP_SIZE atoms that can interact) keep every pair and never rebuild: a
 # 24-bead chain has only 276 pairs.
@@ -346,12 +348,14 @@ def _periodic_pairs(pos, box: float, r: float) -> np.ndarray:
     R, n, _ = pos.shape
     n_slabs = max(1, min(torch.get_num_threads(), int(box // (2 * r))))
     w = _wrap(pos, box)
-    slab = np.minimum((w[..., 0] * (n_slabs / box)).astype(np.int64), n_slabs - 1)
+    u = w[..., 0] * (n_slabs / box)                  # x in slab widths (>= 2 r each)
+    slab = np.minimum(u.astype(np.int64), n_slabs - 1)
     def search(task):
         rep, k = task
-        if n_slabs == 1:                 # every dataset's box: skip the slab bookkeeping (A/B)
+        if n_slabs == 1:                 # every dataset's box: skip the slab bookkeeping
             return cKDTree(w[rep], boxsize=box).query_pairs(r, output_type="ndarray") + rep * n
-        guest = (slab[rep] != k) & ((w[rep, :, 0] - (k + 1) * box / n_slabs) % box < r)
+        # guests: slab k + 1's atoms within r of its lower face, judged by the same u as `slab`
+        guest = (slab[rep] == (k + 1) % n_slabs) & (u[rep] - slab[rep] < r * n_slabs / box)
         idx = np.r_[np.flatnonzero(slab[rep] == k), np.flatnonzero(guest)]   # own atoms first
         pairs = cKDTree(w[rep, idx], boxsize=box).query_pairs(r, output_type="ndarray")
         return idx[pairs[pairs[:, 0] < len(idx) - guest.sum()]] + rep * n   # (i < j)
@@ -470,7 +474,8 @@ def simulate(system: System, positions, n_steps: int, *, dt: float = 0.005, kT: 
     positions [n_atoms, 3], or [n_replicas, n_atoms, 3] advanced together with their own noise;
     frames at steps 0, save_every, ...; seed: initial velocities (Maxwell-Boltzmann at kT unless
     given) and noise; progress: a label for progress lines on stderr. Raises SimulationBlowUp
-    (naming the step) on non-finite coordinates or an atom moving > sigma/2 in one step."""
+    (naming the step) on non-finite coordinates or an atom moving more than 0.5 sigma a step
+    since the last check (plus the pair list's skin)."""
     x0, dev, tdt = _check_run(system, positions, velocities, n_steps, dt, kT, gamma,
                               save_every, device, dtype)
     n_rep, gen = x0.shape[0], torch.Generator(device=dev).manual_seed(int(seed))
@@ -588,7 +593,7 @@ def _lattice(n_atoms: int, box: float) -> np.ndarray:
 
 def lj_fluid(n_atoms: int, density: float, *, r_cut: float = 2.5, seed: int = 0):
     """A one-type LJ fluid (eps = sigma = m = 1) on a jittered cubic lattice in a periodic box
-    (r_cut = 2**(1/6): WCA). Returns (System, positions [n_atoms, 3])."""
+    (r_cut 2.5: attractive; 2**(1/6): WCA). Returns (System, positions [n_atoms, 3])."""
     n_atoms = _positive_int(n_atoms, "n_atoms", minimum=2)
     box = (n_atoms / _positive(density, "density")) ** (1 / 3)
     x = _lattice(n_atoms, box) + np.random.default_rng(seed).normal(0.0, 0.02, (n_atoms, 3))
@@ -690,8 +695,9 @@ def electrolyte(n_chains: int, chain_length: int, n_salt: int, *,
                 model: ElectrolyteModel = ElectrolyteModel(), seed: int = 0):
     """A periodic box of `n_chains` chains of `chain_length` beads plus `n_salt` cation-anion pairs.
 
-    Atoms are ordered chains, cations, anions (each its own molecule), on a clash-free serpentine
-    lattice walk (ions on the remaining sites in random order). Returns (System, positions)."""
+    Atoms are ordered chains, cations, anions (each its own molecule), on a serpentine lattice walk
+    (ions on the remaining sites in random order; large anions overlap: relax first). Returns
+    (System, positions)."""
     n_chains = _positive_int(n_chains, "n_chains")
     chain_length = _positive_int(chain_length, "chain_length", minimum=3)
     n_salt = _positive_int(n_salt, "n_salt", minimum=0)
@@ -717,7 +723,8 @@ def electrolyte(n_chains: int, chain_length: int, n_salt: int, *,
 
 # ---- world 3: a small stiff molecule ([B]'s benzene, in miniature): a ring of six heavy "C"
 # beads, each with a light "H" pointing out, held by stiff springs (ring, C-H, 1-3 angle springs).
-# The C-H stretch (period ~17 steps of dt = 0.005) is faster than [B]'s 20-step gaps.
+# The C-H stretch (17 steps of dt = 0.005 for one bond alone; coupled by the angle springs, the
+# fastest normal modes take 14) is faster than [B]'s 20-step gaps.
 STIFF_TEMPERATURES = {"low": 0.1, "mid": 0.3, "high": 0.5}   # kT; in the ratio 100:300:500 K
 
 @dataclass
@@ -2202,7 +2209,8 @@ def autocorrelation(x):
     return acf / acf[0]
 
 def relaxation_time(x, dt):
-    """Integrated autocorrelation time dt * integral_0^{k0} C(k) dk of a series ``[T >= 3]``.
+    """Integrated autocorrelation time dt * integral_0^{k0} C(k) dk of a series ``[T >= 3]`` of
+    frames dt apart (the saved frames' spacing, not the MD step).
     k0, C's first (linearly interpolated) zero crossing, keeps the long-lag noise out: exp(-t/tau)
     gives ~tau. If C never crosses zero the whole ACF is integrated, an UNDER-estimate."""
     dt = _positive(dt, "dt")
@@ -2238,7 +2246,8 @@ def mean_squared_displacement(positions):
     return msd
 
 def diffusion_coefficient(positions, dt, *, fit_start=0.2, fit_stop=0.6):
-    """Self-diffusion coefficient D (sigma^2 / tau) from the Einstein relation MSD = 6 D t: a line
+    """Self-diffusion coefficient D (sigma^2 / tau) of frames dt apart (the saved frames'
+    spacing) from the Einstein relation MSD = 6 D t: a line
     with free intercept (a ballistic offset does not bias it) over lags fit_start .. fit_stop of
     T - 1: short lags are not yet diffusive, long ones have few origins (noisy)."""
     dt = _positive(dt, "dt")
@@ -2250,7 +2259,7 @@ def diffusion_coefficient(positions, dt, *, fit_start=0.2, fit_stop=0.6):
 
 def _einstein_slope(msd, dt, fit_start, fit_stop) -> float:
     """diffusion_coefficient's fit to an MSD curve [T] that callers already have."""
-    k_max, eps = msd.shape[0] - 1, 1e-9               # eps: 0.2 * 100 = 20.000000004
+    k_max, eps = msd.shape[0] - 1, 1e-9               # eps: 0.7 * 90 = 62.99999999999999
     lags = np.arange(int(np.ceil(fit_start * k_max - eps)),
                      int(np.floor(fit_stop * k_max + eps)) + 1)
     if lags.size < 3:
@@ -2373,7 +2382,8 @@ def free_energy_difference(true_values, values, kT, n_bins=30):
 
     Bins span the central 99% of the true values; p is the count per bin over *all* samples; an
     empty bin gets one count (a method that never visits it pays a large, finite penalty); F is
-    shifted by the true minimum. Returns dict: l1 (mean |F - F_true|), max, centres, F_true, F."""
+    shifted by the true minimum. Returns dict: l1 (the mean over bins of |F - F_true|), max,
+    centres, F_true, F."""
     edges = np.linspace(*np.percentile(true_values, [0.5, 99.5]), n_bins + 1)
     kT = _positive(kT, "kT")
     f_true, f = (-kT * np.log(np.maximum(np.histogram(x, edges)[0], 1) / x.size)
@@ -3334,7 +3344,7 @@ def _print_interpolation_table(res: dict) -> None:  # MAE per method and kT; F(C
     print(f"  {'F(C-H)':>10} " + "   ".join(            # one row: each temperature's L1s
         f"{lab}: " + " ".join(f"{res['free_energy'][lab]['l1'][m]:.3f}" for m in methods)
         for lab in res["mae"]) + "   (mean |F - F_true|, epsilon; methods in the order above)")
-    print(f"  Bi-LSTM endpoint error {res['endpoint_error']:.1e}; C-H period "
+    print(f"  Bi-LSTM endpoint error {res['endpoint_error']:.1e}; isolated C-H period "
           f"{res['vibration_period_steps']:.1f} MD steps; {res['seconds']:.0f}s")
     _print_claims(claims(dict(interpolation=res)))
 

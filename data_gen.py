@@ -36,9 +36,9 @@ import cgmd_ref as C
 # CV sqrt(2 tau_relax / T): ~19% at T = 50 tau, 14% at 100 tau (an upper bound: one 50 tau
 # run of a test polymer is a median 7-14% off its long mean). Training runs are 50 tau (8
 # relaxation times): short, as [A] asks, yet long enough for the K + 1 = 4 history frames and
-# the next one at a 5 tau step. The training set spends the same MD time as 48 x 100 tau would
-# on twice as many chemistries. The ground truth, 24 replicas x 600 tau, has a standard error
-# under 2% per polymer.
+# the next one at a 5 tau step. The training set spends the same MD time as 48 x 2 replicas x
+# 100 tau would, on twice as many chemistries. The ground truth, 24 replicas x 600 tau, has a
+# standard error under 2% per polymer.
 # Every polymer run starts from the generator's extended conformation and burns in for 100 tau
 # (not saved) first: measured on 48 class I polymers x 2 replicas run 300 tau from that start,
 # the mean R_g^2 is 2.9x its equilibrium value over the first 10 tau, still +19% at 20-30 tau
@@ -107,7 +107,8 @@ def gen_polymers(cfg, out, seed, force, device, meta):
                      n_polymers=len(polys), n_replicas=reps, tau_per_replica=tau,
                      burn_in_tau=cfg["polymer_burn_in_tau"],
                      frame_dt=DT * POLYMER_SAVE_EVERY, seconds=round(seconds, 1),
-                     atom_steps_per_s=float(system.n_atoms * reps * tau / DT / seconds),
+                     atom_steps_per_s=float(system.n_atoms * reps / DT / seconds
+                                            * (tau + cfg["polymer_burn_in_tau"])),  # + burn-in
                      n_atoms=[int(b - a) for a, b in zip(offsets[:-1], offsets[1:])])
         if name == "polymer_test_long":
             entry["convergence"] = rg2_convergence(traj, offsets)
@@ -153,7 +154,8 @@ def gen_electrolytes(cfg, out, seed, force, device, meta):
             n_chains=comp[0], chain_length=comp[1], n_salt=comp[2]), n_replicas=reps,
             tau_per_replica=tau, frame_dt=DT * ELECTROLYTE_SAVE_EVERY, box=system.box,
             seconds=round(seconds, 1),
-            atom_steps_per_s=float(system.n_atoms * reps * tau / DT / seconds))
+            atom_steps_per_s=float(system.n_atoms * reps * (tau + cfg["burn_in_tau"]) / DT
+                                   / seconds))
         if name.endswith("_long"):
             entry["diffusivity"] = diffusivities(traj)
         meta[name] = entry
@@ -161,7 +163,8 @@ def gen_electrolytes(cfg, out, seed, force, device, meta):
 
 
 def diffusivities(traj):
-    """D of polymer beads, cations and anions per replica (MSD fit over 20-60% of the lags)."""
+    """D of polymer beads, cations and anions: the mean over replicas and its standard error
+    (each replica's MSD fitted over 20-60% of the lags)."""
     out = {}
     pos = traj.positions if traj.positions.ndim == 4 else traj.positions[:, None]
     for name, sel in (("polymer", traj.system.types <= 1), ("cation", traj.system.types == 2),
