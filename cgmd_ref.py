@@ -1776,8 +1776,9 @@ def _check_sigmas(sigmas) -> np.ndarray:
 class ScoreGNN(torch.nn.Module):
     """s(x~ | history, sigma): the score of the next CG frame x~, given the last K + 1 frames,
     read on the graph of x~ (whose overlaps it must see). Invariant inputs: bead embedding, mass,
-    log sigma, |d| (d = x~ - x_t), speeds, d . v^k; distance, bond flag, u . d at both ends of an
-    edge. s = vector / sigma, so the loss |sigma s + z|^2 is well scaled at every sigma."""
+    log(sigma / vel_scale), |d| (d = x~ - x_t), speeds, d . v^k; distance, bond flag, u . d at
+    both ends of an edge. s = vector / sigma, so the loss |sigma s + z|^2 is well scaled at every
+    sigma."""
     def __init__(self, cfg: ScoreConfig = ScoreConfig()):
         super().__init__()
         self.cfg = cfg
@@ -1927,7 +1928,7 @@ def load_checkpoint(path, expected_config=None, device="cpu"):
 #     x_hat(t_k) = (1 - lambda_k) x_fwd(t_k) + lambda_k x_bwd(t_k),    lambda_k = k / K,
 # so both ends are exact, the linear part carries the slow motion and the network only the fast
 # (vibrational) part. Baselines: straight lines, and (beyond [B]) a cubic Hermite spline.
-# Shapes: a segment is [gap + 1, n_atoms, 3] (frames t0 ... t1, K = gap steps of dt), a batch
+# Shapes: a segment is [gap + 1, n_atoms, 3] (frames t0 ... t1, K = gap frame intervals), a batch
 # [n_segments, gap + 1, n_atoms, 3]; in the network a state is a flat z-scored [batch, 6 n_atoms].
 def _check_gap(gap, name="gap"):
     """A gap of K steps hides K - 1 frames: K >= 2 for there to be anything to fill."""
@@ -2094,7 +2095,8 @@ class BiLSTMInterpolator(torch.nn.Module):
     def interpolate(self, start, end, gap: int):
         """Fill a gap of `gap` >= 2 steps between phase-space states start, end = numpy (positions,
         velocities) ``[(batch,) n_atoms, 3]`` in the training frame: (positions, velocities)
-        ``[(batch,) gap + 1, n_atoms, 3]``; bi-directional, the ends equal the inputs to < 1e-6."""
+        ``[(batch,) gap + 1, n_atoms, 3]``; bi-directional, the ends equal the inputs to float32
+        round-off (~1e-7 relative)."""
         n, named = self.cfg.n_atoms, {}
         for name, state in (("start", start), ("end", end)):
             if not isinstance(state, (tuple, list)) or len(state) != 2:
@@ -2124,7 +2126,7 @@ def train_interpolator(positions, velocities, cfg: InterpolatorConfig = Interpol
                        train: InterpTrainConfig = InterpTrainConfig(), device="cpu",
                        label: str = "") -> BiLSTMInterpolator:
     """Fit a (Bi-)LSTM interpolator (eval mode, with its z-scoring) on segments
-    ``[n_segments, gap + 1, n_atoms, 3]``, each in its own frame (`segment_frames`): (1) teacher
+    ``[n_segments, gap + 1, n_atoms, 3]``, each already in its own frame (`to_frame`): (1) teacher
     forcing, one-step increments on true trajectories (one fused LSTM call per batch) in both time
     directions, as the same network runs backward; (2) end to end through the blend as in [B]:
     only that loss teaches the two passes to meet, and rollouts are what inference uses."""
@@ -2447,8 +2449,9 @@ def replica_mean_se(x):
 MD_TIMING = dict(full=(5.0, 3), quick=(1.0, 1))    # (simulated tau timed, best of n runs)
 POLYMER_ITERATIONS = 1250          # half the default: the same median error (commit b5763f1)
 POLYMER_PRESETS = dict(            # rg2_weight 1 (beyond [A]): fixed before any test number
-    # a 6-step Embedding GNN ([A]: 7) instead of 3: kept by two tests fixed before their runs
-    # (ten data sets: median <R_g^2> error 8.0% against 10.3%, largest 11.8% against 26.9%)
+    # a 6-step Embedding GNN ([A]: 7) instead of 3: kept by two tests fixed before their runs,
+    # judged on class II errors (data 0-4, 10, 11, 20-22, so a development set: median 8.0%
+    # against 10.3%); the class I validation polymers alone do not prefer it (0.24 vs 0.21)
     full=dict(model=dict(embedding=EmbeddingConfig(latent=32, n_steps=6)),
               train=dict(rg2_weight=1.0, n_iterations=POLYMER_ITERATIONS)),
     quick=dict(model=dict(latent=16, n_steps=1, embedding=EmbeddingConfig(latent=16, n_steps=1)),
@@ -2839,7 +2842,7 @@ def _electrolyte_means(rows) -> dict:  # means over the test systems; D ranked b
         spearman=d_rank("learned"), spearman_no_score=d_rank("learned_no_score"),
         spearman_short_md=d_rank("short_md"))
 
-# ---- paper B: the stiff molecule at three temperatures, gaps of K MD steps ----------------------
+# ---- paper B: the stiff molecule at three temperatures, gaps of K frames (one MD step each) ---
 def _ch_bond_lengths(positions):  # of the stiff molecule: [..., 12, 3] -> [..., 6] (H i+6 on C i)
     return np.linalg.norm(positions[..., 6:, :] - positions[..., :6, :], axis=-1)
 
@@ -2875,7 +2878,7 @@ def _run_temperature(path, label, gap, device, train_cfg, hidden, inner, t_start
                                     _ch_bond_lengths(p[:, inner]), kT) for m, p in out.items()}
     # The trace: the first C-H bond through 3 consecutive held-out gaps of replica 0 (segment s
     # of replica r is at s * R + r); consecutive segments share their end frames.
-    idx = np.arange(3) * traj.positions.shape[1]
+    idx = np.arange(3) * (traj.positions.shape[1] if traj.positions.ndim == 4 else 1)
     idx = idx[idx < len(te_p)]
     def series(p):
         b = _ch_bond_lengths(p[idx])[..., 0]                             # [n_seg, K + 1]
@@ -2894,7 +2897,7 @@ def interpolation_experiment(data_dir="data", gap=20, seed=0, device="cpu", quic
 
     Per temperature (labels: default all of STIFF_TEMPERATURES) a Bi-LSTM and a uni-directional
     LSTM train on the first 80% of every replica's frames; figures come from held-out segments
-    tiling the last 20%: mae[label][method] (position MAE over the gap's interior),
+    in the last 20%: mae[label][method] (position MAE over the gap's interior),
     endpoint_error (the Bi-LSTM's, at t0 and t1), free_energy[label] (of the C-H bond), trace."""
     t_start, gap = time.perf_counter(), _check_gap(gap)
     labels = list(STIFF_TEMPERATURES) if labels is None else list(labels)
@@ -3212,8 +3215,10 @@ def claims(s: dict) -> list:
         rows += [(A, "<Rg2> median rel. error", pe["learned"], dict(
                      short_md=pe["short_md"], supervised_gnn=pe["supervised_gnn"]),
                   None, 0.05, ["short_md"]),
+                 # no "< short_md" bar here: on a series 50 tau long the estimator itself reads
+                 # 43-72% low (50 tau slices of the long truth, data 0), whatever the dynamics
                  (A, "Rg2 relaxation time median rel. error", pt["learned"],
-                  dict(short_md=pt["short_md"]), None, 0.3, ["short_md"]),
+                  dict(short_md=pt["short_md"]), None, 0.3, []),
                  (A, "Spearman rank corr. <Rg2>", sp["rg2"], dict(short_md=sps["rg2"],
                   supervised_gnn=p["spearman_supervised_gnn"]["rg2"]), 0.7, None, []),
                  (A, "Spearman rank corr. relaxation time", sp["relaxation_time"],
