@@ -771,6 +771,9 @@ def atomic_write(path, write) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())              # on disk before the rename makes it visible
+        os.chmod(tmp, 0o644)                   # mkstemp's file is private (0600)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -1836,7 +1839,8 @@ def train_score(cg_positions, cg, cfg: ScoreConfig = ScoreConfig(),
 @dataclass
 class RefineConfig:
     """Annealed Langevin refinement after each learned step ([A]; NCSN's schedule). Defaults: 4
-    Score GNN calls per step ([A] gives no budget), chosen on a training composition."""
+    Score GNN calls per step ([A] gives no budget), chosen on a training composition. They add
+    sum 2 alpha_i = 0.21 sigma^2 of noise per coordinate, a move the score must undo."""
     sigmas: tuple = (0.4, 0.1)    # levels: geometric grid from sigmas[0] down to sigmas[1]
     n_levels: int = 3             # (defaults: 3 levels of one step each, then a denoising step)
     n_steps_each: int = 1         # Langevin steps per level
@@ -1878,7 +1882,8 @@ def annealed_langevin(score, x, sigmas, *, n_steps_each: int = 1, step_size: flo
 @torch.no_grad()
 def langevin_refiner(score: ScoreGNN, cg: CGSystem, refine: Optional[RefineConfig] = None):
     """[A]'s refinement for rollout(refine=...): annealed_langevin (schedule `refine`) with the
-    ScoreGNN `score`, conditioned on the last score.cfg.n_history + 1 frames of the history."""
+    ScoreGNN `score`, conditioned on the last score.cfg.n_history + 1 frames of the history
+    (so train it with the Dynamics GNN's stride: those frames are one learned step apart)."""
     refine, k = refine or RefineConfig(), score.cfg.n_history
     emb = score.bead_embedding(cg)
     pairs = torch.as_tensor(cg.candidate_pairs(), device=score.vel_scale.device)
