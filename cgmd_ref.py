@@ -1429,7 +1429,7 @@ class DynamicsGNN(torch.nn.Module):
         vel = (history[:, 1:] - history[:, :-1]).flip(1) / self.vel_scale.to(dt)
         v = vel.permute(0, 2, 1, 3).reshape(B * n, K, 3)                # [N, K, 3], newest first
         node = torch.cat([beads, v.norm(dim=-1), (v[:, 1:] * v[:, :1]).sum(-1)], dim=1)
-        u = (g.displacement / g.distance)[:, None]                       # [E, 1, 3]
+        u = (g.displacement / g.distance.clamp_min(1e-6))[:, None]       # [E, 1, 3]
         edge = torch.cat([g.distance / self.cfg.radius, g.edge_type[:, None].to(dt),
                           (u * v[g.senders]).sum(-1), (u * v[g.receivers]).sum(-1)], dim=1)
         vector, s, es = self.net(node, edge, g, v)                     # encode, process, decode
